@@ -1,0 +1,37 @@
+"""A pure ASGI middleware giving each request a lazy SQLAlchemy ``AsyncSession``.
+
+The transaction commits (or rolls back) before the status line is sent, and the
+connection goes back to the pool before the body does.
+"""
+
+from ._context import SCOPE_KEY, SessionContext
+from ._database import Database, commit_below_400
+from ._errors import (
+    AsgiSqlaError,
+    CommitFailedError,
+    ConcurrentSessionUseError,
+    ConfigurationError,
+    DatabaseStartupError,
+    NoSessionContextError,
+    SessionEndedError,
+)
+from ._lifespan import STATE_KEY
+from ._middleware import SQLAlchemyMiddleware
+
+__all__ = [
+    "SCOPE_KEY",
+    "STATE_KEY",
+    "AsgiSqlaError",
+    "CommitFailedError",
+    "ConcurrentSessionUseError",
+    "ConfigurationError",
+    "Database",
+    "DatabaseStartupError",
+    "NoSessionContextError",
+    "SQLAlchemyMiddleware",
+    "SessionContext",
+    "SessionEndedError",
+    "commit_below_400",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,190 @@
+"""The per-connection holder of sessions, and how code finds it.
+
+The middleware makes one ``SessionContext`` per HTTP request or websocket, puts it in
+the ASGI scope under ``SCOPE_KEY`` and sets it once in a contextvar.  The holder is
+mutable: sessions are added to it lazily, wherever ``db.session`` is first read.
+Child tasks, code below ``BaseHTTPMiddleware`` and framework handler tasks copy the
+context and so share the holder, which is why the middleware sees and ends every
+session they open.  A request that never reads ``db.session`` costs one small object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import TYPE_CHECKING
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ._errors import NoSessionContextError, SessionEndedError
+from ._session import GuardedSession, end_session
+from ._types import Scope
+
+if TYPE_CHECKING:
+    from ._database import Database
+
+__all__ = ["SCOPE_KEY", "SessionContext"]
+
+logger = logging.getLogger("asgi_sqla")
+
+#: Key of the ``SessionContext`` in the ASGI scope of every HTTP and websocket
+#: connection that passes through ``SQLAlchemyMiddleware``.
+SCOPE_KEY = "asgi_sqla.context"
+
+_current_context: ContextVar[SessionContext | None] = ContextVar("_current_context", default=None)
+
+_NO_CONTEXT = (
+    "db.session was read outside a request, websocket or db.scope(). Wrap the ASGI app in "
+    "SQLAlchemyMiddleware(app, db), or use `async with db.scope():` in scripts, workers, "
+    "tests and startup code."
+)
+_NOT_IN_SCOPE = (
+    "This ASGI scope has no asgi_sqla session context (scope[{key!r}] is missing). Is the "
+    "app wrapped in SQLAlchemyMiddleware, and is this an 'http' or 'websocket' scope?"
+)
+_NOT_MANAGED = (
+    "{db!r} is not managed here. Pass every database to the middleware: "
+    "SQLAlchemyMiddleware(app, {names}), or use `async with db.scope():` for it."
+)
+_WRONG_LOOP = (
+    "db.session needs the asyncio event loop: SQLAlchemy's async drivers do not run under "
+    "trio. Run the server on asyncio (uvicorn does; for hypercorn pass --worker-class asyncio)."
+)
+
+#: Why a context or its sessions ended; shown by ``SessionEndedError``.
+REQUEST_FINISHED = (
+    "The request has finished, so db.session can no longer open a session for it (is "
+    "this a task that outlived the request?). Use `async with db.scope():` or "
+    "`async with db.new_session() as session:` for work that runs after the request."
+)
+RESPONSE_STARTED = (
+    "This session ended when the response started: its transaction was committed or "
+    "rolled back then. Read db.session again for a new session."
+)
+RECEIVE_WAITED = (
+    "This session ended when the websocket app waited for the next message. Read "
+    "db.session again after each receive() for a new session."
+)
+RELEASED = "This session was ended by db.release(). Read db.session again for a new session."
+SCOPE_EXITED = "The db.scope() block that owned this session has exited."
+
+
+class SessionContext:
+    """The sessions of one connection (HTTP request or websocket) or ``db.scope()``.
+
+    Reach it with ``SessionContext.from_scope(scope)`` where only the ASGI scope
+    (a framework's ``request.scope``) is at hand, and ``bind()`` it where the
+    context was not copied, so that ``db.session`` works there too.
+    """
+
+    __slots__ = ("_databases", "_ended", "_sessions")
+
+    def __init__(self, databases: tuple[Database, ...]) -> None:
+        self._databases = databases
+        self._sessions: dict[Database, GuardedSession] = {}
+        self._ended: str | None = None
+
+    @classmethod
+    def from_scope(cls, scope: Scope) -> SessionContext:
+        """Return the context the middleware stored in ``scope``."""
+        try:
+            context = scope[SCOPE_KEY]
+        except KeyError:
+            raise NoSessionContextError(_NOT_IN_SCOPE.format(key=SCOPE_KEY)) from None
+        if not isinstance(context, SessionContext):
+            raise NoSessionContextError(_NOT_IN_SCOPE.format(key=SCOPE_KEY))
+        return context
+
+    @classmethod
+    def current(cls) -> SessionContext:
+        """Return the context of the running request, websocket or ``db.scope()``."""
+        context = _current_context.get()
+        if context is None:
+            raise NoSessionContextError(_NO_CONTEXT)
+        return context
+
+    @contextmanager
+    def bind(self) -> Iterator[SessionContext]:
+        """Make this the current context for the duration of the ``with`` block."""
+        token = _current_context.set(self)
+        try:
+            yield self
+        finally:
+            _current_context.reset(token)
+
+    @property
+    def ended(self) -> bool:
+        """True once the request (or scope) is over and no new session can open."""
+        return self._ended is not None
+
+    def session(self, db: Database) -> AsyncSession:
+        """Return ``db``'s session in this context, creating it on first use."""
+        session = self._sessions.get(db)
+        if session is not None:
+            return session
+        if self._ended is not None:
+            raise SessionEndedError(self._ended)
+        if db not in self._databases:
+            names = ", ".join(repr(d) for d in (*self._databases, db))
+            raise NoSessionContextError(_NOT_MANAGED.format(db=db, names=names))
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise NoSessionContextError(_WRONG_LOOP) from None
+        session = self._sessions[db] = db._make_session()
+        return session
+
+    def existing(self, db: Database) -> GuardedSession | None:
+        """Return ``db``'s session if one is open in this context."""
+        return self._sessions.get(db)
+
+    @property
+    def has_sessions(self) -> bool:
+        """True when at least one session is open in this context."""
+        return bool(self._sessions)
+
+    async def release(self, db: Database, *, commit: bool) -> None:
+        """End ``db``'s session now, if there is one; a later read opens a new one."""
+        session = self._sessions.pop(db, None)
+        if session is not None:
+            await end_session(session, commit=commit, reason=RELEASED)
+
+    async def finish(self, status: int | None, *, reason: str, failed: bool = False) -> None:
+        """End every open session: commit where its database's policy allows, else roll back.
+
+        ``status`` is the HTTP status the outcome depends on (None: success without
+        one); ``failed`` rolls everything back.  Every session is closed even when a
+        commit fails; the first error is raised afterwards, and later databases are
+        then rolled back rather than committed.
+        """
+        sessions = self._sessions
+        if not sessions:
+            return
+        self._sessions = {}
+        error: BaseException | None = None
+        committed: list[Database] = []
+        for db, session in sessions.items():
+            commit = not failed and error is None and db._wants_commit(status)
+            try:
+                await end_session(session, commit=commit, reason=reason)
+            except BaseException as exc:  # collected, then re-raised below
+                if error is None:
+                    error = exc
+                    if committed and isinstance(exc, Exception):
+                        logger.error(
+                            "%r failed to commit after %s had committed.",
+                            db,
+                            ", ".join(repr(d) for d in committed),
+                        )
+            else:
+                if commit:
+                    committed.append(db)
+        if error is not None:
+            raise error
+
+    def end(self, reason: str) -> None:
+        """Refuse new sessions from now on; ``reason`` says why, in the error."""
+        self._ended = reason

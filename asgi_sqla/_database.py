@@ -1,0 +1,296 @@
+"""``Database``: one engine for the life of the app, one lazy session per request."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy import URL, Engine, make_url
+from sqlalchemy.exc import ArgumentError, InvalidRequestError, NoSuchModuleError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
+
+from ._context import SCOPE_EXITED, SessionContext, _current_context
+from ._errors import ConfigurationError, DatabaseStartupError
+from ._session import GuardedSession, end_session, guarded_class, run_to_completion
+
+__all__ = ["Database", "commit_below_400"]
+
+#: The pip extra (``pip install 'asgi-sqla[NAME]'``) that installs each async driver.
+_DRIVER_EXTRAS = {
+    "asyncpg": "asyncpg",
+    "psycopg": "psycopg",
+    "psycopg_async": "psycopg",
+    "aiosqlite": "aiosqlite",
+    "aiomysql": "aiomysql",
+    "asyncmy": "asyncmy",
+}
+
+
+def commit_below_400(status: int) -> bool:
+    """The default ``commit_on`` policy: commit when the status is below 400."""
+    return status < 400
+
+
+class Database:
+    """An async engine that lives as long as the app, and a lazy session per request.
+
+    The engine is created when the app starts (``lifespan.startup``) and disposed when
+    it stops, or created on first use when the server does not run lifespan.  Inside a
+    request, websocket or ``db.scope()``, :attr:`session` is an ``AsyncSession`` that
+    is created when first read and checks out a connection at its first statement.
+
+    :param url: A URL string or ``sqlalchemy.URL``; ``DATABASE_URL`` from the
+        environment when omitted (and no ``engine`` is given).
+    :param engine: A ready ``AsyncEngine`` (yours to dispose), or a zero-argument
+        factory returning one (called at startup, disposed at shutdown).
+    :param commit_on: ``(status_code) -> bool``, deciding at response start whether the
+        request's transaction commits; by default when the status is below 400.
+        ``None`` never commits automatically: the app commits explicitly with
+        :meth:`commit`, and whatever is left is rolled back.
+    :param session_options: Keyword arguments for ``async_sessionmaker``; the default
+        ``expire_on_commit=False`` keeps loaded objects usable after the commit.
+    :param engine_options: Passed unchanged to ``create_async_engine``.
+    """
+
+    def __init__(
+        self,
+        url: str | URL | None = None,
+        *,
+        engine: AsyncEngine | Callable[[], AsyncEngine] | None = None,
+        commit_on: Callable[[int], bool] | None = commit_below_400,
+        session_options: Mapping[str, Any] | None = None,
+        **engine_options: Any,
+    ) -> None:
+        self._url: URL | None = None
+        self._engine: AsyncEngine | None = None
+        self._engine_factory: Callable[[], AsyncEngine] | None = None
+        self._owns_engine = True
+        if engine is not None:
+            if url is not None or engine_options:
+                raise ConfigurationError(
+                    "Pass either a URL (with engine options) or engine=, not both."
+                )
+            if isinstance(engine, AsyncEngine):
+                self._engine = engine
+                self._owns_engine = False
+            elif isinstance(engine, Engine):
+                raise ConfigurationError(_sync_engine_message(engine))
+            elif callable(engine):
+                self._engine_factory = engine
+            else:
+                raise ConfigurationError(
+                    f"engine= must be an AsyncEngine or a function returning one, not "
+                    f"{type(engine).__name__}."
+                )
+        else:
+            self._url = _parse_url(url)
+        if commit_on is not None and not callable(commit_on):
+            raise ConfigurationError(
+                "commit_on must be a function (status_code) -> bool, or None to never "
+                "commit automatically."
+            )
+        self._commit_on = commit_on
+        self._engine_options = engine_options
+        options: dict[str, Any] = {"expire_on_commit": False, **(session_options or {})}
+        options["class_"] = guarded_class(options.get("class_", AsyncSession))
+        self._session_options = options
+        self._sessionmaker: async_sessionmaker[GuardedSession] | None = None
+
+    def __repr__(self) -> str:
+        if self._url is not None:
+            target = self._url.render_as_string(hide_password=True)
+        elif self._engine is not None:
+            target = self._engine.url.render_as_string(hide_password=True)
+        else:
+            target = "engine factory"
+        return f"Database({target!r})"
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The ``AsyncEngine``, created now if the app has not started it yet."""
+        engine = self._engine
+        if engine is None:
+            engine = self._engine = self._create_engine()
+        return engine
+
+    @property
+    def session(self) -> AsyncSession:
+        """The ``AsyncSession`` of the current request, websocket or ``db.scope()``.
+
+        Created on first read; a connection is checked out at its first statement.
+        Raises ``NoSessionContextError`` outside any of these.
+        """
+        return SessionContext.current().session(self)
+
+    async def commit(self) -> None:
+        """Commit the current session's transaction now, if there is a session.
+
+        The session stays usable; its next statement begins a new transaction.
+        """
+        session = self._current_session()
+        if session is not None:
+            await run_to_completion(session.commit())
+
+    async def rollback(self) -> None:
+        """Roll back the current session's transaction now, if there is a session."""
+        session = self._current_session()
+        if session is not None:
+            await run_to_completion(session.rollback())
+
+    async def release(self, *, commit: bool = True) -> None:
+        """Commit (or roll back) and close the current session, returning its connection.
+
+        A later read of :attr:`session` opens a new session.  Does nothing when no
+        session is open.
+        """
+        context = _current_context.get()
+        if context is not None:
+            await context.release(self, commit=commit)
+
+    @asynccontextmanager
+    async def scope(self) -> AsyncIterator[AsyncSession]:
+        """Make :attr:`session` available outside a request: scripts, workers, tests.
+
+        Commits on normal exit (unless ``commit_on`` is None), rolls back on an
+        exception, and always closes the session.  Yields the (lazy) session.
+        """
+        context = SessionContext((self,))
+        with context.bind():
+            try:
+                yield context.session(self)
+            except BaseException:
+                await context.finish(None, reason=SCOPE_EXITED, failed=True)
+                raise
+            else:
+                await context.finish(None, reason=SCOPE_EXITED)
+            finally:
+                context.end(SCOPE_EXITED)
+
+    @asynccontextmanager
+    async def new_session(self) -> AsyncIterator[AsyncSession]:
+        """An independent session, with its own connection and transaction.
+
+        For work that runs alongside the request's session, such as concurrent child
+        tasks (one session must never be used by two tasks at once).  Commits on
+        normal exit (unless ``commit_on`` is None), rolls back on an exception.
+        """
+        session = self._make_session()
+        try:
+            yield session
+        except BaseException:
+            await end_session(session, commit=False, reason=SCOPE_EXITED)
+            raise
+        else:
+            await end_session(session, commit=self._wants_commit(None), reason=SCOPE_EXITED)
+
+    def _current_session(self) -> GuardedSession | None:
+        context = _current_context.get()
+        return context.existing(self) if context is not None else None
+
+    def _make_session(self) -> GuardedSession:
+        maker = self._sessionmaker
+        if maker is None:
+            maker = self._sessionmaker = async_sessionmaker(self.engine, **self._session_options)
+        return maker()
+
+    def _wants_commit(self, status: int | None) -> bool:
+        """Whether the automatic end of a transaction commits, for ``status`` (None: success)."""
+        commit_on = self._commit_on
+        if commit_on is None:
+            return False
+        return status is None or commit_on(status)
+
+    def _create_engine(self) -> AsyncEngine:
+        if self._engine_factory is not None:
+            engine = self._engine_factory()
+            if isinstance(engine, Engine):
+                raise ConfigurationError(_sync_engine_message(engine))
+            if not isinstance(engine, AsyncEngine):
+                raise ConfigurationError(
+                    f"The engine factory returned {type(engine).__name__}, not an AsyncEngine."
+                )
+            return engine
+        url = self._url
+        assert url is not None  # either a URL, an engine or a factory was given
+        shown = url.render_as_string(hide_password=True)
+        try:
+            return _create_async_engine(url, **self._engine_options)
+        except (ImportError, NoSuchModuleError) as exc:
+            driver = url.get_driver_name()
+            extra = _DRIVER_EXTRAS.get(driver)
+            fix = (
+                f"pip install 'asgi-sqla[{extra}]'"
+                if extra
+                else f"install the {driver!r} driver, or use an async one"
+            )
+            raise ConfigurationError(
+                f"The driver for {shown} could not be loaded ({_hide(str(exc), url)}): {fix}."
+            ) from None
+        except InvalidRequestError as exc:
+            if "async driver" not in str(exc):
+                raise
+            raise ConfigurationError(
+                f"{shown} names a synchronous driver ({url.get_driver_name()!r}); asgi_sqla "
+                "needs an async one, e.g. postgresql+asyncpg://, postgresql+psycopg:// or "
+                "sqlite+aiosqlite://."
+            ) from None
+
+    async def _start(self) -> None:
+        """Create the engine and check that the database answers."""
+        engine = self.engine
+        try:
+            async with engine.connect():
+                pass
+        except Exception as exc:
+            raise DatabaseStartupError(
+                f"{self!r} did not answer at startup: "
+                f"{type(exc).__name__}: {_hide(str(exc), engine.url)}"
+            ) from None
+
+    async def _dispose(self) -> None:
+        """Dispose the engine if this ``Database`` created it; the next use creates another."""
+        engine = self._engine
+        if engine is None or not self._owns_engine:
+            return
+        self._engine = None
+        self._sessionmaker = None
+        await run_to_completion(engine.dispose())
+
+
+def _parse_url(url: str | URL | None) -> URL:
+    source = "The URL given to Database()"
+    if url is None:
+        url = os.environ.get("DATABASE_URL")
+        source = "DATABASE_URL"
+        if not url:
+            raise ConfigurationError(
+                "No database URL: pass Database(url) or engine=, or set the DATABASE_URL "
+                "environment variable (e.g. postgresql+asyncpg://user:password@host/dbname)."
+            )
+    try:
+        return make_url(url)
+    except (ArgumentError, ValueError):
+        # The parser's message repeats the URL, password included: say it ourselves.
+        raise ConfigurationError(
+            f"{source} is not a valid SQLAlchemy URL; the expected form is "
+            "dialect+driver://user:password@host:port/dbname."
+        ) from None
+
+
+def _sync_engine_message(engine: Engine) -> str:
+    return (
+        f"{engine.url.render_as_string(hide_password=True)!r} is a synchronous Engine; "
+        "asgi_sqla needs an AsyncEngine: use sqlalchemy.ext.asyncio.create_async_engine() "
+        "with an async driver."
+    )
+
+
+def _hide(text: str, url: URL) -> str:
+    """Remove ``url``'s password from ``text`` (drivers may echo connection strings)."""
+    password = url.password
+    if password:
+        text = text.replace(str(password), "***")
+    return text

@@ -1,0 +1,51 @@
+"""The package's exception types.
+
+Every message names the likely fix.  Configuration mistakes are ``ValueError``
+subclasses so that code catching the standard type keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AsgiSqlaError",
+    "CommitFailedError",
+    "ConcurrentSessionUseError",
+    "ConfigurationError",
+    "DatabaseStartupError",
+    "NoSessionContextError",
+    "SessionEndedError",
+]
+
+
+class AsgiSqlaError(Exception):
+    """Base class of every exception raised by asgi_sqla."""
+
+
+class ConfigurationError(AsgiSqlaError, ValueError):
+    """A ``Database`` or ``SQLAlchemyMiddleware`` was configured in a way that cannot work."""
+
+
+class DatabaseStartupError(AsgiSqlaError):
+    """A database did not answer when the application started."""
+
+
+class NoSessionContextError(AsgiSqlaError, LookupError):
+    """``db.session`` was read where no request, websocket or ``db.scope()`` is active."""
+
+
+class SessionEndedError(AsgiSqlaError, RuntimeError):
+    """A session, or the request that owned it, has already ended."""
+
+
+class ConcurrentSessionUseError(AsgiSqlaError, RuntimeError):
+    """Two tasks used one ``AsyncSession`` at the same time."""
+
+
+class CommitFailedError(AsgiSqlaError):
+    """The transaction failed to commit, so the app's response was replaced.
+
+    Raised into the application from ``send()`` (or ``receive()`` on a websocket) so
+    that nothing after the failed commit, such as a streaming body or a background
+    task, runs as if the write had succeeded.  The middleware has already logged the
+    cause and answered the client; apps need not handle it.
+    """

@@ -1,0 +1,206 @@
+"""``SQLAlchemyMiddleware``: the pure ASGI middleware."""
+
+from __future__ import annotations
+
+import logging
+
+from ._context import (
+    RECEIVE_WAITED,
+    REQUEST_FINISHED,
+    RESPONSE_STARTED,
+    SCOPE_KEY,
+    SessionContext,
+    _current_context,
+)
+from ._database import Database
+from ._errors import CommitFailedError, ConfigurationError
+from ._lifespan import LifespanRelay
+from ._types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["SQLAlchemyMiddleware"]
+
+logger = logging.getLogger("asgi_sqla")
+
+_ERROR_BODY = b"Internal Server Error"
+_ERROR_HEADERS = [
+    (b"content-type", b"text/plain; charset=utf-8"),
+    (b"content-length", str(len(_ERROR_BODY)).encode()),
+]
+_COMMIT_FAILED = (
+    "The transaction failed to commit, so the client was sent {sent} instead of the "
+    "app's {status}; the rest of the app's response is discarded."
+)
+_DISCARDED = "The transaction failed to commit and the response was replaced; nothing more is sent."
+
+
+class SQLAlchemyMiddleware:
+    """Wraps an ASGI app so that each connection gets lazy sessions of ``databases``.
+
+    * ``lifespan``: engines are created and checked at startup, disposed at shutdown;
+      the app's own lifespan runs in between.
+    * ``http``: sessions opened by the request are committed (``commit_on(status)``)
+      or rolled back, and closed, *before* ``http.response.start`` is forwarded.  If
+      the commit fails the client gets a 500 instead.
+    * ``websocket``: open sessions are committed and closed whenever the app waits in
+      ``receive()``, and at close; rolled back if the app raises.
+    * Any other scope type passes through untouched.
+    """
+
+    def __init__(self, app: ASGIApp, *databases: Database) -> None:
+        if not databases:
+            raise ConfigurationError(
+                "SQLAlchemyMiddleware needs at least one Database: "
+                "SQLAlchemyMiddleware(app, Database(url))."
+            )
+        for db in databases:
+            if not isinstance(db, Database):
+                raise ConfigurationError(
+                    f"SQLAlchemyMiddleware takes Database objects after the app, not "
+                    f"{type(db).__name__}: SQLAlchemyMiddleware(app, Database(url))."
+                )
+        if len(set(map(id, databases))) != len(databases):
+            raise ConfigurationError(
+                "The same Database was passed to SQLAlchemyMiddleware twice; pass each once."
+            )
+        self.app = app
+        self.databases = databases
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope_type = scope["type"]
+        if scope_type == "http":
+            await self._run(scope, _HTTPRelay(SessionContext(self.databases), receive, send))
+        elif scope_type == "websocket":
+            await self._run(scope, _WebSocketRelay(SessionContext(self.databases), receive, send))
+        elif scope_type == "lifespan":
+            await LifespanRelay(self.app, self.databases, scope, receive, send).run()
+        else:
+            await self.app(scope, receive, send)
+
+    async def _run(self, scope: Scope, relay: _HTTPRelay | _WebSocketRelay) -> None:
+        """Run the app for one connection with its context bound, then end its sessions."""
+        context = relay.context
+        scope[SCOPE_KEY] = context
+        token = _current_context.set(context)
+        try:
+            await self.app(scope, relay.receive, relay.send)
+        except Exception:
+            await context.finish(None, reason=REQUEST_FINISHED, failed=True)
+            # After a failed commit the app unwinds from the CommitFailedError raised
+            # into it (perhaps re-wrapped by its framework). The client already has
+            # its error answer and the cause is logged: the server has nothing to add.
+            if not relay.failed:
+                raise
+        except BaseException:  # cancellation: roll back, shielded, and let it propagate
+            await context.finish(None, reason=REQUEST_FINISHED, failed=True)
+            raise
+        else:
+            # What is still open was opened after the response started (a streaming
+            # body, a background task) and commits on normal return.  A response that
+            # never started is the app's error: roll back.
+            try:
+                await context.finish(None, reason=REQUEST_FINISHED, failed=not relay.started)
+            except Exception:
+                logger.error(
+                    "A transaction opened after the response started failed to commit; "
+                    "the response had already been sent.",
+                    exc_info=True,
+                )
+        finally:
+            context.end(REQUEST_FINISHED)
+            _current_context.reset(token)
+
+
+class _HTTPRelay:
+    """One request's ``send``, wrapped to end the transaction before the status goes out.
+
+    The middleware never calls ``receive()`` on HTTP: the request body is the app's.
+    """
+
+    __slots__ = ("_send", "context", "failed", "receive", "started")
+
+    def __init__(self, context: SessionContext, receive: Receive, send: Send) -> None:
+        self.context = context
+        self.receive = receive
+        self._send = send
+        self.started = False
+        self.failed = False
+
+    async def send(self, message: Message) -> None:
+        if self.started:
+            if self.failed:
+                raise CommitFailedError(_DISCARDED)
+            await self._send(message)
+            return
+        # Messages before the start (http.response.early_hint, .debug, .push) pass
+        # through; only the start carries the status the outcome depends on.
+        if message["type"] == "http.response.start":
+            self.started = True
+            if self.context.has_sessions:
+                await self._end_transaction(message["status"])
+        await self._send(message)
+
+    async def _end_transaction(self, status: int) -> None:
+        try:
+            await self.context.finish(status, reason=RESPONSE_STARTED)
+        except Exception as exc:
+            self.failed = True
+            text = _COMMIT_FAILED.format(sent="a 500 response", status=status)
+            logger.error(text, exc_info=True)
+            await _send_error_response(self._send, "http.response")
+            raise CommitFailedError(text) from exc
+
+
+class _WebSocketRelay:
+    """A websocket's ``receive`` and ``send``, wrapped so that idle sockets hold nothing.
+
+    Open sessions commit (by their database's policy) and close whenever the app
+    waits for the next client message, and before a close or denial response.
+    """
+
+    __slots__ = ("_receive", "_send", "context", "failed", "started")
+
+    def __init__(self, context: SessionContext, receive: Receive, send: Send) -> None:
+        self.context = context
+        self._receive = receive
+        self._send = send
+        self.started = True  # a websocket app that returns normally commits
+        self.failed = False
+
+    async def receive(self) -> Message:
+        if self.failed:
+            raise CommitFailedError(_DISCARDED)
+        if self.context.has_sessions:
+            await self._end_transaction(None, reason=RECEIVE_WAITED)
+        return await self._receive()
+
+    async def send(self, message: Message) -> None:
+        if self.failed:
+            raise CommitFailedError(_DISCARDED)
+        message_type = message["type"]
+        if self.context.has_sessions:
+            if message_type == "websocket.close":
+                await self._end_transaction(None, reason=RESPONSE_STARTED)
+            elif message_type == "websocket.http.response.start":  # the denial extension
+                await self._end_transaction(message["status"], reason=RESPONSE_STARTED)
+        await self._send(message)
+
+    async def _end_transaction(self, status: int | None, *, reason: str) -> None:
+        try:
+            await self.context.finish(status, reason=reason)
+        except Exception as exc:
+            self.failed = True
+            if status is None:
+                sent = "a 1011 close"
+                await self._send({"type": "websocket.close", "code": 1011, "reason": ""})
+            else:
+                sent = "a 500 denial response"
+                await _send_error_response(self._send, "websocket.http.response")
+            text = _COMMIT_FAILED.format(sent=sent, status=status or "message")
+            logger.error(text, exc_info=True)
+            raise CommitFailedError(text) from exc
+
+
+async def _send_error_response(send: Send, prefix: str) -> None:
+    """Send a complete plain 500 response (``prefix`` picks HTTP or websocket denial)."""
+    await send({"type": f"{prefix}.start", "status": 500, "headers": _ERROR_HEADERS})
+    await send({"type": f"{prefix}.body", "body": _ERROR_BODY, "more_body": False})

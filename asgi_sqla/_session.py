@@ -1,0 +1,231 @@
+"""The session class handed to applications, and how a session is ended.
+
+Sessions made by a ``Database`` are ``AsyncSession`` subclasses with a small guard
+on their async methods.  The guard does two things SQLAlchemy cannot do for us:
+
+* It turns concurrent use of one session by two tasks into a clear
+  ``ConcurrentSessionUseError`` *before* SQLAlchemy starts the second operation.
+  SQLAlchemy's own error for this arrives mid-operation and leaves the session in a
+  state its owner can no longer close cleanly.
+* It retires a session once the package has ended it, so a stale reference kept
+  past ``db.release()`` or past the end of the request cannot silently check out a
+  connection that nobody will give back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar, cast
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ._errors import ConcurrentSessionUseError, SessionEndedError
+
+logger = logging.getLogger("asgi_sqla")
+
+_T = TypeVar("_T")
+
+#: The ``AsyncSession`` coroutine methods that touch the database.  ``scalar()`` and
+#: ``scalars()`` call ``execute()`` internally, so the guard is re-entrant per task.
+_GUARDED_METHODS = (
+    "execute",
+    "scalar",
+    "scalars",
+    "get",
+    "get_one",
+    "stream",
+    "stream_scalars",
+    "delete",
+    "delete_all",
+    "merge",
+    "merge_all",
+    "flush",
+    "refresh",
+    "run_sync",
+    "connection",
+    "commit",
+    "rollback",
+)
+
+#: Methods that only release resources: calling them on a session the package has
+#: already ended is harmless, so they do nothing instead of raising.
+_CLEANUP_METHODS = ("close", "aclose", "reset", "invalidate")
+
+_CONCURRENT_USE = (
+    "{task} used db.session while {owner} was still using it. An AsyncSession is not "
+    "safe for concurrent use: give each concurrent task its own session with "
+    "`async with db.new_session() as session:`."
+)
+
+
+class GuardedSession(AsyncSession):
+    """``AsyncSession`` that refuses concurrent use by two tasks and use after it ended."""
+
+    # Class-level defaults keep session creation as cheap as AsyncSession's own: the
+    # instance attributes only appear once a guarded method runs.
+    _asgi_sqla_owner: asyncio.Task[Any] | None = None
+    _asgi_sqla_depth: int = 0
+    _asgi_sqla_ended: str | None = None
+    _asgi_sqla_waiters: list[asyncio.Future[None]] | None = None
+
+
+def _guard(name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
+    unguarded = getattr(AsyncSession, name)
+
+    @functools.wraps(unguarded)
+    async def guarded(self: GuardedSession, *args: Any, **kwargs: Any) -> Any:
+        if self._asgi_sqla_ended is not None:
+            raise SessionEndedError(self._asgi_sqla_ended)
+        task = asyncio.current_task()
+        owner = self._asgi_sqla_owner
+        if owner is None:
+            self._asgi_sqla_owner = task
+        elif owner is not task:
+            raise ConcurrentSessionUseError(
+                _CONCURRENT_USE.format(task=_task_name(task), owner=_task_name(owner))
+            )
+        self._asgi_sqla_depth += 1
+        try:
+            # super() rather than AsyncSession's function: a session class_ given in
+            # session_options keeps its own overrides.
+            return await getattr(super(GuardedSession, self), name)(*args, **kwargs)
+        finally:
+            self._asgi_sqla_depth -= 1
+            if not self._asgi_sqla_depth:
+                self._asgi_sqla_owner = None
+                _wake(self)
+
+    return guarded
+
+
+def _cleanup(name: str) -> Callable[..., Coroutine[Any, Any, None]]:
+    unguarded = getattr(AsyncSession, name)
+
+    @functools.wraps(unguarded)
+    async def cleanup(self: GuardedSession) -> None:
+        if self._asgi_sqla_ended is None:
+            await guarded(self)
+
+    guarded = _guard(name)
+    return cleanup
+
+
+for _name in _GUARDED_METHODS:
+    if hasattr(AsyncSession, _name):  # delete_all and merge_all are new in 2.1
+        setattr(GuardedSession, _name, _guard(_name))
+for _name in _CLEANUP_METHODS:
+    setattr(GuardedSession, _name, _cleanup(_name))
+
+
+@functools.cache
+def guarded_class(cls: type[AsyncSession]) -> type[GuardedSession]:
+    """Return ``cls`` with the guard mixed in (``cls`` itself when it already has it)."""
+    if issubclass(cls, GuardedSession):
+        return cls
+    return type(f"Guarded{cls.__name__}", (GuardedSession, cls), {})
+
+
+def _unguarded(session: GuardedSession) -> AsyncSession:
+    """``session`` seen past the guard, for the package's own cleanup of a retired session."""
+    return cast(AsyncSession, super(GuardedSession, session))
+
+
+def _task_name(task: asyncio.Task[Any] | None) -> str:
+    return f"task {task.get_name()!r}" if task is not None else "code outside any task"
+
+
+def _wake(session: GuardedSession) -> None:
+    waiters = session._asgi_sqla_waiters
+    if waiters:
+        session._asgi_sqla_waiters = None
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+async def _wait_until_idle(session: GuardedSession) -> None:
+    # A child task the app did not wait for (asyncio.gather after a sibling failed)
+    # may still be inside a statement; closing under it would break its connection.
+    while session._asgi_sqla_owner is not None:
+        waiter = asyncio.get_running_loop().create_future()
+        if session._asgi_sqla_waiters is None:
+            session._asgi_sqla_waiters = []
+        session._asgi_sqla_waiters.append(waiter)
+        await waiter
+
+
+async def run_to_completion(coro: Coroutine[Any, Any, _T]) -> _T:
+    """Run ``coro`` to its end even if the calling task is cancelled meanwhile.
+
+    Cleanup that is abandoned halfway leaves a connection in an unknown state, or
+    returns it to the pool after the app has moved on.  The work runs in a task of
+    its own behind ``asyncio.shield``; a cancellation that arrives meanwhile is
+    re-raised once the work has finished, so the caller never returns before its
+    cleanup did.  (SQLAlchemy's ``AsyncSession.__aexit__`` uses the same pattern.)
+    """
+    task = asyncio.ensure_future(coro)
+    cancelled: asyncio.CancelledError | None = None
+    while True:
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError as exc:
+            if task.done():
+                raise
+            # anyio delivers a scope's cancellation again on every loop iteration,
+            # so this may run many times before the task is done.
+            cancelled = exc
+        else:
+            break
+    if cancelled is not None:
+        raise cancelled
+    return result
+
+
+def retire(session: GuardedSession, reason: str) -> None:
+    """Make every later database call on ``session`` raise ``SessionEndedError(reason)``."""
+    session._asgi_sqla_ended = reason
+
+
+async def end_session(session: GuardedSession, *, commit: bool, reason: str) -> None:
+    """Commit (or roll back) and close ``session``, returning its connection.
+
+    The session is retired first, so nothing can start on it meanwhile.  The work is
+    shielded from cancellation.  A failed commit is rolled back, closed, and then
+    re-raised; a failed rollback or close is logged and the connection invalidated,
+    never returned to the pool in an unknown state.
+    """
+    retire(session, reason)
+    await run_to_completion(_end(session, commit))
+
+
+async def _end(session: GuardedSession, commit: bool) -> None:
+    await _wait_until_idle(session)
+    unguarded = _unguarded(session)
+    if commit:
+        try:
+            await unguarded.commit()
+        except BaseException:
+            await _close(session)
+            raise
+    await _close(session)
+
+
+async def _close(session: GuardedSession) -> None:
+    unguarded = _unguarded(session)
+    try:
+        # close() rolls back whatever transaction is still open.
+        await unguarded.close()
+    except Exception:
+        # The rollback could not run (the connection dropped, or a cancelled statement
+        # left the driver mid-protocol): discard the connection instead of pooling it.
+        logger.warning(
+            "Could not roll back and close a session; invalidating its connection.",
+            exc_info=True,
+        )
+        try:
+            await unguarded.invalidate()
+        except Exception:
+            logger.exception("Could not invalidate a session's connection.")
