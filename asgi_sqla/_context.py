@@ -10,7 +10,6 @@ session they open.  A request that never reads ``db.session`` costs one small ob
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,10 +47,6 @@ _NOT_IN_SCOPE = (
 _NOT_MANAGED = (
     "{db!r} is not managed here. Pass every database to the middleware: "
     "SQLAlchemyMiddleware(app, {names}), or use `async with db.scope():` for it."
-)
-_WRONG_LOOP = (
-    "db.session needs the asyncio event loop: SQLAlchemy's async drivers do not run under "
-    "trio. Run the server on asyncio (uvicorn does; for hypercorn pass --worker-class asyncio)."
 )
 
 #: Why a context or its sessions ended; shown by ``SessionEndedError``.
@@ -130,10 +125,6 @@ class SessionContext:
         if db not in self._databases:
             names = ", ".join(repr(d) for d in (*self._databases, db))
             raise NoSessionContextError(_NOT_MANAGED.format(db=db, names=names))
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            raise NoSessionContextError(_WRONG_LOOP) from None
         session = self._sessions[db] = db._make_session()
         return session
 

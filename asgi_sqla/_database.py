@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -27,6 +28,14 @@ _DRIVER_EXTRAS = {
     "aiomysql": "aiomysql",
     "asyncmy": "asyncmy",
 }
+
+
+_NOT_ASYNCIO = (
+    "asgi_sqla needs a running asyncio event loop here, and there is none. In a "
+    "synchronous `def` endpoint or dependency (run in a worker thread) an AsyncSession "
+    "cannot be used: make it `async def`. Under trio, SQLAlchemy's async drivers cannot "
+    "run: serve the app on asyncio (uvicorn does; hypercorn needs --worker-class asyncio)."
+)
 
 
 def commit_below_400(status: int) -> bool:
@@ -191,6 +200,7 @@ class Database:
         return context.existing(self) if context is not None else None
 
     def _make_session(self) -> GuardedSession:
+        _require_asyncio()
         maker = self._sessionmaker
         if maker is None:
             maker = self._sessionmaker = async_sessionmaker(self.engine, **self._session_options)
@@ -240,6 +250,7 @@ class Database:
 
     async def _start(self) -> None:
         """Create the engine and check that the database answers."""
+        _require_asyncio()
         engine = self.engine
         try:
             async with engine.connect():
@@ -278,6 +289,13 @@ def _parse_url(url: str | URL | None) -> URL:
             f"{source} is not a valid SQLAlchemy URL; the expected form is "
             "dialect+driver://user:password@host:port/dbname."
         ) from None
+
+
+def _require_asyncio() -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise ConfigurationError(_NOT_ASYNCIO) from None
 
 
 def _sync_engine_message(engine: Engine) -> str:

@@ -67,59 +67,68 @@ class SQLAlchemyMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
+        relay: _HTTPRelay | _WebSocketRelay
         if scope_type == "http":
-            await self._run(scope, _HTTPRelay(SessionContext(self.databases), receive, send))
+            relay = _HTTPRelay(self.databases, receive, send)
         elif scope_type == "websocket":
-            await self._run(scope, _WebSocketRelay(SessionContext(self.databases), receive, send))
+            relay = _WebSocketRelay(self.databases, receive, send)
         elif scope_type == "lifespan":
             await LifespanRelay(self.app, self.databases, scope, receive, send).run()
+            return
         else:
             await self.app(scope, receive, send)
-
-    async def _run(self, scope: Scope, relay: _HTTPRelay | _WebSocketRelay) -> None:
-        """Run the app for one connection with its context bound, then end its sessions."""
-        context = relay.context
-        scope[SCOPE_KEY] = context
-        token = _current_context.set(context)
+            return
+        # One connection: bind its context once, run the app, then end what is still
+        # open.  This is the per-request hot path: a request that reads no session
+        # pays for one small object and a contextvar set/reset, nothing more.
+        scope[SCOPE_KEY] = relay
+        token = _current_context.set(relay)
         try:
             await self.app(scope, relay.receive, relay.send)
         except Exception:
-            await context.finish(None, reason=REQUEST_FINISHED, failed=True)
+            if relay._sessions:
+                await relay.finish(None, reason=REQUEST_FINISHED, failed=True)
             # After a failed commit the app unwinds from the CommitFailedError raised
             # into it (perhaps re-wrapped by its framework). The client already has
             # its error answer and the cause is logged: the server has nothing to add.
             if not relay.failed:
                 raise
         except BaseException:  # cancellation: roll back, shielded, and let it propagate
-            await context.finish(None, reason=REQUEST_FINISHED, failed=True)
+            if relay._sessions:
+                await relay.finish(None, reason=REQUEST_FINISHED, failed=True)
             raise
         else:
-            # What is still open was opened after the response started (a streaming
-            # body, a background task) and commits on normal return.  A response that
-            # never started is the app's error: roll back.
-            try:
-                await context.finish(None, reason=REQUEST_FINISHED, failed=not relay.started)
-            except Exception:
-                logger.error(
-                    "A transaction opened after the response started failed to commit; "
-                    "the response had already been sent.",
-                    exc_info=True,
-                )
+            if relay._sessions:
+                await _finish_after_return(relay)
         finally:
-            context.end(REQUEST_FINISHED)
+            relay._ended = REQUEST_FINISHED
             _current_context.reset(token)
 
 
-class _HTTPRelay:
-    """One request's ``send``, wrapped to end the transaction before the status goes out.
+async def _finish_after_return(relay: _HTTPRelay | _WebSocketRelay) -> None:
+    # What is still open was opened after the response started (a streaming body, a
+    # background task) and commits on normal return.  A response that never started
+    # is the app's error: roll back.
+    try:
+        await relay.finish(None, reason=REQUEST_FINISHED, failed=not relay.started)
+    except Exception:
+        logger.error(
+            "A transaction opened after the response started failed to commit; the "
+            "response had already been sent.",
+            exc_info=True,
+        )
+
+
+class _HTTPRelay(SessionContext):
+    """One request's context, and its ``send`` wrapped to end the transaction first.
 
     The middleware never calls ``receive()`` on HTTP: the request body is the app's.
     """
 
-    __slots__ = ("_send", "context", "failed", "receive", "started")
+    __slots__ = ("_send", "failed", "receive", "started")
 
-    def __init__(self, context: SessionContext, receive: Receive, send: Send) -> None:
-        self.context = context
+    def __init__(self, databases: tuple[Database, ...], receive: Receive, send: Send) -> None:
+        super().__init__(databases)
         self.receive = receive
         self._send = send
         self.started = False
@@ -135,13 +144,13 @@ class _HTTPRelay:
         # through; only the start carries the status the outcome depends on.
         if message["type"] == "http.response.start":
             self.started = True
-            if self.context.has_sessions:
+            if self._sessions:
                 await self._end_transaction(message["status"])
         await self._send(message)
 
     async def _end_transaction(self, status: int) -> None:
         try:
-            await self.context.finish(status, reason=RESPONSE_STARTED)
+            await self.finish(status, reason=RESPONSE_STARTED)
         except Exception as exc:
             self.failed = True
             text = _COMMIT_FAILED.format(sent="a 500 response", status=status)
@@ -150,17 +159,17 @@ class _HTTPRelay:
             raise CommitFailedError(text) from exc
 
 
-class _WebSocketRelay:
-    """A websocket's ``receive`` and ``send``, wrapped so that idle sockets hold nothing.
+class _WebSocketRelay(SessionContext):
+    """A websocket's context, with ``receive`` and ``send`` wrapped so idle sockets hold nothing.
 
     Open sessions commit (by their database's policy) and close whenever the app
     waits for the next client message, and before a close or denial response.
     """
 
-    __slots__ = ("_receive", "_send", "context", "failed", "started")
+    __slots__ = ("_receive", "_send", "failed", "started")
 
-    def __init__(self, context: SessionContext, receive: Receive, send: Send) -> None:
-        self.context = context
+    def __init__(self, databases: tuple[Database, ...], receive: Receive, send: Send) -> None:
+        super().__init__(databases)
         self._receive = receive
         self._send = send
         self.started = True  # a websocket app that returns normally commits
@@ -169,7 +178,7 @@ class _WebSocketRelay:
     async def receive(self) -> Message:
         if self.failed:
             raise CommitFailedError(_DISCARDED)
-        if self.context.has_sessions:
+        if self._sessions:
             await self._end_transaction(None, reason=RECEIVE_WAITED)
         return await self._receive()
 
@@ -177,7 +186,7 @@ class _WebSocketRelay:
         if self.failed:
             raise CommitFailedError(_DISCARDED)
         message_type = message["type"]
-        if self.context.has_sessions:
+        if self._sessions:
             if message_type == "websocket.close":
                 await self._end_transaction(None, reason=RESPONSE_STARTED)
             elif message_type == "websocket.http.response.start":  # the denial extension
@@ -186,7 +195,7 @@ class _WebSocketRelay:
 
     async def _end_transaction(self, status: int | None, *, reason: str) -> None:
         try:
-            await self.context.finish(status, reason=reason)
+            await self.finish(status, reason=reason)
         except Exception as exc:
             self.failed = True
             if status is None:
