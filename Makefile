@@ -1,0 +1,101 @@
+# Development tasks for asgi_sqla.  `make help` lists the targets; every target that needs
+# the virtualenv creates it (or refreshes it when pyproject.toml changed) first.
+#
+# Variables (override on the command line: `make run FRAMEWORK=fastapi`):
+#   PYTHON        interpreter that creates the virtualenv            (python3)
+#   VENV          virtualenv directory                                (.venv)
+#   FRAMEWORK     `make run` serves examples/$(FRAMEWORK)_app.py:app   (starlette)
+#   HOST, PORT    where `make run` listens                            (127.0.0.1, 8000)
+#   DATABASE_URL  exported to `make run`     (sqlite+aiosqlite:///./example.db)
+#   UVICORN_ARGS  extra uvicorn options, e.g. --reload
+#   PYTEST_ARGS   extra pytest options, e.g. "-k websocket -x"
+#   Tests use TEST_DATABASE_URL (an existing PostgreSQL server) when set, and CI=true
+#   turns "PostgreSQL unavailable" skips into failures; see tests/conftest.py.
+
+SHELL := /bin/sh
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+VENV_PYTHON := $(BIN)/python
+# Rebuilt whenever pyproject.toml is newer than this file.
+VENV_STAMP := $(VENV)/.installed-from-pyproject
+
+FRAMEWORK ?= starlette
+HOST ?= 127.0.0.1
+PORT ?= 8000
+DATABASE_URL ?= sqlite+aiosqlite:///./example.db
+UVICORN_ARGS ?=
+PYTEST_ARGS ?=
+
+# Checked and formatted code; directories that do not exist (yet) are left out.
+SOURCES := $(wildcard asgi_sqla tests examples)
+
+# Fallback for a pip without `--group` (older than 25.1): read the group with tomllib.
+define PRINT_DEV_GROUP
+import tomllib
+with open("pyproject.toml", "rb") as f:
+    print("\n".join(tomllib.load(f)["dependency-groups"]["dev"]))
+endef
+export PRINT_DEV_GROUP
+
+.PHONY: help venv run test pytest check lint typecheck format bench-overhead clean distclean
+
+help: ## list the targets
+	@echo "usage: make TARGET [VARIABLE=value ...]   (variables: see the top of the Makefile)"
+	@echo
+	@awk 'BEGIN { FS = ":[^#]*## " } /^[a-zA-Z][a-zA-Z_-]*:.*## / { printf "  %-10s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
+
+$(VENV_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV_PYTHON) -m pip install --upgrade pip
+	@if $(VENV_PYTHON) -m pip install --help | grep -e '--group' >/dev/null; then \
+		echo "$(VENV_PYTHON) -m pip install -e . --group dev"; \
+		$(VENV_PYTHON) -m pip install -e . --group dev; \
+	else \
+		echo "pip has no --group option: installing [dependency-groups] dev read with tomllib"; \
+		$(VENV_PYTHON) -c "$$PRINT_DEV_GROUP" > $(VENV)/dev-requirements.txt && \
+		$(VENV_PYTHON) -m pip install -e . -r $(VENV)/dev-requirements.txt; \
+	fi
+	touch $@
+
+venv: $(VENV_STAMP) ## create the virtualenv with the package (editable) and the dev group
+
+run: export DATABASE_URL := $(DATABASE_URL)
+run: $(VENV_STAMP) ## uvicorn examples.FRAMEWORK_app:app on HOST:PORT with DATABASE_URL (see the top)
+	@test -f examples/$(FRAMEWORK)_app.py || \
+		{ echo "examples/$(FRAMEWORK)_app.py does not exist (FRAMEWORK=$(FRAMEWORK))" >&2; exit 1; }
+	$(BIN)/uvicorn --app-dir . examples.$(FRAMEWORK)_app:app --host $(HOST) --port $(PORT) $(UVICORN_ARGS)
+
+test: lint typecheck ## lint, typecheck, then the test suite under branch coverage
+	$(BIN)/coverage run -m pytest $(PYTEST_ARGS)
+	$(BIN)/coverage report
+
+pytest: $(VENV_STAMP) ## only the test suite (no lint, no typecheck, no coverage)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+check: lint typecheck ## lint and typecheck, changing nothing
+
+lint: $(VENV_STAMP) ## ruff check and ruff format --check, changing nothing
+	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/ruff format --check $(SOURCES)
+
+typecheck: $(VENV_STAMP) ## mypy --strict on the package
+	$(BIN)/mypy --strict asgi_sqla
+
+format: $(VENV_STAMP) ## rewrite files: ruff check --fix (imports, upgrades...), then ruff format
+	$(BIN)/ruff check --fix --exit-zero $(SOURCES)
+	$(BIN)/ruff format $(SOURCES)
+
+bench-overhead: $(VENV_STAMP) ## time the middleware adds to a request that never touches the database
+	$(VENV_PYTHON) benchmarks/overhead.py
+
+clean: ## delete caches, coverage data, build artefacts and example.db (keeps the virtualenv)
+	rm -rf .pytest_cache .mypy_cache .ruff_cache htmlcov build dist *.egg-info
+	rm -f .coverage .coverage.* coverage.xml example.db
+	$(if $(SOURCES),find $(SOURCES) -type d -name __pycache__ -prune -exec rm -rf {} +)
+
+distclean: clean ## clean, and delete the virtualenv too
+	rm -rf $(VENV)

@@ -1,0 +1,245 @@
+"""Small tools shared by the tests: a table, pool figures and a raw ASGI driver."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import anyio
+from sqlalchemy import Column, Integer, MetaData, String, Table, func, select
+
+from asgi_sqla import Database
+from asgi_sqla._types import ASGIApp, Message, Scope
+
+metadata = MetaData()
+
+#: One row per write; ``key`` is unique so tests can ask "did this request commit?".
+items = Table(
+    "items",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("key", String(64), nullable=False, unique=True),
+)
+
+
+async def create_tables(db: Database) -> None:
+    """Create the test tables on ``db`` (outside any request)."""
+    async with db.engine.begin() as connection:
+        await connection.run_sync(metadata.create_all)
+
+
+async def keys(db: Database) -> set[str]:
+    """Every ``items.key`` that is committed, read on a fresh connection."""
+    async with db.engine.connect() as connection:
+        result = await connection.execute(select(items.c.key))
+        return set(result.scalars())
+
+
+async def count_items(db: Database) -> int:
+    async with db.engine.connect() as connection:
+        return int((await connection.scalar(select(func.count()).select_from(items))) or 0)
+
+
+def checked_out(db: Database) -> int:
+    """Connections of ``db``'s pool currently checked out."""
+    return int(db.engine.sync_engine.pool.checkedout())  # type: ignore[attr-defined]
+
+
+def http_scope(path: str = "/", method: str = "GET", **extra: Any) -> Scope:
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"testserver")],
+        "client": ("127.0.0.1", 12345),
+        "server": ("127.0.0.1", 80),
+        "extensions": {},
+        "state": {},
+    }
+    scope.update(extra)
+    return scope
+
+
+def websocket_scope(path: str = "/ws", **extra: Any) -> Scope:
+    scope = http_scope(path, **extra)
+    scope["type"] = "websocket"
+    scope.pop("method")
+    scope["subprotocols"] = []
+    return scope
+
+
+class ASGIRecorder:
+    """Drives one ASGI call: feeds ``incoming`` to ``receive`` and records ``send``.
+
+    After ``incoming`` is exhausted ``receive()`` waits until ``disconnect()`` is
+    called (or forever), like a server whose client is still connected.
+    ``on_send`` runs before each message is recorded, e.g. to inspect the pool at
+    the moment the server receives ``http.response.start``.
+    """
+
+    def __init__(
+        self,
+        incoming: Iterable[Message] = (),
+        on_send: Callable[[Message], Awaitable[None] | None] | None = None,
+    ) -> None:
+        self.sent: list[Message] = []
+        self._incoming = list(incoming)
+        self._disconnected = anyio.Event()
+        self._on_send = on_send
+        self.receive_calls = 0
+
+    async def receive(self) -> Message:
+        self.receive_calls += 1
+        if self._incoming:
+            return self._incoming.pop(0)
+        await self._disconnected.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: Message) -> None:
+        if self._on_send is not None:
+            result = self._on_send(message)
+            if result is not None:
+                await result
+        self.sent.append(message)
+
+    def disconnect(self) -> None:
+        self._disconnected.set()
+
+    def types(self) -> list[str]:
+        return [m["type"] for m in self.sent]
+
+    @property
+    def status(self) -> int:
+        starts = [m for m in self.sent if m["type"].endswith("response.start")]
+        assert len(starts) == 1, self.sent
+        return int(starts[0]["status"])
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(m.get("body", b"") for m in self.sent if m["type"].endswith(".body"))
+
+    async def __call__(self, app: ASGIApp, scope: Scope) -> None:
+        await app(scope, self.receive, self.send)
+
+
+async def call_http(
+    app: ASGIApp,
+    path: str = "/",
+    *,
+    method: str = "GET",
+    body: bytes = b"",
+    on_send: Callable[[Message], Awaitable[None] | None] | None = None,
+) -> ASGIRecorder:
+    """Call ``app`` with one HTTP request and return the recorder with its response."""
+    recorder = ASGIRecorder(
+        [{"type": "http.request", "body": body, "more_body": False}], on_send=on_send
+    )
+    await recorder(app, http_scope(path, method=method))
+    return recorder
+
+
+async def plain_response(
+    send: Callable[[Message], Awaitable[None]], status: int, body: bytes = b""
+) -> None:
+    """Send a complete response from a hand-written ASGI app."""
+    await send({"type": "http.response.start", "status": status, "headers": []})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def add_key(db: Database, key: str) -> None:
+    """Insert ``key`` into ``items`` through ``db.session`` (inside a request or scope)."""
+    await db.session.execute(items.insert().values(key=key))
+
+
+class PoolEvents:
+    """Counts the ``connect`` and ``checkout`` pool events of ``db``'s engine from now on."""
+
+    def __init__(self, db: Database) -> None:
+        from sqlalchemy import event
+
+        self.connects = 0
+        self.checkouts = 0
+        event.listen(db.engine.sync_engine, "connect", self._on_connect)
+        event.listen(db.engine.sync_engine, "checkout", self._on_checkout)
+
+    def _on_connect(self, *args: Any) -> None:
+        self.connects += 1
+
+    def _on_checkout(self, *args: Any) -> None:
+        self.checkouts += 1
+
+
+#: Backends of the admin connection's database other than the admin connection itself.
+_OTHER_BACKENDS = (
+    "SELECT pid, state, query FROM pg_stat_activity "
+    "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+    "AND backend_type = 'client backend'"
+)
+
+
+def pg_backends(admin: Any) -> list[tuple[int, str | None, str]]:
+    """``(pid, state, query)`` of every other client backend of ``admin``'s database.
+
+    ``admin`` is the ``pg_admin`` fixture (a sync autocommit psycopg connection).
+    """
+    return [(int(pid), state, query) for pid, state, query in admin.execute(_OTHER_BACKENDS)]
+
+
+async def settled_backends(admin: Any, seconds: float = 3.0) -> list[tuple[int, str | None, str]]:
+    """Poll until every other backend of the database is ``idle`` (or gone), up to ``seconds``.
+
+    Returns the backends that are still not idle at the deadline (``[]`` when all
+    settled): "idle in transaction" is a leaked transaction, "active" a statement
+    still running.  Polls every 10 ms, letting the event loop run in between.
+    """
+    deadline = anyio.current_time() + seconds
+    while True:
+        busy = [row for row in pg_backends(admin) if row[1] != "idle"]
+        if not busy or anyio.current_time() > deadline:
+            return busy
+        await anyio.sleep(0.01)  # polling interval, bounded by the deadline
+
+
+async def wait_for_active_query(admin: Any, like: str, seconds: float = 5.0) -> int:
+    """Poll until another backend is ``active`` running a query matching ``like`` (SQL LIKE).
+
+    Returns its pid; fails the test at the deadline.  Lets the event loop run between polls.
+    """
+    deadline = anyio.current_time() + seconds
+    while True:
+        for pid, state, query in pg_backends(admin):
+            if state == "active" and _sql_like(query, like):
+                return pid
+        if anyio.current_time() > deadline:
+            raise AssertionError(f"no backend ran a query like {like!r}: {pg_backends(admin)}")
+        await anyio.sleep(0.005)  # polling interval, bounded by the deadline
+
+
+def _sql_like(text: str, pattern: str) -> bool:
+    import re
+
+    regex = "".join(".*" if c == "%" else "." if c == "_" else re.escape(c) for c in pattern)
+    return re.fullmatch(regex, text, re.IGNORECASE | re.DOTALL) is not None
+
+
+async def idle_in_transaction(
+    admin: Any, seconds: float = 3.0
+) -> list[tuple[int, str | None, str]]:
+    """Poll until no other backend of the database is "idle in transaction", up to ``seconds``.
+
+    Returns those still idle in a transaction (aborted or not) at the deadline, ``[]``
+    when none: an open transaction nobody will finish.  Unlike :func:`settled_backends`
+    this tolerates backends still running a statement.
+    """
+    deadline = anyio.current_time() + seconds
+    while True:
+        idle = [row for row in pg_backends(admin) if (row[1] or "").startswith("idle in trans")]
+        if not idle or anyio.current_time() > deadline:
+            return idle
+        await anyio.sleep(0.01)  # polling interval, bounded by the deadline

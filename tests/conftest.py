@@ -1,0 +1,163 @@
+"""Shared fixtures: an anyio backend, and SQLite/PostgreSQL databases, fresh for every test.
+
+PostgreSQL comes from ``TEST_DATABASE_URL`` (e.g. ``postgresql://user:pw@host:5432/db``; the
+user needs CREATEDB) or else from a throwaway cluster started for the session with the
+server binaries found on this machine (``TEST_POSTGRES_BINDIR`` picks a directory).
+
+Without PostgreSQL, its tests are skipped, with the reason shown in the summary; but when
+``CI`` is ``true`` or ``1`` they fail instead, so CI cannot pass without PostgreSQL.
+
+Every test that uses PostgreSQL gets the ``postgresql`` marker (``-m "not postgresql"``
+deselects them).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NoReturn
+
+import _postgres
+import psycopg
+import pytest
+from psycopg.rows import TupleRow
+from sqlalchemy import URL
+
+pytest_plugins = ["pytester"]
+
+ASYNC_DRIVERS = {"asyncpg": "postgresql+asyncpg", "psycopg": "postgresql+psycopg"}
+_POSTGRES_PARAMS = [
+    pytest.param(driver, marks=pytest.mark.postgresql, id=driver) for driver in ASYNC_DRIVERS
+]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Also declared in pyproject.toml; repeated so this conftest works on its own.
+    config.addinivalue_line(
+        "markers",
+        "postgresql: needs a PostgreSQL server (started by the test run, or TEST_DATABASE_URL)",
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        uses_server = "postgres_server" in getattr(item, "fixturenames", ())
+        if uses_server and item.get_closest_marker("postgresql") is None:
+            item.add_marker(pytest.mark.postgresql)
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in {"true", "1"}
+
+
+def _postgres_unavailable(reason: str) -> NoReturn:
+    if _ci():
+        pytest.fail(f"{reason}; CI is set, so PostgreSQL tests must not be skipped", pytrace=False)
+    pytest.skip(f"PostgreSQL unavailable: {reason}")
+
+
+def _async_url(database: URL, driver: str) -> str:
+    return database.set(drivername=ASYNC_DRIVERS[driver]).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """The anyio pytest plugin's backend: ``"asyncio"`` (a module may override it)."""
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[URL]:
+    """Driver-less ``sqlalchemy.URL`` of the admin database of the session's PostgreSQL server.
+
+    ``TEST_DATABASE_URL`` if set, otherwise a throwaway cluster on a free 127.0.0.1 port,
+    e.g. ``postgresql://postgres@127.0.0.1:PORT/postgres``, stopped and deleted at the end of
+    the session.  Skips (or fails, under ``CI``) when no PostgreSQL is available.
+    """
+    external = os.environ.get("TEST_DATABASE_URL")
+    if external:
+        yield _postgres.server_url_from_env(external)
+        return
+    bindir = _postgres.find_bindir()
+    if bindir is None:
+        where = os.environ.get(_postgres.BINDIR_VARIABLE) or (
+            "pg_config --bindir, /usr/lib/postgresql/*/bin or PATH"
+        )
+        _postgres_unavailable(
+            f"no server binaries (initdb, pg_ctl, postgres) in {where}, no TEST_DATABASE_URL"
+        )
+    try:
+        cluster = _postgres.TemporaryCluster(bindir)
+    except _postgres.PostgresUnavailable as exc:
+        _postgres_unavailable(str(exc))
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def _postgres_databases(postgres_server: URL) -> Iterator[_postgres.DatabaseFactory]:
+    """Creates and drops the per-test databases over one admin connection."""
+    factory = _postgres.DatabaseFactory(postgres_server)
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture
+def postgres_database(_postgres_databases: _postgres.DatabaseFactory) -> Iterator[URL]:
+    """Driver-less ``sqlalchemy.URL`` of a new, empty PostgreSQL database for this test.
+
+    Created as ``t_<uuid hex>`` from ``template0`` and dropped ``WITH (FORCE)`` afterwards.
+    ``postgresql_url``, ``database_url`` (PostgreSQL params) and ``pg_admin`` of one test all
+    use this same database.
+    """
+    url = _postgres_databases.create()
+    try:
+        yield url
+    finally:
+        _postgres_databases.drop(url)
+
+
+@pytest.fixture(params=["sqlite", *_POSTGRES_PARAMS])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Async SQLAlchemy URL string of a fresh, empty database; one test per backend/driver.
+
+    ids: ``sqlite`` -> ``sqlite+aiosqlite:///<tmp_path>/test.db``;
+    ``asyncpg`` -> ``postgresql+asyncpg://...``; ``psycopg`` -> ``postgresql+psycopg://...``
+    (these two carry the ``postgresql`` marker and use ``postgres_database``).
+    """
+    driver: str = request.param
+    if driver == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
+    database: URL = request.getfixturevalue("postgres_database")
+    return _async_url(database, driver)
+
+
+@pytest.fixture(params=_POSTGRES_PARAMS)
+def postgresql_url(request: pytest.FixtureRequest, postgres_database: URL) -> str:
+    """Like ``database_url`` but PostgreSQL only (ids ``asyncpg``, ``psycopg``).
+
+    For tests that need PostgreSQL semantics: deferred constraints, ``pg_stat_activity``,
+    ``pg_terminate_backend``...
+    """
+    driver: str = request.param
+    return _async_url(postgres_database, driver)
+
+
+@pytest.fixture
+def pg_admin(postgres_database: URL) -> Iterator[psycopg.Connection[TupleRow]]:
+    """Synchronous autocommit psycopg connection (superuser on the throwaway cluster) to this
+    test's PostgreSQL database, the one behind ``postgresql_url``/``database_url``.
+
+    For looking behind the code under test: ``pg_stat_activity``, ``pg_locks``,
+    ``pg_terminate_backend(pid)``...  Closed before the database is dropped.
+    """
+    conn = _postgres.connect(postgres_database)
+    try:
+        yield conn
+    finally:
+        conn.close()  # unlike leaving a `with` block, fine if the test killed its backend
