@@ -261,14 +261,20 @@ class Database:
                 f"{type(exc).__name__}: {_hide(str(exc), engine.url)}"
             ) from None
 
-    async def _dispose(self) -> None:
-        """Dispose the engine if this ``Database`` created it; the next use creates another."""
+    async def dispose(self) -> None:
+        """Dispose the engine if this ``Database`` created it, closing pooled connections.
+
+        The middleware calls this at shutdown; call it yourself at the end of a script
+        that used :meth:`scope` without the middleware.  A later use creates a new engine.
+        """
         engine = self._engine
         if engine is None or not self._owns_engine:
             return
         self._engine = None
         self._sessionmaker = None
         await run_to_completion(engine.dispose())
+
+    _dispose = dispose  # TEMPORARY while test modules are being written
 
 
 def _parse_url(url: str | URL | None) -> URL:

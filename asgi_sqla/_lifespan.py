@@ -108,6 +108,7 @@ class LifespanRelay:
             try:
                 await db._start()
             except Exception as exc:
+                self._started.append(db)  # its engine may exist, with no connection
                 await self._stop_databases()
                 logger.error("Application startup failed: %s", exc)
                 self._startup_answered = True
@@ -122,7 +123,7 @@ class LifespanRelay:
         started, self._started = self._started, []
         for db in started:
             try:
-                await db._dispose()
+                await db.dispose()
             except Exception:
                 logger.exception("Could not dispose the engine of %r.", db)
 

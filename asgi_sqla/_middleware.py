@@ -28,7 +28,7 @@ _ERROR_HEADERS = [
 ]
 _COMMIT_FAILED = (
     "The transaction failed to commit, so the client was sent {sent} instead of the "
-    "app's {status}; the rest of the app's response is discarded."
+    "app's {replaced}; the app's later messages are discarded."
 )
 _DISCARDED = "The transaction failed to commit and the response was replaced; nothing more is sent."
 
@@ -153,7 +153,7 @@ class _HTTPRelay(SessionContext):
             await self.finish(status, reason=RESPONSE_STARTED)
         except Exception as exc:
             self.failed = True
-            text = _COMMIT_FAILED.format(sent="a 500 response", status=status)
+            text = _COMMIT_FAILED.format(sent="a 500 response", replaced=f"{status} response")
             logger.error(text, exc_info=True)
             await _send_error_response(self._send, "http.response")
             raise CommitFailedError(text) from exc
@@ -166,12 +166,13 @@ class _WebSocketRelay(SessionContext):
     waits for the next client message, and before a close or denial response.
     """
 
-    __slots__ = ("_receive", "_send", "failed", "started")
+    __slots__ = ("_receive", "_send", "accepted", "failed", "started")
 
     def __init__(self, databases: tuple[Database, ...], receive: Receive, send: Send) -> None:
         super().__init__(databases)
         self._receive = receive
         self._send = send
+        self.accepted = False
         self.started = True  # a websocket app that returns normally commits
         self.failed = False
 
@@ -179,32 +180,38 @@ class _WebSocketRelay(SessionContext):
         if self.failed:
             raise CommitFailedError(_DISCARDED)
         if self._sessions:
-            await self._end_transaction(None, reason=RECEIVE_WAITED)
+            await self._end_transaction(None, "next message", reason=RECEIVE_WAITED)
         return await self._receive()
 
     async def send(self, message: Message) -> None:
         if self.failed:
             raise CommitFailedError(_DISCARDED)
         message_type = message["type"]
-        if self._sessions:
+        if message_type == "websocket.accept":
+            self.accepted = True
+        elif self._sessions:
             if message_type == "websocket.close":
-                await self._end_transaction(None, reason=RESPONSE_STARTED)
+                # A close before accept is answered with HTTP 403 by the server (ASGI
+                # websocket spec, "Close - send event"), so it is decided as a 403.
+                status = None if self.accepted else 403
+                await self._end_transaction(status, "close", reason=RESPONSE_STARTED)
             elif message_type == "websocket.http.response.start":  # the denial extension
-                await self._end_transaction(message["status"], reason=RESPONSE_STARTED)
+                status = message["status"]
+                await self._end_transaction(status, f"{status} denial", reason=RESPONSE_STARTED)
         await self._send(message)
 
-    async def _end_transaction(self, status: int | None, *, reason: str) -> None:
+    async def _end_transaction(self, status: int | None, replaced: str, *, reason: str) -> None:
         try:
             await self.finish(status, reason=reason)
         except Exception as exc:
             self.failed = True
-            if status is None:
-                sent = "a 1011 close"
-                await self._send({"type": "websocket.close", "code": 1011, "reason": ""})
-            else:
+            if replaced.endswith("denial"):
                 sent = "a 500 denial response"
                 await _send_error_response(self._send, "websocket.http.response")
-            text = _COMMIT_FAILED.format(sent=sent, status=status or "message")
+            else:
+                sent = "a 1011 close"
+                await self._send({"type": "websocket.close", "code": 1011, "reason": ""})
+            text = _COMMIT_FAILED.format(sent=sent, replaced=replaced)
             logger.error(text, exc_info=True)
             raise CommitFailedError(text) from exc
 

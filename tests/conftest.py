@@ -18,11 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
-import _postgres
 import psycopg
 import pytest
 from psycopg.rows import TupleRow
 from sqlalchemy import URL
+
+import _postgres
 
 pytest_plugins = ["pytester"]
 

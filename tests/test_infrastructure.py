@@ -5,12 +5,13 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-import _postgres
 import psycopg
 import pytest
 from psycopg.rows import TupleRow
 from sqlalchemy import URL, inspect, make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
+
+import _postgres
 
 
 def test_postgres_server_answers(postgres_server: URL) -> None:
