@@ -208,7 +208,11 @@ async def _end(session: GuardedSession, commit: bool) -> None:
         try:
             await unguarded.commit()
         except BaseException:
-            await _close(session)
+            # After a failed COMMIT the connection's state is not known: SQLite keeps
+            # the transaction open after a deferred constraint fails, yet SQLAlchemy
+            # marks it inactive, so close() would pool it without a ROLLBACK and the
+            # next request would inherit the failed writes.  Discard the connection.
+            await _invalidate(unguarded)
             raise
     await _close(session)
 
@@ -225,7 +229,12 @@ async def _close(session: GuardedSession) -> None:
             "Could not roll back and close a session; invalidating its connection.",
             exc_info=True,
         )
-        try:
-            await unguarded.invalidate()
-        except Exception:
-            logger.exception("Could not invalidate a session's connection.")
+        await _invalidate(unguarded)
+
+
+async def _invalidate(unguarded: AsyncSession) -> None:
+    """Close the session and discard its connection rather than return it to the pool."""
+    try:
+        await unguarded.invalidate()
+    except Exception:
+        logger.exception("Could not invalidate a session's connection.")
