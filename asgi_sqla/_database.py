@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import URL, Engine, make_url
-from sqlalchemy.exc import ArgumentError, InvalidRequestError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 
@@ -95,7 +95,7 @@ class Database:
                     f"{type(engine).__name__}."
                 )
         else:
-            self._url = _parse_url(url)
+            self._url = _check_async_driver(_parse_url(url))
         if commit_on is not None and not callable(commit_on):
             raise ConfigurationError(
                 "commit_on must be a function (status_code) -> bool, or None to never "
@@ -228,7 +228,7 @@ class Database:
         shown = url.render_as_string(hide_password=True)
         try:
             return _create_async_engine(url, **self._engine_options)
-        except (ImportError, NoSuchModuleError) as exc:
+        except ImportError as exc:
             driver = url.get_driver_name()
             extra = _DRIVER_EXTRAS.get(driver)
             fix = (
@@ -238,14 +238,6 @@ class Database:
             )
             raise ConfigurationError(
                 f"The driver for {shown} could not be loaded ({_hide(str(exc), url)}): {fix}."
-            ) from None
-        except InvalidRequestError as exc:
-            if "async driver" not in str(exc):
-                raise
-            raise ConfigurationError(
-                f"{shown} names a synchronous driver ({url.get_driver_name()!r}); asgi_sqla "
-                "needs an async one, e.g. postgresql+asyncpg://, postgresql+psycopg:// or "
-                "sqlite+aiosqlite://."
             ) from None
 
     async def _start(self) -> None:
@@ -295,6 +287,25 @@ def _parse_url(url: str | URL | None) -> URL:
             f"{source} is not a valid SQLAlchemy URL; the expected form is "
             "dialect+driver://user:password@host:port/dbname."
         ) from None
+
+
+def _check_async_driver(url: URL) -> URL:
+    """Refuse a synchronous or unknown driver now, before any driver is imported."""
+    shown = url.render_as_string(hide_password=True)
+    try:
+        dialect = url.get_dialect()
+    except NoSuchModuleError:
+        raise ConfigurationError(
+            f"SQLAlchemy knows no dialect and driver {url.drivername!r} (in {shown}); "
+            "check the spelling, or install the package that provides it."
+        ) from None
+    if not dialect.get_async_dialect_cls(url).is_async:
+        raise ConfigurationError(
+            f"{shown} names a synchronous driver ({url.get_driver_name()!r}); asgi_sqla "
+            "needs an async one, e.g. postgresql+asyncpg://, postgresql+psycopg:// or "
+            "sqlite+aiosqlite://."
+        )
+    return url
 
 
 def _require_asyncio() -> None:

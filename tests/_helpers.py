@@ -243,3 +243,111 @@ async def idle_in_transaction(
         if not idle or anyio.current_time() > deadline:
             return idle
         await anyio.sleep(0.01)  # polling interval, bounded by the deadline
+
+
+# --- A server process's database and log, seen from the test process ------------------
+#
+# For the integration tests that run an example app in a real server (tests/_servers.py)
+# against ``module_database_url``.
+
+
+def query(url: str, statement: str) -> list[tuple[Any, ...]]:
+    """Rows of ``statement``, run on a new synchronous connection to ``url``'s database.
+
+    ``url`` is an async SQLAlchemy URL of SQLite or PostgreSQL (e.g.
+    ``module_database_url``); only committed rows are visible.  No parameters: write
+    literals into the statement.
+    """
+    import contextlib
+    import sqlite3
+
+    from sqlalchemy import make_url
+
+    import _postgres
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        assert parsed.database, url
+        with contextlib.closing(sqlite3.connect(parsed.database)) as connection:
+            return list(connection.execute(statement))
+    with _postgres.connect(parsed) as connection:
+        return list(connection.execute(statement))  # type: ignore[arg-type]
+
+
+def server_backends(url: str) -> list[tuple[int, str | None, str]]:
+    """``(pid, state, query)`` of every client backend connected to ``url``'s PostgreSQL database.
+
+    The connection this opens to ask is left out: what remains belongs to the server
+    under test.  ``"idle in transaction"`` is a transaction nobody will finish.
+    """
+    from sqlalchemy import make_url
+
+    import _postgres
+
+    with _postgres.connect(make_url(url)) as admin:
+        return pg_backends(admin)
+
+
+def eventually(check: Callable[[], bool], seconds: float = 5.0) -> bool:
+    """Poll ``check`` until it is true or ``seconds`` have passed; return its last result.
+
+    For state another process changes after it answered (a background task that runs
+    after the response was sent), where no event can be awaited.
+    """
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)  # polling another process, bounded by the deadline
+    return True
+
+
+_SITECUSTOMIZE = '''\
+"""Written by tests/_helpers.py: log asgi_sqla and sqlalchemy.pool to stderr."""
+import logging
+import sys
+
+_handler = logging.StreamHandler(sys.stderr)
+_handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+for _name in ("asgi_sqla", "sqlalchemy.pool"):
+    _logger = logging.getLogger(_name)
+    _logger.addHandler(_handler)
+    _logger.setLevel(logging.INFO)  # sqlalchemy.pool says "Pool disposed" at INFO
+    _logger.propagate = False
+'''
+
+
+def server_logging_env(directory: Any) -> dict[str, str]:
+    """Environment for ``_servers.serve`` making the server log ``LEVEL logger: message`` lines.
+
+    Writes a ``sitecustomize.py`` into ``directory`` (a ``pathlib.Path``) and puts it
+    first on ``PYTHONPATH``, so the app under test stays as it is while its server's
+    log shows the ``asgi_sqla`` errors and ``sqlalchemy.pool``'s "Pool disposed" line
+    (the engine was disposed, not merely dropped by the exiting process).
+    """
+    import os
+
+    from _servers import ROOT
+
+    (directory / "sitecustomize.py").write_text(_SITECUSTOMIZE)
+    return {"PYTHONPATH": os.pathsep.join([str(directory), str(ROOT)])}
+
+
+#: What each server logs when the ASGI app raises (the message before the traceback).
+SERVER_APP_ERRORS = {
+    "uvicorn": "Exception in ASGI application",
+    "hypercorn": "Error in ASGI Framework",
+    "granian": "Application callable raised an exception",
+}
+
+
+def server_reported_an_app_error(log: str) -> bool:
+    """True if ``log`` holds any server's "the app raised" message (see SERVER_APP_ERRORS).
+
+    Also true for uvicorn's complaint about an app that returned without completing
+    its response: an invalid ASGI message sequence.
+    """
+    markers = (*SERVER_APP_ERRORS.values(), "ASGI callable returned without")
+    return any(marker in log for marker in markers)

@@ -1,0 +1,80 @@
+"""FastAPI integration: the request's session as a dependency.
+
+Mount the middleware as FastAPI mounts any ASGI middleware, and declare the session
+as a parameter where that reads better than ``db.session``::
+
+    from typing import Annotated
+
+    from fastapi import Depends, FastAPI
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from asgi_sqla import Database, SQLAlchemyMiddleware
+    from asgi_sqla.fastapi import session_dependency
+
+    db = Database("postgresql+asyncpg://app@db/app")
+    DBSession = Annotated[AsyncSession, Depends(session_dependency(db))]
+
+    app = FastAPI()
+    app.add_middleware(SQLAlchemyMiddleware, db)
+
+    @app.get("/users")
+    async def list_users(session: DBSession) -> list[str]:
+        return list(await session.scalars(select(User.name)))
+
+The dependency returns ``db.session``: the parameter and ``db.session`` are the same
+session, one per request either way, committed or rolled back by the middleware
+before the status line is sent.  Like ``db.session`` it is lazy: a request that
+declares it but runs no statement checks out no connection.
+
+The middleware ends the transaction, so the dependency does not: it is a plain
+``async def`` (run on the event loop, not in the thread pool), not a dependency with
+``yield``, and it must not be wrapped in one that commits after ``yield``.  In FastAPI
+the code after ``yield`` runs after the response was sent, when the request's session
+has already ended (``SessionEndedError``).  For the same reason a background task, a
+streaming body or the next websocket message reads ``db.session`` again instead of
+keeping the injected session.
+
+This module imports nothing from FastAPI; it is imported only by apps that use it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Awaitable, Callable
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from ._database import Database
+from ._errors import NoSessionContextError
+
+__all__ = ["session_dependency"]
+
+SessionDependency = Callable[[], Awaitable[AsyncSession]]
+
+_dependencies: weakref.WeakKeyDictionary[Database, SessionDependency] = weakref.WeakKeyDictionary()
+
+
+def session_dependency(db: Database) -> SessionDependency:
+    """Return the FastAPI dependency giving ``db``'s session in the current request.
+
+    Use it as ``Annotated[AsyncSession, Depends(session_dependency(db))]``.  Every
+    call with the same ``db`` returns the same function, so it can also be a key of
+    ``app.dependency_overrides``.  Outside a request wrapped by
+    ``SQLAlchemyMiddleware(app, db)`` the dependency raises ``NoSessionContextError``,
+    as ``db.session`` does.
+
+    :param db: A ``Database`` passed to the app's ``SQLAlchemyMiddleware``.
+    """
+    dependency = _dependencies.get(db)
+    if dependency is None:
+        # A weak reference, so that the cached function does not keep ``db`` alive.
+        db_ref = weakref.ref(db)
+
+        async def request_session() -> AsyncSession:
+            database = db_ref()
+            if database is None:  # no app can serve a Database that is gone
+                raise NoSessionContextError("The Database of this dependency no longer exists.")
+            return database.session
+
+        dependency = _dependencies[db] = request_session
+    return dependency
