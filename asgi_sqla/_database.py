@@ -266,8 +266,6 @@ class Database:
         self._sessionmaker = None
         await run_to_completion(engine.dispose())
 
-    _dispose = dispose  # TEMPORARY while test modules are being written
-
 
 def _parse_url(url: str | URL | None) -> URL:
     source = "The URL given to Database()"

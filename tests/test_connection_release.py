@@ -40,7 +40,7 @@ async def db(database_url: str) -> AsyncIterator[Database]:
         await create_tables(database)
         yield database
     finally:
-        await database._dispose()
+        await database.dispose()
 
 
 def chunk(body: bytes, *, more: bool) -> Message:

@@ -27,7 +27,7 @@ async def db(database_url: str) -> AsyncIterator[Database]:
         await create_tables(database)
         yield database
     finally:
-        await database._dispose()
+        await database.dispose()
 
 
 class AppError(Exception):

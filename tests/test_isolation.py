@@ -38,7 +38,7 @@ async def db(database_url: str) -> AsyncIterator[Database]:
         await create_tables(database)
         yield database
     finally:
-        await database._dispose()
+        await database.dispose()
 
 
 async def count_where(session: AsyncSession, *criteria: ColumnElement[bool]) -> int:
@@ -159,4 +159,4 @@ async def test_a_request_does_not_see_another_requests_uncommitted_row(
         assert await keys(db) == {"uncommitted"}
         assert checked_out(db) == 0
     finally:
-        await db._dispose()
+        await db.dispose()

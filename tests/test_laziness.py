@@ -32,7 +32,7 @@ async def db(database_url: str) -> AsyncIterator[Database]:
         await create_tables(database)
         yield database
     finally:
-        await database._dispose()
+        await database.dispose()
 
 
 async def test_a_request_that_never_reads_the_session_checks_out_no_connection(
@@ -158,4 +158,4 @@ async def test_a_request_touching_one_database_opens_nothing_on_the_other(
         assert other_events.checkouts == 0
         assert await keys(db) == {"main"}
     finally:
-        await other._dispose()
+        await other.dispose()

@@ -196,7 +196,7 @@ def writer_app(db: Database, key: str) -> ASGIApp:
 
 async def disposed(*databases: Database) -> None:
     for db in databases:
-        await db._dispose()
+        await db.dispose()
 
 
 # --- engines follow the lifespan ------------------------------------------------------
@@ -681,7 +681,7 @@ async def test_without_lifespan_the_first_request_creates_the_engine(sqlite_url:
         assert db._engine is not None
         assert pool_of(db).checkedout() == 0
     finally:
-        await db._dispose()
+        await db.dispose()
     assert await committed(sqlite_url) == {"lazy"}
 
 

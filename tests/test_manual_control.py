@@ -42,7 +42,7 @@ async def db(database_url: str) -> AsyncIterator[Database]:
         await create_tables(database)
         yield database
     finally:
-        await database._dispose()
+        await database.dispose()
 
 
 class ScopeError(Exception):
@@ -275,7 +275,7 @@ async def test_scope_with_commit_on_none_commits_nothing(database_url: str) -> N
         assert await keys(db) == set()
         assert checked_out(db) == 0
     finally:
-        await db._dispose()
+        await db.dispose()
 
 
 # -- db.new_session() ----------------------------------------------------------------------
@@ -344,4 +344,4 @@ async def test_new_session_has_its_own_transaction_beside_the_request_session(
         assert await keys(db) == {"independent"}
         assert checked_out(db) == 0
     finally:
-        await db._dispose()
+        await db.dispose()

@@ -51,7 +51,7 @@ async def db(tmp_path: Path) -> AsyncIterator[Database]:
     try:
         yield database
     finally:
-        await database._dispose()
+        await database.dispose()
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ async def any_db(database_url: str) -> AsyncIterator[Database]:
     try:
         yield database
     finally:
-        await database._dispose()
+        await database.dispose()
 
 
 @pytest.mark.parametrize(

@@ -72,7 +72,7 @@ async def db(database_url: str) -> AsyncIterator[Database]:
     try:
         yield database
     finally:
-        await database._dispose()
+        await database.dispose()
 
 
 async def orphan_child(db: Database) -> None:
@@ -154,7 +154,7 @@ async def test_a_custom_commit_on_decides_from_the_status(
         assert await keys(db) == ({"written"} if committed else set())
         assert checked_out(db) == 0
     finally:
-        await db._dispose()
+        await db.dispose()
 
 
 async def test_a_custom_commit_on_can_refuse_a_200(database_url: str) -> None:
@@ -172,7 +172,7 @@ async def test_a_custom_commit_on_can_refuse_a_200(database_url: str) -> None:
         assert await keys(db) == {"created"}
         assert checked_out(db) == 0
     finally:
-        await db._dispose()
+        await db.dispose()
 
 
 async def test_commit_on_is_not_consulted_when_no_session_was_opened(database_url: str) -> None:
@@ -191,7 +191,7 @@ async def test_commit_on_is_not_consulted_when_no_session_was_opened(database_ur
         assert (await call_http(SQLAlchemyMiddleware(app, db))).status == 200
         assert asked == []
     finally:
-        await db._dispose()
+        await db.dispose()
 
 
 async def test_commit_on_none_commits_nothing_the_app_did_not_commit(database_url: str) -> None:
@@ -208,7 +208,7 @@ async def test_commit_on_none_commits_nothing_the_app_did_not_commit(database_ur
         assert await keys(db) == set()
         assert checked_out(db) == 0
     finally:
-        await db._dispose()
+        await db.dispose()
 
 
 async def test_commit_on_none_keeps_what_the_app_committed_and_drops_the_rest(
@@ -229,7 +229,7 @@ async def test_commit_on_none_keeps_what_the_app_committed_and_drops_the_rest(
         assert await keys(db) == {"explicit"}
         assert checked_out(db) == 0
     finally:
-        await db._dispose()
+        await db.dispose()
 
 
 # -- a commit that fails ------------------------------------------------------------------
@@ -434,7 +434,7 @@ async def test_a_violated_deferred_unique_constraint_on_postgresql_sends_500(
         assert await keys(db) == set()
         assert checked_out(db) == 0
     finally:
-        await db._dispose()
+        await db.dispose()
 
 
 async def test_a_connection_dropped_before_the_commit_sends_500(
@@ -464,7 +464,7 @@ async def test_a_connection_dropped_before_the_commit_sends_500(
         assert await keys(db) == set()
         assert checked_out(db) == 0
     finally:
-        await db._dispose()
+        await db.dispose()
 
 
 async def test_a_serialization_failure_at_commit_sends_500_to_the_second_committer(
@@ -515,7 +515,7 @@ async def test_a_serialization_failure_at_commit_sends_500_to_the_second_committ
         assert await keys(db) == {"a"}
         assert checked_out(db) == 0
     finally:
-        await db._dispose()
+        await db.dispose()
 
 
 # -- through Starlette --------------------------------------------------------------------

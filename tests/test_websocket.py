@@ -161,7 +161,7 @@ async def db(database_url: str) -> AsyncIterator[Database]:
     database = Database(database_url)
     await create_tables(database)
     yield database
-    await database._dispose()
+    await database.dispose()
 
 
 @pytest.fixture
@@ -171,7 +171,7 @@ async def pg_db(postgresql_url: str) -> AsyncIterator[Database]:
     async with database.engine.begin() as connection:
         await connection.run_sync(deferred_metadata.create_all)
     yield database
-    await database._dispose()
+    await database.dispose()
 
 
 async def write(db: Database, key: str) -> None:
@@ -382,7 +382,7 @@ async def test_a_close_before_accept_is_decided_like_the_403_denial_it_becomes(
         assert at_close == [(0, set())]
         assert checked_out(db) == 0
     finally:
-        await db._dispose()
+        await db.dispose()
 
 
 async def test_an_app_that_returns_without_closing_commits(db: Database) -> None:
