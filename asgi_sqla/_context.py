@@ -137,6 +137,11 @@ class SessionContext:
         """True when at least one session is open in this context."""
         return bool(self._sessions)
 
+    @property
+    def pool_exhausted(self) -> bool:
+        """True when an open session failed to get a connection: the pool timed out."""
+        return any(s._asgi_sqla_pool_exhausted for s in self._sessions.values())
+
     async def release(self, db: Database, *, commit: bool) -> None:
         """End ``db``'s session now, if there is one; a later read opens a new one."""
         session = self._sessions.pop(db, None)

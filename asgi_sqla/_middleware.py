@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
 from ._context import (
     RECEIVE_WAITED,
     REQUEST_FINISHED,
@@ -22,10 +24,11 @@ __all__ = ["SQLAlchemyMiddleware"]
 logger = logging.getLogger("asgi_sqla")
 
 _ERROR_BODY = b"Internal Server Error"
-_ERROR_HEADERS = [
-    (b"content-type", b"text/plain; charset=utf-8"),
-    (b"content-length", str(len(_ERROR_BODY)).encode()),
-]
+_UNAVAILABLE_BODY = b"Service Unavailable: no database connection was free. Retry shortly."
+_POOL_TIMEOUT = (
+    "No database connection was free within the pool timeout; answered 503 with "
+    "Retry-After instead of %s. Consider a larger pool (pool_size, max_overflow)."
+)
 _COMMIT_FAILED = (
     "The transaction failed to commit, so the client was sent {sent} instead of the "
     "app's {replaced}; the app's later messages are discarded."
@@ -44,9 +47,14 @@ class SQLAlchemyMiddleware:
     * ``websocket``: open sessions are committed and closed whenever the app waits in
       ``receive()``, and at close; rolled back if the app raises.
     * Any other scope type passes through untouched.
+
+    When a request could not get a connection (the pool timed out) and its response
+    has not started, the client gets 503 with ``Retry-After: retry_after`` instead of
+    a 500, whether the exception reaches the middleware or the app's framework turned
+    it into a 5xx response.
     """
 
-    def __init__(self, app: ASGIApp, *databases: Database) -> None:
+    def __init__(self, app: ASGIApp, *databases: Database, retry_after: int = 1) -> None:
         if not databases:
             raise ConfigurationError(
                 "SQLAlchemyMiddleware needs at least one Database: "
@@ -62,14 +70,21 @@ class SQLAlchemyMiddleware:
             raise ConfigurationError(
                 "The same Database was passed to SQLAlchemyMiddleware twice; pass each once."
             )
+        if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
+            raise ConfigurationError(
+                f"retry_after is the number of seconds a client should wait after a 503, "
+                f"a whole number >= 0, not {retry_after!r}."
+            )
         self.app = app
         self.databases = databases
+        self.retry_after = retry_after
+        self._retry_after_header = (b"retry-after", str(retry_after).encode())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
         relay: _HTTPRelay | _WebSocketRelay
         if scope_type == "http":
-            relay = _HTTPRelay(self.databases, receive, send)
+            relay = _HTTPRelay(self.databases, receive, send, self._retry_after_header)
         elif scope_type == "websocket":
             relay = _WebSocketRelay(self.databases, receive, send)
         elif scope_type == "lifespan":
@@ -85,13 +100,15 @@ class SQLAlchemyMiddleware:
         token = _current_context.set(relay)
         try:
             await self.app(scope, relay.receive, relay.send)
-        except Exception:
+        except Exception as exc:
             if relay._sessions:
                 await relay.finish(None, reason=REQUEST_FINISHED, failed=True)
             # After a failed commit the app unwinds from the CommitFailedError raised
             # into it (perhaps re-wrapped by its framework). The client already has
             # its error answer and the cause is logged: the server has nothing to add.
-            if not relay.failed:
+            if relay.failed:
+                return
+            if not (isinstance(relay, _HTTPRelay) and await relay.answer_pool_timeout(exc)):
                 raise
         except BaseException:  # cancellation: roll back, shielded, and let it propagate
             if relay._sessions:
@@ -125,14 +142,22 @@ class _HTTPRelay(SessionContext):
     The middleware never calls ``receive()`` on HTTP: the request body is the app's.
     """
 
-    __slots__ = ("_send", "failed", "receive", "started")
+    __slots__ = ("_retry_after", "_send", "failed", "receive", "started", "unavailable")
 
-    def __init__(self, databases: tuple[Database, ...], receive: Receive, send: Send) -> None:
+    def __init__(
+        self,
+        databases: tuple[Database, ...],
+        receive: Receive,
+        send: Send,
+        retry_after: tuple[bytes, bytes],
+    ) -> None:
         super().__init__(databases)
         self.receive = receive
         self._send = send
+        self._retry_after = retry_after
         self.started = False
         self.failed = False
+        self.unavailable = False  # a 503 was sent because the pool timed out
 
     async def send(self, message: Message) -> None:
         if self.started:
@@ -145,8 +170,29 @@ class _HTTPRelay(SessionContext):
         if message["type"] == "http.response.start":
             self.started = True
             if self._sessions:
+                if message["status"] >= 500 and self.pool_exhausted:
+                    # The app (or its framework) turned the pool timeout into an error
+                    # response: say what it is, and when to come back.
+                    self.unavailable = True
+                    logger.warning(_POOL_TIMEOUT, message["status"])
+                    message = _unavailable(message, self._retry_after)
                 await self._end_transaction(message["status"])
         await self._send(message)
+
+    async def answer_pool_timeout(self, exc: Exception) -> bool:
+        """Whether the client got (or now gets) a 503 for ``exc``, a pool timeout."""
+        if not _is_pool_timeout(exc):
+            return False
+        if self.started:
+            # Already answered 503 when the framework's 5xx went out (Starlette's
+            # ServerErrorMiddleware sends its 500, then re-raises for the server's log).
+            return self.unavailable
+        self.started = self.unavailable = True
+        logger.warning(_POOL_TIMEOUT, "an exception")
+        await _send_error_response(
+            self._send, "http.response", 503, _UNAVAILABLE_BODY, self._retry_after
+        )
+        return True
 
     async def _end_transaction(self, status: int) -> None:
         try:
@@ -216,7 +262,40 @@ class _WebSocketRelay(SessionContext):
             raise CommitFailedError(text) from exc
 
 
-async def _send_error_response(send: Send, prefix: str) -> None:
-    """Send a complete plain 500 response (``prefix`` picks HTTP or websocket denial)."""
-    await send({"type": f"{prefix}.start", "status": 500, "headers": _ERROR_HEADERS})
-    await send({"type": f"{prefix}.body", "body": _ERROR_BODY, "more_body": False})
+async def _send_error_response(
+    send: Send,
+    prefix: str,
+    status: int = 500,
+    body: bytes = _ERROR_BODY,
+    *headers: tuple[bytes, bytes],
+) -> None:
+    """Send a complete plain-text response (``prefix`` picks HTTP or websocket denial)."""
+    await send(
+        {
+            "type": f"{prefix}.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": f"{prefix}.body", "body": body, "more_body": False})
+
+
+def _unavailable(start: Message, retry_after: tuple[bytes, bytes]) -> Message:
+    """``start`` turned into a 503 with a Retry-After header."""
+    headers = [(k, v) for k, v in start.get("headers", ()) if k.lower() != b"retry-after"]
+    return {**start, "status": 503, "headers": [*headers, retry_after]}
+
+
+def _is_pool_timeout(exc: BaseException | None) -> bool:
+    """Whether ``exc``, or an exception it was raised from, is SQLAlchemy's pool timeout."""
+    seen = 0
+    while exc is not None and seen < 8:  # frameworks may re-wrap; chains are short
+        if isinstance(exc, PoolTimeoutError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False

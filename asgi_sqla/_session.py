@@ -20,6 +20,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar, cast
 
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ._errors import ConcurrentSessionUseError, SessionEndedError
@@ -70,6 +71,7 @@ class GuardedSession(AsyncSession):
     _asgi_sqla_depth: int = 0
     _asgi_sqla_ended: str | None = None
     _asgi_sqla_waiters: list[asyncio.Future[None]] | None = None
+    _asgi_sqla_pool_exhausted: bool = False
 
 
 def _guard(name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
@@ -92,6 +94,10 @@ def _guard(name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
             # super() rather than AsyncSession's function: a session class_ given in
             # session_options keeps its own overrides.
             return await getattr(super(GuardedSession, self), name)(*args, **kwargs)
+        except PoolTimeoutError:
+            # Remembered so that the response can say 503, whatever the app made of it.
+            self._asgi_sqla_pool_exhausted = True
+            raise
         finally:
             self._asgi_sqla_depth -= 1
             if not self._asgi_sqla_depth:
