@@ -13,6 +13,7 @@ from ._errors import (
     ConfigurationError,
     DatabaseStartupError,
     NoSessionContextError,
+    RollbackOnlyError,
     SessionEndedError,
 )
 from ._lifespan import STATE_KEY
@@ -28,6 +29,7 @@ __all__ = [
     "Database",
     "DatabaseStartupError",
     "NoSessionContextError",
+    "RollbackOnlyError",
     "SQLAlchemyMiddleware",
     "SessionContext",
     "SessionEndedError",

@@ -16,8 +16,6 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from ._errors import NoSessionContextError, SessionEndedError
 from ._session import GuardedSession, end_session
 from ._types import Scope
@@ -115,7 +113,7 @@ class SessionContext:
         """True once the request (or scope) is over and no new session can open."""
         return self._ended is not None
 
-    def session(self, db: Database) -> AsyncSession:
+    def session(self, db: Database) -> GuardedSession:
         """Return ``db``'s session in this context, creating it on first use."""
         session = self._sessions.get(db)
         if session is not None:

@@ -15,7 +15,13 @@ from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 
 from ._context import SCOPE_EXITED, SessionContext, _current_context
 from ._errors import ConfigurationError, DatabaseStartupError
-from ._session import GuardedSession, end_session, guarded_class, run_to_completion
+from ._session import (
+    GuardedSession,
+    add_on_commit,
+    end_session,
+    guarded_class,
+    run_to_completion,
+)
 
 __all__ = ["Database", "commit_below_400"]
 
@@ -159,6 +165,27 @@ class Database:
         if context is not None:
             await context.release(self, commit=commit)
 
+    def on_commit(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` after the current transaction commits; never if it rolls back.
+
+        Like Django's ``transaction.on_commit``: for work that must only happen once the
+        data is durable (sending a mail, publishing an event, scheduling a background
+        job).  ``callback`` takes no arguments and may be a coroutine function.  It runs
+        right after the commit, before the response is forwarded, so keep it short or
+        have it start the slow work elsewhere.  An exception it raises is logged on the
+        ``asgi_sqla`` logger and changes nothing else.
+        """
+        add_on_commit(self._context_session(), callback)
+
+    def set_rollback_only(self) -> None:
+        """Mark the current transaction so that it rolls back, whatever the status.
+
+        The automatic end of the request then rolls back even a 2xx, on_commit callbacks
+        are dropped, and an explicit ``commit()`` raises ``RollbackOnlyError``.  The mark
+        ends with the session (after :meth:`release`, a new session starts unmarked).
+        """
+        self._context_session()._asgi_sqla_rollback_only = True
+
     @asynccontextmanager
     async def scope(self) -> AsyncIterator[AsyncSession]:
         """Make :attr:`session` available outside a request: scripts, workers, tests.
@@ -194,6 +221,10 @@ class Database:
             raise
         else:
             await end_session(session, commit=self._wants_commit(None), reason=SCOPE_EXITED)
+
+    def _context_session(self) -> GuardedSession:
+        """The current context's session object (no connection is taken for it)."""
+        return SessionContext.current().session(self)
 
     def _current_session(self) -> GuardedSession | None:
         context = _current_context.get()

@@ -13,6 +13,7 @@ __all__ = [
     "ConfigurationError",
     "DatabaseStartupError",
     "NoSessionContextError",
+    "RollbackOnlyError",
     "SessionEndedError",
 ]
 
@@ -39,6 +40,10 @@ class SessionEndedError(AsgiSqlaError, RuntimeError):
 
 class ConcurrentSessionUseError(AsgiSqlaError, RuntimeError):
     """Two tasks used one ``AsyncSession`` at the same time."""
+
+
+class RollbackOnlyError(AsgiSqlaError, RuntimeError):
+    """``commit()`` was called on a transaction marked with ``db.set_rollback_only()``."""
 
 
 class CommitFailedError(AsgiSqlaError):

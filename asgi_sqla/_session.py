@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar, cast
 
+from sqlalchemy import event
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ._errors import ConcurrentSessionUseError, SessionEndedError
+from ._errors import ConcurrentSessionUseError, RollbackOnlyError, SessionEndedError
 
 logger = logging.getLogger("asgi_sqla")
 
@@ -62,6 +64,12 @@ _CONCURRENT_USE = (
 )
 
 
+_ROLLBACK_ONLY = (
+    "This transaction was marked rollback-only with db.set_rollback_only(), so it cannot "
+    "commit. Remove that call, or let the transaction roll back."
+)
+
+
 class GuardedSession(AsyncSession):
     """``AsyncSession`` that refuses concurrent use by two tasks and use after it ended."""
 
@@ -72,6 +80,11 @@ class GuardedSession(AsyncSession):
     _asgi_sqla_ended: str | None = None
     _asgi_sqla_waiters: list[asyncio.Future[None]] | None = None
     _asgi_sqla_pool_exhausted: bool = False
+    _asgi_sqla_rollback_only: bool = False
+    #: on_commit callbacks waiting for the root transaction to commit, and those whose
+    #: transaction has committed, waiting to run.
+    _asgi_sqla_on_commit: list[Callable[[], object]] | None = None
+    _asgi_sqla_committed: list[Callable[[], object]] | None = None
 
 
 def _guard(name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
@@ -124,6 +137,65 @@ for _name in _GUARDED_METHODS:
         setattr(GuardedSession, _name, _guard(_name))
 for _name in _CLEANUP_METHODS:
     setattr(GuardedSession, _name, _cleanup(_name))
+
+_guarded_commit = _guard("commit")
+
+
+@functools.wraps(AsyncSession.commit)
+async def _commit(self: GuardedSession) -> None:
+    if self._asgi_sqla_rollback_only:
+        raise RollbackOnlyError(_ROLLBACK_ONLY)
+    await _guarded_commit(self)
+    await run_committed_callbacks(self)
+
+
+GuardedSession.commit = _commit  # type: ignore[method-assign,assignment]
+
+
+def add_on_commit(session: GuardedSession, callback: Callable[[], object]) -> None:
+    """Run ``callback`` once ``session``'s current root transaction has committed.
+
+    SQLAlchemy's ``after_commit`` and ``after_rollback`` session events tell when that
+    happens, however the transaction ends (``commit()``, ``async with
+    session.begin():``, or the middleware); the callbacks then run, outside the
+    transaction, the next time the package's code is back in async code: after an
+    explicit ``commit()``, or when the package ends the session.
+    """
+    pending = session._asgi_sqla_on_commit
+    if pending is None:
+        pending = session._asgi_sqla_on_commit = []
+        sync_session = session.sync_session
+
+        def after_commit(sync: Any) -> None:
+            # Releasing a SAVEPOINT fires this event too; only the root commit counts.
+            if not sync.in_nested_transaction() and pending:
+                committed = session._asgi_sqla_committed
+                if committed is None:
+                    committed = session._asgi_sqla_committed = []
+                committed.extend(pending)
+                pending.clear()
+
+        def after_rollback(sync: Any) -> None:
+            if not sync.in_nested_transaction():
+                pending.clear()
+
+        event.listen(sync_session, "after_commit", after_commit)
+        event.listen(sync_session, "after_rollback", after_rollback)
+    pending.append(callback)
+
+
+async def run_committed_callbacks(session: GuardedSession) -> None:
+    """Run the on_commit callbacks whose transaction has committed; log their errors."""
+    while session._asgi_sqla_committed:
+        callback = session._asgi_sqla_committed.pop(0)
+        try:
+            result = callback()
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            logger.exception(
+                "The on_commit callback %r failed; the transaction had committed.", callback
+            )
 
 
 @functools.cache
@@ -210,7 +282,7 @@ async def end_session(session: GuardedSession, *, commit: bool, reason: str) -> 
 async def _end(session: GuardedSession, commit: bool) -> None:
     await _wait_until_idle(session)
     unguarded = _unguarded(session)
-    if commit:
+    if commit and not session._asgi_sqla_rollback_only:
         try:
             await unguarded.commit()
         except BaseException:
@@ -221,6 +293,7 @@ async def _end(session: GuardedSession, commit: bool) -> None:
             await _invalidate(unguarded)
             raise
     await _close(session)
+    await run_committed_callbacks(session)
 
 
 async def _close(session: GuardedSession) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import anyio
-from sqlalchemy import Column, Integer, MetaData, String, Table, func, select
+from sqlalchemy import Column, Integer, MetaData, String, Table, event, func, select, text
 
 from asgi_sqla import Database
 from asgi_sqla._types import ASGIApp, Message, Scope
@@ -351,3 +351,34 @@ def server_reported_an_app_error(log: str) -> bool:
     """
     markers = (*SERVER_APP_ERRORS.values(), "ASGI callable returned without")
     return any(marker in log for marker in markers)
+
+
+# -- a write that fails at COMMIT --------------------------------------------------------
+
+
+def _enable_sqlite_foreign_keys(dbapi_connection: Any, connection_record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+async def open_database(url: str, **options: Any) -> Database:
+    """A ``Database`` with the ``items`` table and a deferred foreign key to violate."""
+    database = Database(url, **options)
+    if database.engine.dialect.name == "sqlite":
+        event.listen(database.engine.sync_engine, "connect", _enable_sqlite_foreign_keys)
+    await create_tables(database)
+    async with database.engine.begin() as connection:
+        await connection.execute(text("CREATE TABLE parents (id INTEGER PRIMARY KEY)"))
+        await connection.execute(
+            text(
+                "CREATE TABLE children (id INTEGER PRIMARY KEY, parent_id INTEGER NOT NULL "
+                "REFERENCES parents (id) DEFERRABLE INITIALLY DEFERRED)"
+            )
+        )
+    return database
+
+
+async def orphan_child(db: Database) -> None:
+    """A write whose statement succeeds but whose COMMIT fails (a deferred foreign key)."""
+    await db.session.execute(text("INSERT INTO children (id, parent_id) VALUES (1, 999)"))

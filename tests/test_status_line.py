@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
 import anyio
 import httpx
 import psycopg
 import pytest
 from psycopg.rows import TupleRow
-from sqlalchemy import event, exc, func, select, text
+from sqlalchemy import exc, func, select, text
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
@@ -33,37 +32,15 @@ from _helpers import (
     add_key,
     call_http,
     checked_out,
-    create_tables,
     http_scope,
     items,
     keys,
+    open_database,
+    orphan_child,
     plain_response,
 )
 
 pytestmark = pytest.mark.anyio
-
-
-def _enable_sqlite_foreign_keys(dbapi_connection: Any, connection_record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
-
-
-async def open_database(url: str, **options: Any) -> Database:
-    """A ``Database`` with the ``items`` table and a deferred foreign key to violate."""
-    database = Database(url, **options)
-    if database.engine.dialect.name == "sqlite":
-        event.listen(database.engine.sync_engine, "connect", _enable_sqlite_foreign_keys)
-    await create_tables(database)
-    async with database.engine.begin() as connection:
-        await connection.execute(text("CREATE TABLE parents (id INTEGER PRIMARY KEY)"))
-        await connection.execute(
-            text(
-                "CREATE TABLE children (id INTEGER PRIMARY KEY, parent_id INTEGER NOT NULL "
-                "REFERENCES parents (id) DEFERRABLE INITIALLY DEFERRED)"
-            )
-        )
-    return database
 
 
 @pytest.fixture
@@ -73,11 +50,6 @@ async def db(database_url: str) -> AsyncIterator[Database]:
         yield database
     finally:
         await database.dispose()
-
-
-async def orphan_child(db: Database) -> None:
-    """A write whose statement succeeds but whose COMMIT fails (a deferred foreign key)."""
-    await db.session.execute(text("INSERT INTO children (id, parent_id) VALUES (1, 999)"))
 
 
 def assert_valid_http_response(messages: Sequence[Message]) -> None:
