@@ -18,6 +18,7 @@ from ._errors import (
 )
 from ._lifespan import STATE_KEY
 from ._middleware import SQLAlchemyMiddleware
+from ._routes import manual_commit, read_only
 
 __all__ = [
     "SCOPE_KEY",
@@ -34,6 +35,8 @@ __all__ = [
     "SessionContext",
     "SessionEndedError",
     "commit_below_400",
+    "manual_commit",
+    "read_only",
 ]
 
 __version__ = "0.1.0"

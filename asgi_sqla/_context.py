@@ -17,7 +17,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 from ._errors import NoSessionContextError, SessionEndedError
-from ._session import GuardedSession, end_session
+from ._session import GuardedSession, end_session, make_read_only
 from ._types import Scope
 
 if TYPE_CHECKING:
@@ -73,12 +73,14 @@ class SessionContext:
     context was not copied, so that ``db.session`` works there too.
     """
 
-    __slots__ = ("_databases", "_ended", "_sessions")
+    __slots__ = ("_databases", "_ended", "_manual", "_read_only", "_sessions")
 
     def __init__(self, databases: tuple[Database, ...]) -> None:
         self._databases = databases
         self._sessions: dict[Database, GuardedSession] = {}
         self._ended: str | None = None
+        self._read_only = False  # sessions opened from now on are read-only
+        self._manual = False  # nothing commits automatically
 
     @classmethod
     def from_scope(cls, scope: Scope) -> SessionContext:
@@ -124,6 +126,8 @@ class SessionContext:
             names = ", ".join(repr(d) for d in (*self._databases, db))
             raise NoSessionContextError(_NOT_MANAGED.format(db=db, names=names))
         session = self._sessions[db] = db._make_session()
+        if self._read_only:
+            make_read_only(session)
         return session
 
     def existing(self, db: Database) -> GuardedSession | None:
@@ -139,6 +143,11 @@ class SessionContext:
     def pool_exhausted(self) -> bool:
         """True when an open session failed to get a connection: the pool timed out."""
         return any(s._asgi_sqla_pool_exhausted for s in self._sessions.values())
+
+    @property
+    def conflicted(self) -> bool:
+        """True when an open session hit a serialization failure or a deadlock."""
+        return any(s._asgi_sqla_conflict for s in self._sessions.values())
 
     async def release(self, db: Database, *, commit: bool) -> None:
         """End ``db``'s session now, if there is one; a later read opens a new one."""
@@ -161,7 +170,7 @@ class SessionContext:
         error: BaseException | None = None
         committed: list[Database] = []
         for db, session in sessions.items():
-            commit = not failed and error is None and db._wants_commit(status)
+            commit = not (failed or self._manual) and error is None and db._wants_commit(status)
             try:
                 await end_session(session, commit=commit, reason=reason)
             except BaseException as exc:  # collected, then re-raised below

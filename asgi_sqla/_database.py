@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 from ._context import SCOPE_EXITED, SessionContext, _current_context
 from ._errors import ConfigurationError, DatabaseStartupError
 from ._session import (
+    ROLLBACK_ONLY,
     GuardedSession,
     add_on_commit,
     end_session,
@@ -184,7 +185,7 @@ class Database:
         are dropped, and an explicit ``commit()`` raises ``RollbackOnlyError``.  The mark
         ends with the session (after :meth:`release`, a new session starts unmarked).
         """
-        self._context_session()._asgi_sqla_rollback_only = True
+        self._context_session()._asgi_sqla_rollback_only = ROLLBACK_ONLY
 
     @asynccontextmanager
     async def scope(self) -> AsyncIterator[AsyncSession]:

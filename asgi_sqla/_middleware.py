@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
+from typing import NoReturn
 
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -17,6 +19,8 @@ from ._context import (
 from ._database import Database
 from ._errors import CommitFailedError, ConfigurationError
 from ._lifespan import LifespanRelay
+from ._routes import PathPatterns, ReplayableBody, backoff
+from ._session import is_conflict
 from ._types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["SQLAlchemyMiddleware"]
@@ -48,13 +52,33 @@ class SQLAlchemyMiddleware:
       ``receive()``, and at close; rolled back if the app raises.
     * Any other scope type passes through untouched.
 
-    When a request could not get a connection (the pool timed out) and its response
-    has not started, the client gets 503 with ``Retry-After: retry_after`` instead of
-    a 500, whether the exception reaches the middleware or the app's framework turned
-    it into a 5xx response.
+    :param retry_after: When a request could not get a connection (the pool timed out)
+        and its response has not started, the client gets 503 with this
+        ``Retry-After`` instead of a 500, whether the exception reaches the middleware
+        or the app's framework turned it into a 5xx response.
+    :param read_only: Path patterns (``/reports/*``) whose transactions are read-only
+        and never commit (``READ ONLY`` on PostgreSQL and MySQL).
+    :param manual_commit: Path patterns whose transactions never commit automatically:
+        the handler calls ``db.commit()``; the rest is rolled back.
+    :param retry: Path patterns whose requests are re-run from the start, up to
+        ``retry_attempts`` times with jittered backoff (``retry_backoff`` seconds,
+        doubling), when a serialization failure or deadlock happens before the
+        response started and the request body was read in full and is at most
+        ``retry_body_limit`` bytes.  Only for handlers that are safe to run again.
     """
 
-    def __init__(self, app: ASGIApp, *databases: Database, retry_after: int = 1) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *databases: Database,
+        retry_after: int = 1,
+        read_only: Iterable[str] = (),
+        manual_commit: Iterable[str] = (),
+        retry: Iterable[str] = (),
+        retry_attempts: int = 3,
+        retry_body_limit: int = 64 * 1024,
+        retry_backoff: float = 0.01,
+    ) -> None:
         if not databases:
             raise ConfigurationError(
                 "SQLAlchemyMiddleware needs at least one Database: "
@@ -70,20 +94,30 @@ class SQLAlchemyMiddleware:
             raise ConfigurationError(
                 "The same Database was passed to SQLAlchemyMiddleware twice; pass each once."
             )
-        if isinstance(retry_after, bool) or not isinstance(retry_after, int) or retry_after < 0:
-            raise ConfigurationError(
-                f"retry_after is the number of seconds a client should wait after a 503, "
-                f"a whole number >= 0, not {retry_after!r}."
-            )
+        _check_number("retry_after", retry_after, "seconds a client should wait after a 503")
+        _check_number("retry_attempts", retry_attempts, "re-runs after the first attempt")
+        _check_number("retry_body_limit", retry_body_limit, "bytes of request body kept")
+        if not isinstance(retry_backoff, (int, float)) or retry_backoff < 0:
+            raise ConfigurationError(f"retry_backoff is seconds >= 0, not {retry_backoff!r}.")
         self.app = app
         self.databases = databases
         self.retry_after = retry_after
         self._retry_after_header = (b"retry-after", str(retry_after).encode())
+        self._read_only = PathPatterns("read_only", read_only)
+        self._manual_commit = PathPatterns("manual_commit", manual_commit)
+        self._retry = PathPatterns("retry", retry)
+        self._has_routes = bool(self._read_only or self._manual_commit or self._retry)
+        self._retry_attempts = retry_attempts
+        self._retry_body_limit = retry_body_limit
+        self._retry_backoff = float(retry_backoff)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
         relay: _HTTPRelay | _WebSocketRelay
         if scope_type == "http":
+            if self._has_routes and self._retry.match(scope["path"]):
+                await self._serve_retrying(scope, receive, send)
+                return
             relay = _HTTPRelay(self.databases, receive, send, self._retry_after_header)
         elif scope_type == "websocket":
             relay = _WebSocketRelay(self.databases, receive, send)
@@ -93,9 +127,21 @@ class SQLAlchemyMiddleware:
         else:
             await self.app(scope, receive, send)
             return
-        # One connection: bind its context once, run the app, then end what is still
-        # open.  This is the per-request hot path: a request that reads no session
-        # pays for one small object and a contextvar set/reset, nothing more.
+        if self._has_routes:
+            self._apply_routes(scope, relay)
+        await self._serve(scope, relay)
+
+    def _apply_routes(self, scope: Scope, relay: SessionContext) -> None:
+        path = scope["path"]
+        relay._read_only = self._read_only.match(path)
+        relay._manual = self._manual_commit.match(path)
+
+    async def _serve(self, scope: Scope, relay: _HTTPRelay | _WebSocketRelay) -> None:
+        """Run the app for one connection with its context bound, then end what is open.
+
+        This is the per-request hot path: a request that reads no session pays for
+        one small object and a contextvar set/reset, nothing more.
+        """
         scope[SCOPE_KEY] = relay
         token = _current_context.set(relay)
         try:
@@ -107,9 +153,15 @@ class SQLAlchemyMiddleware:
             # into it (perhaps re-wrapped by its framework). The client already has
             # its error answer and the cause is logged: the server has nothing to add.
             if relay.failed:
+                if isinstance(relay, _HTTPRelay) and relay.retrying:
+                    raise _RetryRequest from exc
                 return
-            if not (isinstance(relay, _HTTPRelay) and await relay.answer_pool_timeout(exc)):
-                raise
+            if isinstance(relay, _HTTPRelay):
+                if relay.may_retry(exc):
+                    raise _RetryRequest from exc
+                if await relay.answer_pool_timeout(exc):
+                    return
+            raise
         except BaseException:  # cancellation: roll back, shielded, and let it propagate
             if relay._sessions:
                 await relay.finish(None, reason=REQUEST_FINISHED, failed=True)
@@ -120,6 +172,36 @@ class SQLAlchemyMiddleware:
         finally:
             relay._ended = REQUEST_FINISHED
             _current_context.reset(token)
+        if isinstance(relay, _HTTPRelay) and relay.retrying:
+            raise _RetryRequest  # the app swallowed the CommitFailedError that stopped it
+
+    async def _serve_retrying(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve a request of a ``retry`` route, re-running it after a conflict."""
+        # Each attempt gets a fresh shallow copy of the scope, as the server gave it
+        # (frameworks write into the scope as they route); the "state" dict is shared.
+        original = dict(scope)
+        body = ReplayableBody(scope, receive, self._retry_body_limit)
+        attempt_receive: Receive = body.receive
+        for attempt in range(self._retry_attempts + 1):
+            relay = _HTTPRelay(self.databases, attempt_receive, send, self._retry_after_header)
+            if attempt < self._retry_attempts:
+                relay.body = body
+            attempt_scope = scope if attempt == 0 else dict(original)
+            self._apply_routes(attempt_scope, relay)
+            try:
+                await self._serve(attempt_scope, relay)
+            except _RetryRequest:
+                logger.info(
+                    "A serialization failure or deadlock ended attempt %d of %s %s; "
+                    "running the request again.",
+                    attempt + 1,
+                    scope.get("method", ""),
+                    scope["path"],
+                )
+                await backoff(attempt, self._retry_backoff)
+                attempt_receive = body.replay()
+            else:
+                return
 
 
 async def _finish_after_return(relay: _HTTPRelay | _WebSocketRelay) -> None:
@@ -142,7 +224,16 @@ class _HTTPRelay(SessionContext):
     The middleware never calls ``receive()`` on HTTP: the request body is the app's.
     """
 
-    __slots__ = ("_retry_after", "_send", "failed", "receive", "started", "unavailable")
+    __slots__ = (
+        "_retry_after",
+        "_send",
+        "body",
+        "failed",
+        "receive",
+        "retrying",
+        "started",
+        "unavailable",
+    )
 
     def __init__(
         self,
@@ -158,26 +249,48 @@ class _HTTPRelay(SessionContext):
         self.started = False
         self.failed = False
         self.unavailable = False  # a 503 was sent because the pool timed out
+        self.body: ReplayableBody | None = None  # set when this attempt may be re-run
+        self.retrying = False  # this attempt was stopped to be re-run
 
     async def send(self, message: Message) -> None:
+        if self.failed:
+            raise CommitFailedError(_DISCARDED)
         if self.started:
-            if self.failed:
-                raise CommitFailedError(_DISCARDED)
             await self._send(message)
             return
         # Messages before the start (http.response.early_hint, .debug, .push) pass
         # through; only the start carries the status the outcome depends on.
         if message["type"] == "http.response.start":
-            self.started = True
             if self._sessions:
-                if message["status"] >= 500 and self.pool_exhausted:
+                status = message["status"]
+                if status >= 500 and self.conflicted and self.may_retry(None):
+                    # The framework made a 500 of the conflict: run the request again.
+                    self.stop_for_retry()
+                if status >= 500 and self.pool_exhausted:
                     # The app (or its framework) turned the pool timeout into an error
                     # response: say what it is, and when to come back.
                     self.unavailable = True
-                    logger.warning(_POOL_TIMEOUT, message["status"])
+                    logger.warning(_POOL_TIMEOUT, status)
                     message = _unavailable(message, self._retry_after)
                 await self._end_transaction(message["status"])
+            self.started = True
         await self._send(message)
+
+    def may_retry(self, exc: BaseException | None) -> bool:
+        """Whether this attempt can be re-run after ``exc`` (None: a recorded conflict)."""
+        body = self.body
+        return (
+            body is not None
+            and not self.started
+            and body.replayable
+            and body.complete
+            and (exc is None or is_conflict(exc))
+        )
+
+    def stop_for_retry(self) -> NoReturn:
+        """Stop the app, without answering the client: the request will run again."""
+        self.failed = self.retrying = True
+        raise CommitFailedError("The request is stopped to be run again after a conflict.")
 
     async def answer_pool_timeout(self, exc: Exception) -> bool:
         """Whether the client got (or now gets) a 503 for ``exc``, a pool timeout."""
@@ -198,7 +311,9 @@ class _HTTPRelay(SessionContext):
         try:
             await self.finish(status, reason=RESPONSE_STARTED)
         except Exception as exc:
-            self.failed = True
+            if self.may_retry(exc):
+                self.stop_for_retry()
+            self.failed = self.started = True
             text = _COMMIT_FAILED.format(sent="a 500 response", replaced=f"{status} response")
             logger.error(text, exc_info=True)
             await _send_error_response(self._send, "http.response")
@@ -282,6 +397,15 @@ async def _send_error_response(
         }
     )
     await send({"type": f"{prefix}.body", "body": body, "more_body": False})
+
+
+class _RetryRequest(Exception):
+    """Raised by one attempt of a ``retry`` route to have the request run again."""
+
+
+def _check_number(option: str, value: object, meaning: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(f"{option} is the number of {meaning}, >= 0, not {value!r}.")
 
 
 def _unavailable(start: Message, retry_after: tuple[bytes, bytes]) -> Message:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import event
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -64,10 +65,18 @@ _CONCURRENT_USE = (
 )
 
 
-_ROLLBACK_ONLY = (
+ROLLBACK_ONLY = (
     "This transaction was marked rollback-only with db.set_rollback_only(), so it cannot "
     "commit. Remove that call, or let the transaction roll back."
 )
+READ_ONLY = (
+    "This route is read-only (a read_only= pattern of the middleware, or @read_only), so "
+    "its transactions cannot commit."
+)
+
+#: SQLSTATEs after which re-running the whole transaction may succeed: serialization
+#: failure and deadlock.
+_CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
 
 
 class GuardedSession(AsyncSession):
@@ -80,7 +89,10 @@ class GuardedSession(AsyncSession):
     _asgi_sqla_ended: str | None = None
     _asgi_sqla_waiters: list[asyncio.Future[None]] | None = None
     _asgi_sqla_pool_exhausted: bool = False
-    _asgi_sqla_rollback_only: bool = False
+    #: A statement or commit failed with a serialization failure or deadlock.
+    _asgi_sqla_conflict: bool = False
+    #: Why this session's transactions must never commit, if they must not.
+    _asgi_sqla_rollback_only: str | None = None
     #: on_commit callbacks waiting for the root transaction to commit, and those whose
     #: transaction has committed, waiting to run.
     _asgi_sqla_on_commit: list[Callable[[], object]] | None = None
@@ -110,6 +122,12 @@ def _guard(name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
         except PoolTimeoutError:
             # Remembered so that the response can say 503, whatever the app made of it.
             self._asgi_sqla_pool_exhausted = True
+            raise
+        except DBAPIError as exc:
+            # Remembered so that a retrying route can re-run the request even when the
+            # app's framework turned the error into a 500 response.
+            if is_conflict(exc):
+                self._asgi_sqla_conflict = True
             raise
         finally:
             self._asgi_sqla_depth -= 1
@@ -143,8 +161,8 @@ _guarded_commit = _guard("commit")
 
 @functools.wraps(AsyncSession.commit)
 async def _commit(self: GuardedSession) -> None:
-    if self._asgi_sqla_rollback_only:
-        raise RollbackOnlyError(_ROLLBACK_ONLY)
+    if self._asgi_sqla_rollback_only is not None:
+        raise RollbackOnlyError(self._asgi_sqla_rollback_only)
     await _guarded_commit(self)
     await run_committed_callbacks(self)
 
@@ -204,6 +222,36 @@ def guarded_class(cls: type[AsyncSession]) -> type[GuardedSession]:
     if issubclass(cls, GuardedSession):
         return cls
     return type(f"Guarded{cls.__name__}", (GuardedSession, cls), {})
+
+
+def make_read_only(session: GuardedSession) -> None:
+    """Make every transaction of ``session`` read-only and never committed.
+
+    On PostgreSQL and MySQL the transaction is declared ``READ ONLY``, so a write fails
+    at once; on every database the package rolls it back instead of committing.
+    """
+    session._asgi_sqla_rollback_only = READ_ONLY
+    bind = session.bind
+    if bind is not None and bind.dialect.name in ("postgresql", "mysql"):
+        event.listen(session.sync_session, "after_begin", _set_transaction_read_only)
+
+
+def _set_transaction_read_only(session: Any, transaction: Any, connection: Any) -> None:
+    # after_begin runs before the transaction's first statement: the only moment
+    # SET TRANSACTION is allowed.
+    connection.exec_driver_sql("SET TRANSACTION READ ONLY")
+
+
+def is_conflict(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or an error it came from) is a serialization failure or deadlock."""
+    seen = 0
+    while exc is not None and seen < 8:  # frameworks may re-wrap; chains are short
+        for candidate in (exc, getattr(exc, "orig", None)):
+            if getattr(candidate, "sqlstate", None) in _CONFLICT_SQLSTATES:
+                return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
 
 
 def _unguarded(session: GuardedSession) -> AsyncSession:
@@ -282,7 +330,7 @@ async def end_session(session: GuardedSession, *, commit: bool, reason: str) -> 
 async def _end(session: GuardedSession, commit: bool) -> None:
     await _wait_until_idle(session)
     unguarded = _unguarded(session)
-    if commit and not session._asgi_sqla_rollback_only:
+    if commit and session._asgi_sqla_rollback_only is None:
         try:
             await unguarded.commit()
         except BaseException:
