@@ -19,6 +19,7 @@ from ._errors import (
 from ._lifespan import STATE_KEY
 from ._middleware import SQLAlchemyMiddleware
 from ._routes import manual_commit, read_only
+from ._stats import PoolStatus, RequestStats
 
 __all__ = [
     "SCOPE_KEY",
@@ -30,6 +31,8 @@ __all__ = [
     "Database",
     "DatabaseStartupError",
     "NoSessionContextError",
+    "PoolStatus",
+    "RequestStats",
     "RollbackOnlyError",
     "SQLAlchemyMiddleware",
     "SessionContext",

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from ._errors import NoSessionContextError, SessionEndedError
 from ._session import GuardedSession, end_session, make_read_only
+from ._stats import RequestStats
 from ._types import Scope
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ class SessionContext:
     context was not copied, so that ``db.session`` works there too.
     """
 
-    __slots__ = ("_databases", "_ended", "_manual", "_read_only", "_sessions")
+    __slots__ = ("_databases", "_ended", "_manual", "_read_only", "_sessions", "_stats")
 
     def __init__(self, databases: tuple[Database, ...]) -> None:
         self._databases = databases
@@ -81,6 +82,7 @@ class SessionContext:
         self._ended: str | None = None
         self._read_only = False  # sessions opened from now on are read-only
         self._manual = False  # nothing commits automatically
+        self._stats: dict[Database, RequestStats] | None = None  # only when tracked
 
     @classmethod
     def from_scope(cls, scope: Scope) -> SessionContext:
@@ -130,6 +132,16 @@ class SessionContext:
             make_read_only(session)
         return session
 
+    def stats(self, db: Database) -> RequestStats:
+        """``db``'s statistics for this context, created on first use."""
+        all_stats = self._stats
+        if all_stats is None:
+            all_stats = self._stats = {}
+        stats = all_stats.get(db)
+        if stats is None:
+            stats = all_stats[db] = RequestStats()
+        return stats
+
     def existing(self, db: Database) -> GuardedSession | None:
         """Return ``db``'s session if one is open in this context."""
         return self._sessions.get(db)
@@ -153,7 +165,7 @@ class SessionContext:
         """End ``db``'s session now, if there is one; a later read opens a new one."""
         session = self._sessions.pop(db, None)
         if session is not None:
-            await end_session(session, commit=commit, reason=RELEASED)
+            await self._end_session(db, session, commit, RELEASED)
 
     async def finish(self, status: int | None, *, reason: str, failed: bool = False) -> None:
         """End every open session: commit where its database's policy allows, else roll back.
@@ -172,7 +184,7 @@ class SessionContext:
         for db, session in sessions.items():
             commit = not (failed or self._manual) and error is None and db._wants_commit(status)
             try:
-                await end_session(session, commit=commit, reason=reason)
+                await self._end_session(db, session, commit, reason)
             except BaseException as exc:  # collected, then re-raised below
                 if error is None:
                     error = exc
@@ -187,6 +199,22 @@ class SessionContext:
                     committed.append(db)
         if error is not None:
             raise error
+
+    async def _end_session(
+        self, db: Database, session: GuardedSession, commit: bool, reason: str
+    ) -> None:
+        """End one session, recording the outcome when ``db`` tracks statistics."""
+        if not db._stats:
+            await end_session(session, commit=commit, reason=reason)
+            return
+        commit = commit and session._asgi_sqla_rollback_only is None
+        stats = self.stats(db)
+        try:
+            await end_session(session, commit=commit, reason=reason)
+        except BaseException:
+            stats.outcome = "commit failed" if commit else "rolled back"
+            raise
+        stats.outcome = "committed" if commit else "rolled back"
 
     def end(self, reason: str) -> None:
         """Refuse new sessions from now on; ``reason`` says why, in the error."""

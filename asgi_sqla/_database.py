@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 
 from ._context import SCOPE_EXITED, SessionContext, _current_context
 from ._errors import ConfigurationError, DatabaseStartupError
+from ._replicas import ReplicaSet, read_session, replica_class, track_writes
 from ._session import (
     ROLLBACK_ONLY,
     GuardedSession,
@@ -23,6 +24,7 @@ from ._session import (
     guarded_class,
     run_to_completion,
 )
+from ._stats import PoolStatus, RequestStats, instrument, pool_status
 
 __all__ = ["Database", "commit_below_400"]
 
@@ -68,6 +70,18 @@ class Database:
         :meth:`commit`, and whatever is left is rolled back.
     :param session_options: Keyword arguments for ``async_sessionmaker``; the default
         ``expire_on_commit=False`` keeps loaded objects usable after the commit.
+    :param stats: Track what each request does with this database (statements, time
+        in the database, time a connection was held, outcome): see :attr:`stats`.
+    :param warn_held_over: Log a warning, naming the route, when a request held a
+        connection for longer than this many seconds (turns ``stats`` on).
+    :param warn_statements_over: Log a warning when a request sent more statements
+        than this (an N+1 query pattern; turns ``stats`` on).
+    :param replicas: URLs of read replicas (streaming standbys) of this database, for
+        :attr:`read_session`.  Their engines are made with the same ``engine_options``,
+        created, checked and disposed with the primary's; one that does not answer at
+        startup is logged at WARNING and skipped, not a startup failure.
+    :param replica_cooldown: Seconds a replica that failed (no connection, or a dropped
+        one) is left out before reads try it again.
     :param engine_options: Passed unchanged to ``create_async_engine``.
     """
 
@@ -78,8 +92,17 @@ class Database:
         engine: AsyncEngine | Callable[[], AsyncEngine] | None = None,
         commit_on: Callable[[int], bool] | None = commit_below_400,
         session_options: Mapping[str, Any] | None = None,
+        stats: bool = False,
+        warn_held_over: float | None = None,
+        warn_statements_over: int | None = None,
+        replicas: Iterable[str | URL] | None = None,
+        replica_cooldown: float = 30.0,
         **engine_options: Any,
     ) -> None:
+        self._warn_held = _optional_limit("warn_held_over", warn_held_over)
+        self._warn_statements = _optional_limit("warn_statements_over", warn_statements_over)
+        self._stats = stats or warn_held_over is not None or warn_statements_over is not None
+        self._instrumented: AsyncEngine | None = None
         self._url: URL | None = None
         self._engine: AsyncEngine | None = None
         self._engine_factory: Callable[[], AsyncEngine] | None = None
@@ -114,6 +137,11 @@ class Database:
         options["class_"] = guarded_class(options.get("class_", AsyncSession))
         self._session_options = options
         self._sessionmaker: async_sessionmaker[GuardedSession] | None = None
+        self._replicas = _replica_set(self, replicas, replica_cooldown)
+        self._replica_maker: async_sessionmaker[GuardedSession] | None = None
+        self._writes_tracked: AsyncEngine | None = None
+        #: Set by a middleware with ``two_phase=True``: startup checks the server allows it.
+        self._two_phase_check = False
 
     def __repr__(self) -> str:
         if self._url is not None:
@@ -130,7 +158,62 @@ class Database:
         engine = self._engine
         if engine is None:
             engine = self._engine = self._create_engine()
+        if self._stats and self._instrumented is not engine:
+            instrument(engine, self)
+            self._instrumented = engine
+        if self._replicas is not None and self._writes_tracked is not engine:
+            track_writes(engine, self)  # read-your-writes: reads follow a write to the primary
+            self._writes_tracked = engine
         return engine
+
+    @property
+    def replica_engines(self) -> tuple[AsyncEngine, ...]:
+        """The engines of the ``replicas``, created now if needed; ``()`` without replicas."""
+        replicas = self._replicas
+        if replicas is None:
+            return ()
+        engines = replicas.engines
+        if engines is None:
+            engines = replicas.engines = tuple(self._engine_for(url) for url in replicas.urls)
+        return engines
+
+    @property
+    def read_session(self) -> AsyncSession:
+        """A session for reads that may be served by a read replica.
+
+        Named for what the caller promises (it only reads) rather than where the reads
+        go, because that may be the primary: ``db.read_session`` is the request's lazy
+        session on a replica (round-robin among those that answer), ended by the
+        middleware like :attr:`session` but never committed.  It is :attr:`session`
+        itself when the ``Database`` has no replicas, when every replica is down, and
+        once the request has written to the primary, so that it reads its own writes.
+        Through it, ``SELECT ... FOR UPDATE``, ``get(..., with_for_update=True)`` and
+        ORM ``insert``/``update``/``delete`` statements run on :attr:`session`.
+        Replicas lag behind the primary: read through :attr:`session` what must be
+        current.
+        """
+        return read_session(SessionContext.current(), self)
+
+    @property
+    def stats(self) -> RequestStats | None:
+        """What the current request has done with this database so far.
+
+        ``None`` unless the ``Database`` tracks statistics (``stats=True``, or a
+        ``warn_*`` threshold, or the middleware's ``server_timing``), or outside a
+        request, websocket or ``db.scope()``.
+        """
+        context = _current_context.get()
+        if not self._stats or context is None:
+            return None
+        return context.stats(self)
+
+    def pool_status(self) -> PoolStatus:
+        """Size, checked-out, idle and overflow connections of the pool, right now."""
+        return pool_status(self.engine)
+
+    def _track_stats(self) -> None:
+        """Turn statistics on (the middleware does, for ``server_timing``)."""
+        self._stats = True
 
     @property
     def session(self) -> AsyncSession:
@@ -231,12 +314,22 @@ class Database:
         context = _current_context.get()
         return context.existing(self) if context is not None else None
 
-    def _make_session(self) -> GuardedSession:
+    def _make_session(self, **options: Any) -> GuardedSession:
         _require_asyncio()
         maker = self._sessionmaker
         if maker is None:
             maker = self._sessionmaker = async_sessionmaker(self.engine, **self._session_options)
-        return maker()
+        return maker(**options)
+
+    def _make_replica_session(self, engine: AsyncEngine) -> GuardedSession:
+        """A read session bound to the replica ``engine`` (routing: ``_replicas``)."""
+        _require_asyncio()
+        maker = self._replica_maker
+        if maker is None:
+            options = dict(self._session_options)
+            options["class_"] = replica_class(options["class_"])
+            maker = self._replica_maker = async_sessionmaker(**options)
+        return maker(bind=engine)
 
     def _wants_commit(self, status: int | None) -> bool:
         """Whether the automatic end of a transaction commits, for ``status`` (None: success)."""
@@ -257,6 +350,9 @@ class Database:
             return engine
         url = self._url
         assert url is not None  # either a URL, an engine or a factory was given
+        return self._engine_for(url)
+
+    def _engine_for(self, url: URL) -> AsyncEngine:
         shown = url.render_as_string(hide_password=True)
         try:
             return _create_async_engine(url, **self._engine_options)
@@ -284,6 +380,16 @@ class Database:
                 f"{self!r} did not answer at startup: "
                 f"{type(exc).__name__}: {_hide(str(exc), engine.url)}"
             ) from None
+        if self._two_phase_check:
+            await _check_two_phase(self, engine)
+        replicas = self._replicas
+        if replicas is not None:
+            for replica in self.replica_engines:
+                try:
+                    async with replica.connect():
+                        pass
+                except Exception as exc:  # a replica down is not a startup failure
+                    replicas.mark_down(replica, exc)
 
     async def dispose(self) -> None:
         """Dispose the engine if this ``Database`` created it, closing pooled connections.
@@ -291,6 +397,12 @@ class Database:
         The middleware calls this at shutdown; call it yourself at the end of a script
         that used :meth:`scope` without the middleware.  A later use creates a new engine.
         """
+        replicas = self._replicas
+        if replicas is not None and replicas.engines is not None:
+            replica_engines = replicas.engines
+            replicas.reset()
+            for replica in replica_engines:
+                await run_to_completion(replica.dispose())
         engine = self._engine
         if engine is None or not self._owns_engine:
             return
@@ -336,6 +448,43 @@ def _check_async_driver(url: URL) -> URL:
             "sqlite+aiosqlite://."
         )
     return url
+
+
+def _optional_limit(option: str, value: float | None) -> float | None:
+    if value is not None and (isinstance(value, bool) or not value >= 0):
+        raise ConfigurationError(f"{option} is a number >= 0 or None, not {value!r}.")
+    return value
+
+
+def _replica_set(
+    db: Database, replicas: Iterable[str | URL] | None, cooldown: float
+) -> ReplicaSet | None:
+    if replicas is None:
+        return None
+    if isinstance(replicas, (str, URL)):
+        raise ConfigurationError(
+            "replicas= takes a list of URLs, e.g. replicas=['postgresql+asyncpg://replica/db']."
+        )
+    urls = tuple(_check_async_driver(_parse_url(url)) for url in replicas)
+    if isinstance(cooldown, bool) or not isinstance(cooldown, (int, float)) or cooldown < 0:
+        raise ConfigurationError(f"replica_cooldown is a number of seconds >= 0, not {cooldown!r}.")
+    return ReplicaSet(db, urls, float(cooldown)) if urls else None
+
+
+async def _check_two_phase(db: Database, engine: AsyncEngine) -> None:
+    """Fail startup when PostgreSQL refuses PREPARE TRANSACTION (the default)."""
+    if engine.dialect.name != "postgresql":
+        return
+    async with engine.connect() as connection:
+        value = await connection.exec_driver_sql("SHOW max_prepared_transactions")
+        allowed = int(value.scalar_one())
+    if allowed <= 0:
+        raise DatabaseStartupError(
+            f"{db!r} cannot take part in two-phase commits (two_phase=True): its server has "
+            "max_prepared_transactions = 0. Set it in postgresql.conf to at least the "
+            "number of requests that may commit at once (e.g. max_connections) and restart "
+            "the server."
+        )
 
 
 def _require_asyncio() -> None:

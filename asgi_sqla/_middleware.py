@@ -21,6 +21,7 @@ from ._errors import CommitFailedError, ConfigurationError
 from ._lifespan import LifespanRelay
 from ._routes import PathPatterns, ReplayableBody, backoff
 from ._session import is_conflict
+from ._stats import report, server_timing
 from ._types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["SQLAlchemyMiddleware"]
@@ -65,6 +66,9 @@ class SQLAlchemyMiddleware:
         doubling), when a serialization failure or deadlock happens before the
         response started and the request body was read in full and is at most
         ``retry_body_limit`` bytes.  Only for handlers that are safe to run again.
+    :param server_timing: Add a ``Server-Timing: db;dur=...;desc="N queries"`` header
+        to responses of requests that used a database, so browsers' developer tools
+        show it; turns statistics on for the databases (see ``Database(stats=...)``).
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class SQLAlchemyMiddleware:
         retry_attempts: int = 3,
         retry_body_limit: int = 64 * 1024,
         retry_backoff: float = 0.01,
+        server_timing: bool = False,
     ) -> None:
         if not databases:
             raise ConfigurationError(
@@ -110,6 +115,10 @@ class SQLAlchemyMiddleware:
         self._retry_attempts = retry_attempts
         self._retry_body_limit = retry_body_limit
         self._retry_backoff = float(retry_backoff)
+        self._server_timing = server_timing
+        if server_timing:
+            for db in databases:
+                db._track_stats()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
@@ -119,6 +128,7 @@ class SQLAlchemyMiddleware:
                 await self._serve_retrying(scope, receive, send)
                 return
             relay = _HTTPRelay(self.databases, receive, send, self._retry_after_header)
+            relay.server_timing = self._server_timing
         elif scope_type == "websocket":
             relay = _WebSocketRelay(self.databases, receive, send)
         elif scope_type == "lifespan":
@@ -172,6 +182,8 @@ class SQLAlchemyMiddleware:
         finally:
             relay._ended = REQUEST_FINISHED
             _current_context.reset(token)
+            if relay._stats is not None:
+                report(scope, relay)
         if isinstance(relay, _HTTPRelay) and relay.retrying:
             raise _RetryRequest  # the app swallowed the CommitFailedError that stopped it
 
@@ -184,6 +196,7 @@ class SQLAlchemyMiddleware:
         attempt_receive: Receive = body.receive
         for attempt in range(self._retry_attempts + 1):
             relay = _HTTPRelay(self.databases, attempt_receive, send, self._retry_after_header)
+            relay.server_timing = self._server_timing
             if attempt < self._retry_attempts:
                 relay.body = body
             attempt_scope = scope if attempt == 0 else dict(original)
@@ -231,6 +244,7 @@ class _HTTPRelay(SessionContext):
         "failed",
         "receive",
         "retrying",
+        "server_timing",
         "started",
         "unavailable",
     )
@@ -251,6 +265,7 @@ class _HTTPRelay(SessionContext):
         self.unavailable = False  # a 503 was sent because the pool timed out
         self.body: ReplayableBody | None = None  # set when this attempt may be re-run
         self.retrying = False  # this attempt was stopped to be re-run
+        self.server_timing = False  # add a Server-Timing header with the database time
 
     async def send(self, message: Message) -> None:
         if self.failed:
@@ -273,6 +288,8 @@ class _HTTPRelay(SessionContext):
                     logger.warning(_POOL_TIMEOUT, status)
                     message = _unavailable(message, self._retry_after)
                 await self._end_transaction(message["status"])
+            if self.server_timing:
+                message = _with_server_timing(message, self)
             self.started = True
         await self._send(message)
 
@@ -406,6 +423,14 @@ class _RetryRequest(Exception):
 def _check_number(option: str, value: object, meaning: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigurationError(f"{option} is the number of {meaning}, >= 0, not {value!r}.")
+
+
+def _with_server_timing(start: Message, context: SessionContext) -> Message:
+    """``start`` with a ``Server-Timing`` header, when the request used a database."""
+    header = server_timing(context)
+    if header is None:
+        return start
+    return {**start, "headers": [*start.get("headers", ()), header]}
 
 
 def _unavailable(start: Message, retry_after: tuple[bytes, bytes]) -> Message:

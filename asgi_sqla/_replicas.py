@@ -1,0 +1,303 @@
+"""Read replicas: which engine a read session uses, and when it must use the primary.
+
+``Database(primary_url, replicas=[url, ...])`` keeps one engine per replica beside the
+primary's.  ``db.read_session`` gives the current request a second lazy session, bound
+to a replica chosen round-robin among those not marked down, and the middleware ends it
+with the primary's session (always without committing: it only read).
+
+What goes to the primary instead, through the request's primary session ``db.session``
+(so in its transaction, seeing its uncommitted writes):
+
+* every read once the request has written to the primary (read-your-writes).  Writes
+  are noticed by an engine event on the primary (``before_cursor_execute``), which
+  reads the request's context from the contextvar: any statement that is not a plain
+  ``SELECT`` (DML, DDL, ``SELECT ... FOR UPDATE``, textual SQL that does not start
+  with ``SELECT``, ``SHOW`` or ``SET``) counts as a write, whichever session or
+  connection ran it;
+* statements that lock or write, sent through the read session:
+  ``SELECT ... FOR UPDATE/SHARE``, ``get(..., with_for_update=...)``, and ORM
+  ``insert()``, ``update()``, ``delete()``;
+* everything, when no replica answers.
+
+A replica that fails to connect, or whose pooled connection turns out dead at the read
+session's first statement, is marked down for ``replica_cooldown`` seconds and the
+statement is retried on the next replica, then on the primary: only the first
+statement of a read session is retried, when nothing has been read from it yet.
+Routing happens in the ``AsyncSession`` methods that run statements (``execute``,
+``scalar``, ``scalars``, ``get``, ``get_one``, ``stream``, ``stream_scalars``), where
+the caller's own arguments are at hand; sync code given to ``run_sync`` and lazy loads
+run on the read session's replica as they are.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Callable, Coroutine
+from time import monotonic
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import URL, event
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ._errors import SessionEndedError
+from ._session import GuardedSession
+
+if TYPE_CHECKING:
+    from ._context import SessionContext
+    from ._database import Database
+
+__all__ = ["ReplicaSet", "ReplicaSlot", "read_session", "track_writes"]
+
+logger = logging.getLogger("asgi_sqla")
+
+#: Text statements that do not count as writes: reads and session settings.
+_TEXT_READ = re.compile(r"\s*(SELECT|SHOW|SET)\b", re.IGNORECASE)
+_LOCKING = re.compile(r"\bFOR\s+(NO\s+KEY\s+UPDATE|UPDATE|KEY\s+SHARE|SHARE)\b", re.IGNORECASE)
+
+
+class ReplicaSlot:
+    """The key of a database's read session among a context's sessions.
+
+    It sits beside the ``Database`` keys of the primary sessions, so the middleware
+    ends read sessions with the others, but it never commits.
+    """
+
+    __slots__ = ("db",)
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def __repr__(self) -> str:
+        return f"{self.db!r} read session"
+
+
+class ReplicaSet:
+    """The replica engines of one ``Database``, and which are usable now."""
+
+    __slots__ = ("_down_until", "_turn", "cooldown", "engines", "slot", "urls")
+
+    def __init__(self, db: Database, urls: tuple[URL, ...], cooldown: float) -> None:
+        self.slot = ReplicaSlot(db)
+        self.urls = urls
+        self.cooldown = cooldown
+        self.engines: tuple[AsyncEngine, ...] | None = None
+        self._down_until: dict[AsyncEngine, float] = {}
+        self._turn = 0
+
+    def pick(self, engines: tuple[AsyncEngine, ...]) -> AsyncEngine | None:
+        """The next replica not marked down, round-robin; None when all are down."""
+        count = len(engines)
+        now = monotonic()
+        for offset in range(count):
+            engine = engines[(self._turn + offset) % count]
+            if self._down_until.get(engine, 0.0) <= now:
+                self._turn = (self._turn + offset + 1) % count
+                return engine
+        return None
+
+    def mark_down(self, engine: AsyncEngine, exc: BaseException) -> None:
+        """Leave ``engine`` out for ``cooldown`` seconds, saying why at WARNING."""
+        self._down_until[engine] = monotonic() + self.cooldown
+        logger.warning(
+            "Read replica %s failed (%s); reads skip it for %g s and go to another "
+            "replica, or to the primary.",
+            engine.url.render_as_string(hide_password=True),
+            _describe(exc, engine.url),
+            self.cooldown,
+        )
+
+    def reset(self) -> None:
+        self.engines = None
+        self._down_until.clear()
+        self._turn = 0
+
+
+def _describe(exc: BaseException, url: URL) -> str:
+    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    password = url.password
+    return text.replace(str(password), "***") if password else text
+
+
+def read_session(context: SessionContext, db: Database) -> GuardedSession:
+    """``db``'s read session in ``context``: on a replica, or the primary session."""
+    replicas = db._replicas
+    written = context._written
+    if replicas is None or (written is not None and db in written):
+        return context.session(db)
+    slot = replicas.slot
+    session = context._sessions.get(slot)
+    if session is not None:
+        return session
+    if context._ended is not None:
+        raise SessionEndedError(context._ended)
+    if db not in context._databases:
+        return context.session(db)  # raises the "not managed here" error
+    engine = replicas.pick(db.replica_engines)
+    if engine is None:  # every replica is down: read on the primary
+        return context.session(db)
+    session = db._make_replica_session(engine)
+    session._asgi_sqla_route = (context, db, replicas)
+    context._sessions[slot] = session
+    return session
+
+
+def note_write(context: SessionContext, db: Database) -> None:
+    written = context._written
+    if written is None:
+        context._written = {db}
+    else:
+        written.add(db)
+
+
+def track_writes(engine: AsyncEngine, db: Database) -> None:
+    """Mark the current context as having written to ``db`` when ``engine`` runs a write."""
+    from ._context import _current_context  # here: _context imports this module
+
+    def before_cursor_execute(
+        conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
+    ) -> None:
+        current = _current_context.get()
+        if current is not None and not _is_plain_read(statement, context):
+            note_write(current, db)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", before_cursor_execute)
+
+
+def _is_plain_read(statement: str, context: Any) -> bool:
+    """Whether a statement about to run is a plain read (no write, no row lock)."""
+    if context is None or context.isinsert or context.isupdate or context.isdelete:
+        return False
+    if context.isddl:
+        return False
+    compiled = context.compiled
+    if compiled is None or context.is_text:
+        return _TEXT_READ.match(statement) is not None and _LOCKING.search(statement) is None
+    clause = getattr(compiled, "statement", None)
+    return bool(getattr(clause, "is_select", False)) and not _locks(clause)
+
+
+def _locks(statement: Any) -> bool:
+    """Whether ``statement`` is a SELECT ... FOR UPDATE / FOR SHARE."""
+    return getattr(statement, "_for_update_arg", None) is not None
+
+
+def _needs_primary(statement: Any) -> bool:
+    """Whether a statement given to the read session must run on the primary."""
+    if getattr(statement, "is_dml", False):
+        return True
+    return _locks(statement)
+
+
+class ReplicaSession(GuardedSession):
+    """Mixed into the session class of read sessions: routes statements (see module doc)."""
+
+    #: (context, database, replicas) of a read session; None on a plain session.
+    _asgi_sqla_route: tuple[SessionContext, Database, ReplicaSet] | None = None
+    #: The replica served a statement: no more failing over for this session.
+    _asgi_sqla_connected: bool = False
+    #: Every replica failed: this session's statements run on the primary session.
+    _asgi_sqla_on_primary: bool = False
+
+
+_Method = Callable[..., Coroutine[Any, Any, Any]]
+
+
+def _routed(name: str, needs_primary: Callable[..., bool]) -> _Method:
+    async def routed(self: ReplicaSession, *args: Any, **kwargs: Any) -> Any:
+        replica_method: _Method = getattr(super(ReplicaSession, self), name)
+        route = self._asgi_sqla_route
+        if route is None:
+            return await replica_method(*args, **kwargs)
+        if self._asgi_sqla_ended is not None:
+            raise SessionEndedError(self._asgi_sqla_ended)
+        context, db, replicas = route
+        written = context._written
+        if (
+            self._asgi_sqla_on_primary
+            or (written is not None and db in written)
+            or needs_primary(*args, **kwargs)
+        ):
+            return await getattr(context.session(db), name)(*args, **kwargs)
+        if self._asgi_sqla_connected:
+            return await replica_method(*args, **kwargs)
+        return await _first_read(self, name, replica_method, route, args, kwargs)
+
+    routed.__name__ = name
+    return routed
+
+
+async def _first_read(
+    session: ReplicaSession,
+    name: str,
+    replica_method: _Method,
+    route: tuple[SessionContext, Database, ReplicaSet],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """Run the read session's first statement, failing over to the next replica."""
+    context, db, replicas = route
+    guarded = super(ReplicaSession, session)  # the guarded methods, without routing
+    while True:
+        engine = session.sync_session.bind
+        try:
+            await guarded.connection()
+        except PoolTimeoutError:
+            raise
+        except Exception as exc:  # no connection: refused, timed out, starting up...
+            failure: BaseException = exc
+        else:
+            try:
+                result = await replica_method(*args, **kwargs)
+            except DBAPIError as exc:
+                if not exc.connection_invalidated:
+                    raise
+                failure = exc  # a pooled connection to a replica that went away
+            else:
+                session._asgi_sqla_connected = True
+                return result
+        await guarded.rollback()  # forget the failed connection; nothing was read
+        async_engine = _async_engine(db, engine)
+        if async_engine is not None:
+            replicas.mark_down(async_engine, failure)
+        engines = db.replica_engines
+        following = replicas.pick(engines)
+        if following is None:
+            session._asgi_sqla_on_primary = True
+            return await getattr(context.session(db), name)(*args, **kwargs)
+        session.sync_session.bind = following.sync_engine
+
+
+def _async_engine(db: Database, sync_engine: Any) -> AsyncEngine | None:
+    for engine in db.replica_engines:
+        if engine.sync_engine is sync_engine:
+            return engine
+    return None
+
+
+def _statement_needs_primary(statement: Any, *args: Any, **kwargs: Any) -> bool:
+    return _needs_primary(statement)
+
+
+def _get_needs_primary(*args: Any, with_for_update: Any = None, **kwargs: Any) -> bool:
+    return bool(with_for_update)
+
+
+for _name, _check in (
+    ("execute", _statement_needs_primary),
+    ("scalar", _statement_needs_primary),
+    ("stream", _statement_needs_primary),
+    ("get", _get_needs_primary),
+    ("get_one", _get_needs_primary),
+):
+    setattr(ReplicaSession, _name, _routed(_name, _check))
+# scalars() and stream_scalars() call execute() and stream(): routed there.
+
+
+@functools.cache
+def replica_class(cls: type[GuardedSession]) -> type[GuardedSession]:
+    """The read-session class for ``cls``, the guarded class of the primary sessions."""
+    return type(f"Replica{cls.__name__}", (ReplicaSession, cls), {})

@@ -1,0 +1,191 @@
+"""What a request did to the database: statements, time, connection hold, outcome.
+
+Off by default.  When a ``Database`` tracks statistics, SQLAlchemy engine and pool
+events count each statement and time each connection checkout; the numbers go to the
+``SessionContext`` of the request the event runs in (SQLAlchemy runs its sync code in
+the calling task's context, so the contextvar is there).  With tracking off, no event
+is registered and the request path only checks one attribute for ``None``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from time import perf_counter
+from typing import TYPE_CHECKING, Any, Literal
+
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+if TYPE_CHECKING:
+    from ._context import SessionContext
+    from ._database import Database
+    from ._types import Scope
+
+__all__ = ["PoolStatus", "RequestStats"]
+
+logger = logging.getLogger("asgi_sqla")
+
+Outcome = Literal["none", "committed", "rolled back", "commit failed"]
+
+_STARTED = "asgi_sqla.statement_started"
+_CHECKED_OUT = "asgi_sqla.checked_out"
+
+
+@dataclass
+class RequestStats:
+    """One database's share of one request (or websocket, or ``db.scope()``)."""
+
+    #: Statements sent to the database, failed ones included.
+    statements: int = 0
+    #: Seconds spent waiting for those statements.
+    duration: float = 0.0
+    #: Seconds a connection was checked out from the pool for this request.
+    held: float = 0.0
+    #: How the last transaction ended: committed, rolled back or failed to commit.
+    outcome: Outcome = "none"
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    """A snapshot of a connection pool, for health endpoints and metrics."""
+
+    #: Connections the pool keeps (``pool_size``).
+    size: int
+    #: Connections currently checked out by requests.
+    checked_out: int
+    #: Connections idle in the pool.
+    checked_in: int
+    #: Connections open beyond ``size`` (negative while the pool is still filling).
+    overflow: int
+
+
+def instrument(engine: AsyncEngine, db: Database) -> None:
+    """Register the events that feed ``RequestStats`` for ``db`` on ``engine``."""
+    from ._context import _current_context  # _context imports this module
+
+    sync_engine = engine.sync_engine
+
+    def before_cursor_execute(conn: Any, *args: Any) -> None:
+        conn.info[_STARTED] = perf_counter()
+
+    def after_cursor_execute(conn: Any, *args: Any) -> None:
+        _count(conn.info.pop(_STARTED, None))
+
+    def handle_error(exception_context: Any) -> None:
+        connection = exception_context.connection
+        if connection is not None:
+            _count(connection.info.pop(_STARTED, None))
+
+    def _count(started: float | None) -> None:
+        context = _current_context.get()
+        if started is None or context is None:
+            return
+        stats = context.stats(db)
+        stats.statements += 1
+        stats.duration += perf_counter() - started
+
+    def checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        context = _current_context.get()
+        if context is not None:
+            record.info[_CHECKED_OUT] = (perf_counter(), context.stats(db))
+
+    def checkin(dbapi_connection: Any, record: Any) -> None:
+        if record is None:
+            return
+        checked_out = record.info.pop(_CHECKED_OUT, None)
+        if checked_out is not None:
+            started, stats = checked_out
+            stats.held += perf_counter() - started
+
+    event.listen(sync_engine, "before_cursor_execute", before_cursor_execute)
+    event.listen(sync_engine, "after_cursor_execute", after_cursor_execute)
+    event.listen(sync_engine, "handle_error", handle_error)
+    event.listen(sync_engine.pool, "checkout", checkout)
+    event.listen(sync_engine.pool, "checkin", checkin)
+
+
+def pool_status(engine: AsyncEngine) -> PoolStatus:
+    pool: Any = engine.sync_engine.pool
+    size = int(pool.size()) if hasattr(pool, "size") else 0
+    checked_out = int(pool.checkedout()) if hasattr(pool, "checkedout") else 0
+    checked_in = int(pool.checkedin()) if hasattr(pool, "checkedin") else 0
+    overflow = int(pool.overflow()) if hasattr(pool, "overflow") else 0
+    return PoolStatus(size, checked_out, checked_in, overflow)
+
+
+def server_timing(context: SessionContext) -> tuple[bytes, bytes] | None:
+    """A ``Server-Timing`` header with the request's database time so far."""
+    all_stats = context._stats
+    if not all_stats:
+        return None
+    duration = sum(s.duration for s in all_stats.values()) * 1000
+    statements = sum(s.statements for s in all_stats.values())
+    noun = "query" if statements == 1 else "queries"
+    value = f'db;dur={duration:.1f};desc="{statements} {noun}"'
+    return (b"server-timing", value.encode())
+
+
+def report(scope: Scope, context: SessionContext) -> None:
+    """Log what the request did: warnings past a database's thresholds, and a DEBUG record.
+
+    The records carry the route, the method and the figures as ``extra`` fields for
+    structured logging; never statements or their parameters.
+    """
+    all_stats = context._stats
+    if not all_stats:
+        return
+    route = _route(scope)
+    method = scope.get("method", "WEBSOCKET")
+    for db, stats in all_stats.items():
+        fields = {
+            "route": route,
+            "method": method,
+            "database": repr(db),
+            "statements": stats.statements,
+            "db_seconds": round(stats.duration, 6),
+            "held_seconds": round(stats.held, 6),
+            "outcome": stats.outcome,
+        }
+        held_limit = db._warn_held
+        if held_limit is not None and stats.held > held_limit:
+            logger.warning(
+                "%s %s held a connection of %r for %.3f s (more than %.3f s).",
+                method,
+                route,
+                db,
+                stats.held,
+                held_limit,
+                extra=fields,
+            )
+        statement_limit = db._warn_statements
+        if statement_limit is not None and stats.statements > statement_limit:
+            logger.warning(
+                "%s %s sent %d statements to %r (more than %d): an N+1 query pattern?",
+                method,
+                route,
+                stats.statements,
+                db,
+                statement_limit,
+                extra=fields,
+            )
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "%s %s: %d statements, %.1f ms in %r, connection held %.1f ms, %s.",
+                method,
+                route,
+                stats.statements,
+                stats.duration * 1000,
+                db,
+                stats.held * 1000,
+                stats.outcome,
+                extra=fields,
+            )
+
+
+def _route(scope: Scope) -> str:
+    # Starlette and FastAPI put the matched route in the scope; its path template
+    # ("/users/{id}") groups requests better than the concrete path.
+    route = scope.get("route")
+    template = getattr(route, "path", None)
+    return template if isinstance(template, str) else str(scope.get("path", ""))
