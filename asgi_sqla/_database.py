@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from sqlalchemy import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+)
 from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 
 from ._context import SCOPE_EXITED, SessionContext, _current_context
@@ -137,6 +142,8 @@ class Database:
         options["class_"] = guarded_class(options.get("class_", AsyncSession))
         self._session_options = options
         self._sessionmaker: async_sessionmaker[GuardedSession] | None = None
+        #: Set by :meth:`_bound_to` (the pytest plugin): sessions join a test's transaction.
+        self._bound_maker: async_sessionmaker[GuardedSession] | None = None
         self._replicas = _replica_set(self, replicas, replica_cooldown)
         self._replica_maker: async_sessionmaker[GuardedSession] | None = None
         self._writes_tracked: AsyncEngine | None = None
@@ -192,6 +199,8 @@ class Database:
         Replicas lag behind the primary: read through :attr:`session` what must be
         current.
         """
+        if self._bound_maker is not None:  # replicas cannot see a test's uncommitted rows
+            return self.session
         return read_session(SessionContext.current(), self)
 
     @property
@@ -220,8 +229,11 @@ class Database:
         """The ``AsyncSession`` of the current request, websocket or ``db.scope()``.
 
         Created on first read; a connection is checked out at its first statement.
-        Raises ``NoSessionContextError`` outside any of these.
+        Raises ``NoSessionContextError`` outside any of these, and ``ConfigurationError``
+        in a thread without an event loop (a sync ``def`` endpoint), where an
+        ``AsyncSession`` cannot be used.
         """
+        _require_asyncio()
         return SessionContext.current().session(self)
 
     async def commit(self) -> None:
@@ -316,10 +328,37 @@ class Database:
 
     def _make_session(self, **options: Any) -> GuardedSession:
         _require_asyncio()
-        maker = self._sessionmaker
+        maker = self._bound_maker or self._sessionmaker
         if maker is None:
             maker = self._sessionmaker = async_sessionmaker(self.engine, **self._session_options)
         return maker(**options)
+
+    @contextmanager
+    def _bound_to(self, connection: AsyncConnection, **session_options: Any) -> Iterator[None]:
+        """Make the sessions opened in the block join ``connection``'s transaction.
+
+        For ``asgi_sqla.pytest_plugin`` only.  The test owns ``connection`` and the
+        transaction begun on it, and rolls that back at the end; every session made
+        meanwhile (:attr:`session`, :meth:`scope`, :meth:`new_session`) is bound to it
+        with ``join_transaction_mode="create_savepoint"``, SQLAlchemy's recipe "Joining
+        a Session into an External Transaction": the app's commits release a SAVEPOINT
+        and its rollbacks roll back to one, as in production, and nothing outlives the
+        test.  ``session_options`` are added to the ``Database``'s own.  While bound,
+        :meth:`dispose` does nothing, so that an app's lifespan driven by the test
+        cannot dispose the engine under the test's connection: the engine is the
+        test's until the block ends.
+        """
+        if self._bound_maker is not None:
+            raise ConfigurationError(f"{self!r} is already bound to a test's transaction.")
+        options = {**self._session_options, **session_options}
+        options["class_"] = guarded_class(options["class_"])
+        self._bound_maker = async_sessionmaker(
+            connection, join_transaction_mode="create_savepoint", **options
+        )
+        try:
+            yield
+        finally:
+            self._bound_maker = None
 
     def _make_replica_session(self, engine: AsyncEngine) -> GuardedSession:
         """A read session bound to the replica ``engine`` (routing: ``_replicas``)."""
@@ -396,7 +435,10 @@ class Database:
 
         The middleware calls this at shutdown; call it yourself at the end of a script
         that used :meth:`scope` without the middleware.  A later use creates a new engine.
+        Does nothing while a test's transaction is bound (``asgi_sqla.pytest_plugin``).
         """
+        if self._bound_maker is not None:
+            return
         replicas = self._replicas
         if replicas is not None and replicas.engines is not None:
             replica_engines = replicas.engines
@@ -472,9 +514,12 @@ def _replica_set(
 
 
 async def _check_two_phase(db: Database, engine: AsyncEngine) -> None:
-    """Fail startup when PostgreSQL refuses PREPARE TRANSACTION (the default)."""
+    """Fail startup when the database cannot run PREPARE TRANSACTION."""
     if engine.dialect.name != "postgresql":
-        return
+        raise DatabaseStartupError(
+            f"two_phase=True needs PostgreSQL (PREPARE TRANSACTION); {db!r} is "
+            f"{engine.dialect.name}."
+        )
     async with engine.connect() as connection:
         value = await connection.exec_driver_sql("SHOW max_prepared_transactions")
         allowed = int(value.scalar_one())

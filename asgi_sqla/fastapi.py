@@ -28,11 +28,13 @@ declares it but runs no statement checks out no connection.
 
 The middleware ends the transaction, so the dependency does not: it is a plain
 ``async def`` (run on the event loop, not in the thread pool), not a dependency with
-``yield``, and it must not be wrapped in one that commits after ``yield``.  In FastAPI
-the code after ``yield`` runs after the response was sent, when the request's session
-has already ended (``SessionEndedError``).  For the same reason a background task, a
-streaming body or the next websocket message reads ``db.session`` again instead of
-keeping the injected session.
+``yield``, and it must not be wrapped in one that commits after ``yield``.  Since
+FastAPI 0.118 the code after ``yield`` runs after the response was sent, when the
+request's session has already ended (``SessionEndedError``).  For the same reason,
+work that runs after the response started (a background task, a streaming body)
+reads ``db.session`` again, for a session of its own, instead of keeping the injected
+one.  In a websocket endpoint the injected session ends at ``accept()``, which waits
+for the client's connect message: use it before accepting, and ``db.session`` after.
 
 This module imports nothing from FastAPI; it is imported only by apps that use it.
 """

@@ -382,3 +382,132 @@ async def open_database(url: str, **options: Any) -> Database:
 async def orphan_child(db: Database) -> None:
     """A write whose statement succeeds but whose COMMIT fails (a deferred foreign key)."""
     await db.session.execute(text("INSERT INTO children (id, parent_id) VALUES (1, 999)"))
+
+
+# -- a PostgreSQL server of one's own: restartable, with a password role ------------------
+#
+# For tests that stop, restart or reconfigure the server (tests/test_soak.py,
+# tests/test_faults.py): the session's shared server must not be disturbed.
+
+
+class DedicatedPostgres:
+    """A throwaway cluster (``_postgres.TemporaryCluster``) that a test may stop and restart.
+
+    ``with DedicatedPostgres() as pg:`` starts it; it is stopped and deleted at the end
+    of the block.  Raises ``_postgres.PostgresUnavailable`` when no server binaries are
+    found.  ``pg.admin`` is the superuser URL (trust authentication, driver-less);
+    :meth:`add_password_role` makes a login role whose connections must give a
+    password, as on a production server.
+    """
+
+    def __init__(self) -> None:
+        import _postgres
+
+        bindir = _postgres.find_bindir()
+        if bindir is None:
+            raise _postgres.PostgresUnavailable(
+                "no PostgreSQL server binaries (initdb, pg_ctl, postgres) found"
+            )
+        self.cluster = _postgres.TemporaryCluster(bindir)
+        self.admin: Any = None
+
+    def __enter__(self) -> DedicatedPostgres:
+        try:
+            self.admin = self.cluster.start()
+        except BaseException:
+            self.cluster.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cluster.stop()
+
+    def _pg_ctl(self, *args: str) -> None:
+        result = self.cluster._run("pg_ctl", *args, "--pgdata", str(self.cluster.data_directory))
+        if result.returncode != 0:
+            log = self.cluster.log_file.read_text(errors="replace")[-4000:]
+            raise RuntimeError(f"pg_ctl {args[0]} failed:\n{result.stdout}{result.stderr}\n{log}")
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (``pg_ctl stop -m MODE``); its data and port are kept."""
+        self._pg_ctl("stop", "--mode", mode, "--wait")
+
+    def start(self) -> None:
+        """Start the stopped server again on the same port; return once it accepts connections."""
+        import time
+
+        import _postgres
+
+        port = f"-p {self.cluster.port}"
+        self._pg_ctl("start", "--wait", "--log", str(self.cluster.log_file), "-o", port)
+        _postgres._wait_until_accepting(self.admin, deadline=time.monotonic() + 30)
+
+    @property
+    def running(self) -> bool:
+        """Whether the server is up (it has a ``postmaster.pid``)."""
+        return bool((self.cluster.data_directory / "postmaster.pid").exists())
+
+    def restart(self, mode: str = "fast") -> None:
+        """Stop the server and start it again: every connection to it is lost."""
+        self.stop(mode)
+        self.start()
+
+    def add_password_role(self, role: str, password: str) -> Any:
+        """Create ``role`` (LOGIN, that password) and a database of the same name it owns.
+
+        A ``pg_hba.conf`` line is put first so that this role's TCP connections must
+        authenticate with scram-sha-256 (other roles keep trust); returns once a wrong
+        password is refused.  Returns the driver-less URL of the role's database,
+        password included.
+        """
+        import time
+
+        import psycopg
+
+        import _postgres
+
+        with _postgres.connect(self.admin) as conn:
+            conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")  # type: ignore[arg-type]
+            conn.execute(f"CREATE DATABASE {role} OWNER {role} TEMPLATE template0")  # type: ignore[arg-type]
+            hba = self.cluster.data_directory / "pg_hba.conf"
+            hba.write_text(f"host all {role} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+            conn.execute("SELECT pg_reload_conf()")
+        url = self.admin.set(username=role, password=password, database=role)
+        deadline = time.monotonic() + 10
+        while True:  # the reload is asynchronous: wait until it took effect
+            try:
+                _postgres.connect(url.set(password="not-" + password)).close()
+            except psycopg.OperationalError as exc:
+                if "password authentication failed" in str(exc):
+                    return url
+                raise
+            if time.monotonic() > deadline:
+                raise AssertionError("pg_hba.conf reload did not take effect")
+            time.sleep(0.02)  # polling the server, bounded by the deadline
+
+    def backends(self, database: str) -> list[tuple[int, str | None, str]]:
+        """``(pid, state, query)`` of every client backend connected to ``database``."""
+        import _postgres
+
+        with _postgres.connect(self.admin) as conn:
+            rows = conn.execute(
+                "SELECT pid, state, query FROM pg_stat_activity "
+                "WHERE datname = %s AND backend_type = 'client backend'",
+                (database,),
+            )
+            return [(int(pid), state, query) for pid, state, query in rows]
+
+
+def postgres_unavailable(reason: str) -> Any:
+    """Skip the test for want of PostgreSQL, or fail it when ``CI`` is ``true`` or ``1``.
+
+    Like ``conftest.py`` does for the shared server, for fixtures that start their own
+    (:class:`DedicatedPostgres`).
+    """
+    import os
+
+    import pytest
+
+    if os.environ.get("CI", "").strip().lower() in {"true", "1"}:
+        pytest.fail(f"{reason}; CI is set, so PostgreSQL tests must not be skipped", pytrace=False)
+    pytest.skip(f"PostgreSQL unavailable: {reason}")

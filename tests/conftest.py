@@ -162,3 +162,29 @@ def pg_admin(postgres_database: URL) -> Iterator[psycopg.Connection[TupleRow]]:
         yield conn
     finally:
         conn.close()  # unlike leaving a `with` block, fine if the test killed its backend
+
+
+@pytest.fixture(
+    scope="module",
+    params=["sqlite", pytest.param("asyncpg", marks=pytest.mark.postgresql, id="asyncpg")],
+)
+def module_database_url(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """Like ``database_url``, but one database for a whole module (ids ``sqlite``, ``asyncpg``).
+
+    For modules that start a server process once and send it many requests: the tests
+    share the database, so each must write rows it can tell apart (unique keys).
+    ``sqlite`` -> a file in a module temp directory; ``asyncpg`` -> a new PostgreSQL
+    database, dropped ``WITH (FORCE)`` after the module.
+    """
+    driver: str = request.param
+    if driver == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('module-db') / 'test.db'}"
+        return
+    factory: _postgres.DatabaseFactory = request.getfixturevalue("_postgres_databases")
+    database = factory.create()
+    try:
+        yield _async_url(database, driver)
+    finally:
+        factory.drop(database)
