@@ -1,0 +1,642 @@
+"""Quart: ``examples/quart_app.py`` in real servers, and Quart's own habits in-process.
+
+The example runs once per (database, server) pair: ``module_database_url`` (SQLite,
+PostgreSQL through asyncpg) times uvicorn, hypercorn and granian, in a process started
+by ``tests/_servers.py``.  The tests talk to it over HTTP and websockets and read the
+committed rows through a connection of their own.  They share the database, so each
+writes texts no other test writes.  The last server test stops the server.
+
+The in-process tests pin down what Quart does differently from Starlette (background
+tasks that start at once, websocket messages read ahead, errors and disconnects that
+end a websocket "normally", a lifespan that keeps waiting after ``startup.failed``)
+and check that ``asgi_sqla.quart`` keeps the package's promises there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from httpx_ws import WebSocketDisconnect, connect_ws
+from quart import Quart, websocket
+from sqlalchemy import URL, event, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from asgi_sqla import ConfigurationError, Database, SQLAlchemyMiddleware
+from asgi_sqla._types import Message, Scope
+from asgi_sqla.quart import add_background_task, init_app
+
+from _helpers import (
+    add_key,
+    call_http,
+    checked_out,
+    eventually,
+    keys,
+    open_database,
+    orphan_child,
+    query,
+    server_backends,
+    server_logging_env,
+    server_reported_an_app_error,
+    websocket_scope,
+)
+from _servers import SERVERS, Server, serve, server_available
+
+pytestmark = pytest.mark.anyio
+
+TARGET = "examples.quart_app:app"
+COMMIT_FAILED = "ERROR asgi_sqla: The transaction failed to commit"
+
+
+@pytest.fixture(scope="module", params=SERVERS)
+def server(
+    request: pytest.FixtureRequest,
+    module_database_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Server]:
+    name: str = request.param
+    if not server_available(name):
+        pytest.skip(f"{name} is not installed")
+    env = {
+        "DATABASE_URL": module_database_url,
+        **server_logging_env(tmp_path_factory.mktemp(f"quart-{name}")),
+    }
+    with serve(TARGET, name, env=env, ready_path="/notes") as running:
+        yield running
+
+
+@pytest.fixture
+def client(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        yield client
+
+
+def unique(label: str) -> str:
+    return f"{label}-{uuid.uuid4().hex[:12]}"
+
+
+def notes_with_text(url: str, text: str) -> int:
+    return int(query(url, f"SELECT count(*) FROM notes WHERE text = '{text}'")[0][0])
+
+
+def events(url: str) -> list[str]:
+    return [message for (message,) in query(url, "SELECT message FROM events")]
+
+
+def event_mentions(url: str, text: str) -> bool:
+    return any(text in message for message in events(url))
+
+
+def no_transaction_left_open(url: str) -> bool:
+    """True at once on SQLite; on PostgreSQL once no backend is idle in a transaction."""
+    if not url.startswith("postgresql"):
+        return True
+    return eventually(lambda: all(state == "idle" for _, state, _ in server_backends(url)))
+
+
+# --- The example in real servers -------------------------------------------------------
+
+
+def test_a_created_note_is_committed_before_its_201_arrives(
+    client: httpx.Client, module_database_url: str
+) -> None:
+    text = unique("created")
+
+    response = client.post("/notes", json={"text": text})
+
+    assert response.status_code == 201, response.text
+    assert response.json()["text"] == text
+    # Read as soon as the status arrived: the commit happened before it was sent.
+    assert notes_with_text(module_database_url, text) == 1
+    assert no_transaction_left_open(module_database_url)
+
+
+def test_the_background_task_records_the_note_after_the_commit_with_its_own_session(
+    client: httpx.Client, module_database_url: str
+) -> None:
+    text = unique("background")
+
+    response = client.post("/notes", json={"text": text})
+
+    assert response.status_code == 201
+    expected = f"created note {response.json()['id']}: {text}"
+    assert eventually(lambda: expected in events(module_database_url))
+    assert no_transaction_left_open(module_database_url)
+
+
+def test_abort_400_rolls_back_the_note_and_its_background_task_never_runs(
+    client: httpx.Client, module_database_url: str
+) -> None:
+    after = unique("after-blank")
+
+    response = client.post("/notes", json={"text": "   "})
+
+    assert response.status_code == 400
+    assert "text must not be empty" in response.text
+    assert notes_with_text(module_database_url, "   ") == 0
+    # A later note's task runs; the aborted request's task was dropped, not delayed.
+    assert client.post("/notes", json={"text": after}).status_code == 201
+    assert eventually(lambda: event_mentions(module_database_url, after))
+    blank_events = [
+        m for m in events(module_database_url) if re.fullmatch(r"created note \d+: *", m)
+    ]
+    assert blank_events == []
+    assert no_transaction_left_open(module_database_url)
+
+
+def test_a_reply_to_a_missing_note_fails_at_commit_and_the_client_gets_500_not_201(
+    client: httpx.Client, server: Server, module_database_url: str
+) -> None:
+    failed, after = unique("orphan"), unique("after-orphan")
+    log_start = len(server.log)
+
+    response = client.post("/notes", json={"text": failed, "parent_id": 999_999_999})
+
+    assert response.status_code == 500
+    assert response.text == "Internal Server Error"
+    assert notes_with_text(module_database_url, failed) == 0
+    log = server.log[log_start:]
+    assert COMMIT_FAILED in log
+    assert "instead of the app's 201 response" in log
+    assert "IntegrityError" in log or "ForeignKeyViolation" in log
+    # The server carries on; the next note's background task runs, the failed one's
+    # never does (it was dropped when the commit failed, before this request).
+    assert client.post("/notes", json={"text": after}).status_code == 201
+    assert eventually(lambda: event_mentions(module_database_url, after))
+    assert not event_mentions(module_database_url, failed)
+    # The server saw a valid message sequence and no exception: it reports nothing.
+    assert not server_reported_an_app_error(server.log[log_start:]), server.log[log_start:]
+    assert no_transaction_left_open(module_database_url)
+
+
+def test_an_error_raised_halfway_through_a_batch_rolls_back_the_notes_before_it(
+    client: httpx.Client, server: Server, module_database_url: str
+) -> None:
+    first, after = unique("batch-first"), unique("after-batch")
+    log_start = len(server.log)
+
+    response = client.post("/notes/batch", json=[{"text": first}, {"text": "x" * 501}])
+
+    # Quart's error handling logs the IntegrityError and answers 500: the status rolls back.
+    assert response.status_code == 500
+    assert notes_with_text(module_database_url, first) == 0
+    assert "Exception on request POST /notes/batch" in server.log[log_start:]
+    assert client.post("/notes", json={"text": after}).status_code == 201
+    assert eventually(lambda: event_mentions(module_database_url, after))
+    assert not event_mentions(module_database_url, first)
+    assert no_transaction_left_open(module_database_url)
+
+
+def test_abort_404_answers_a_missing_note(client: httpx.Client) -> None:
+    response = client.get("/notes/999999999")
+
+    assert response.status_code == 404
+    assert "note 999999999 does not exist" in response.text
+
+
+def test_the_streamed_export_reads_and_writes_with_a_session_opened_after_the_start(
+    client: httpx.Client, module_database_url: str
+) -> None:
+    text = unique("exported")
+    assert client.post("/notes", json={"text": text}).status_code == 201
+
+    with client.stream("GET", "/notes/export") as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/x-ndjson"
+        lines = [json.loads(line) for line in response.iter_lines() if line]
+
+    assert text in [line["text"] for line in lines]
+    # The export's own session commits its event when the app returns.
+    expected = f"exported {len(lines)} notes"
+    assert eventually(lambda: expected in events(module_database_url))
+    assert no_transaction_left_open(module_database_url)
+
+
+def test_a_websocket_commits_each_message_while_the_handler_waits_for_the_next(
+    client: httpx.Client, server: Server, module_database_url: str
+) -> None:
+    first, second = unique("ws-1"), unique("ws-2")
+
+    with connect_ws(f"{server.url}/ws", client) as socket:
+        socket.send_json({"text": first})
+        assert socket.receive_json()["text"] == first
+        # No next message: Quart's reader is already waiting for one, but the handler's
+        # receive() commits first, so the idle socket holds no transaction.
+        assert eventually(lambda: notes_with_text(module_database_url, first) == 1)
+        assert no_transaction_left_open(module_database_url)
+        # The note's background task was held back until that commit.
+        assert eventually(lambda: event_mentions(module_database_url, first))
+        socket.send_json({"text": second})
+        assert socket.receive_json()["text"] == second
+        assert eventually(lambda: notes_with_text(module_database_url, second) == 1)
+
+
+def test_a_websocket_message_whose_commit_fails_closes_the_socket_with_1011(
+    client: httpx.Client, server: Server, module_database_url: str
+) -> None:
+    orphan = unique("ws-orphan")
+    log_start = len(server.log)
+
+    with connect_ws(f"{server.url}/ws", client) as socket:
+        socket.send_json({"text": orphan, "parent_id": 999_999_999})
+        assert socket.receive_json()["text"] == orphan  # the INSERT passed
+        # The handler's next receive() commits; the deferred foreign key fails it.
+        with pytest.raises(WebSocketDisconnect) as closed:
+            socket.receive_json()
+
+    assert closed.value.code == 1011
+    assert notes_with_text(module_database_url, orphan) == 0
+    assert eventually(lambda: COMMIT_FAILED in server.log[log_start:])
+    assert "closed with 1011" in server.log[log_start:]
+    assert not event_mentions(module_database_url, orphan)
+    assert no_transaction_left_open(module_database_url)
+
+
+def test_sigint_stops_the_server_cleanly_after_disposing_the_engine(
+    server: Server, module_database_url: str
+) -> None:
+    # Keep this test last among the server tests: it stops the module's server.
+    server.process.send_signal(signal.SIGINT)
+    returncode = server.process.wait(timeout=20)
+    log = server.log
+
+    assert returncode == 0, log
+    # Logged by the pool itself (see server_logging_env): disposed, not merely dropped.
+    assert "INFO sqlalchemy.pool.impl.AsyncAdaptedQueuePool: Pool disposed" in log, log
+    if module_database_url.startswith("postgresql"):
+        assert eventually(lambda: server_backends(module_database_url) == [])
+
+
+# --- A failed startup in real servers -------------------------------------------------
+
+#: How each server exits when the app answers ``lifespan.startup.failed``: hypercorn
+#: logs the failure but exits with 0.
+STARTUP_FAILED_EXIT_CODES = {"uvicorn": 3, "hypercorn": 0, "granian": 1}
+
+
+@pytest.mark.parametrize("name", SERVERS)
+def test_when_quarts_own_startup_fails_the_server_exits_although_quart_keeps_waiting(
+    name: str, tmp_path: Path
+) -> None:
+    # The database answers (a read-only SQLite file), but creating the tables in the
+    # app's before_serving fails: Quart sends lifespan.startup.failed and goes back to
+    # receive(), waiting for a message the server will not send.
+    if not server_available(name):
+        pytest.skip(f"{name} is not installed")
+    path = tmp_path / "read-only.db"
+    path.touch()
+    env = {
+        "DATABASE_URL": f"sqlite+aiosqlite:///file:{path}?mode=ro&uri=true",
+        **server_logging_env(tmp_path),
+    }
+
+    with (
+        pytest.raises(RuntimeError, match=r"exited with (-?\d+)") as failed,
+        serve(TARGET, name, env=env, ready_path="/notes", startup_timeout=15),
+    ):
+        pass
+
+    log = str(failed.value)
+    exit_code = re.search(r"exited with (-?\d+)", log)
+    assert exit_code is not None
+    assert int(exit_code.group(1)) == STARTUP_FAILED_EXIT_CODES[name], log
+    assert "readonly database" in log
+    # The middleware disposed the engine when Quart's startup.failed went through.
+    assert "INFO sqlalchemy.pool.impl.AsyncAdaptedQueuePool: Pool disposed" in log
+
+
+# --- Quart's habits, in-process --------------------------------------------------------
+
+
+@pytest.fixture(params=["sqlite", pytest.param("asyncpg", marks=pytest.mark.postgresql)])
+def in_process_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh database per test, SQLite or PostgreSQL through asyncpg.
+
+    What is under test here is the framework's way of calling the app, not the driver:
+    two backends are enough (``database_url`` would add psycopg).
+    """
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
+    database: URL = request.getfixturevalue("postgres_database")
+    return database.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+
+
+@pytest.fixture
+async def db(in_process_url: str) -> AsyncIterator[Database]:
+    database = await open_database(in_process_url)
+    yield database
+    await database.dispose()
+
+
+async def wait_for_background_tasks(app: Quart) -> None:
+    with anyio.fail_after(10):
+        await asyncio.gather(*app.background_tasks)
+
+
+async def test_quarts_own_background_task_starts_at_once_and_shares_the_requests_session(
+    db: Database,
+) -> None:
+    # Why asgi_sqla.quart exists: app.add_background_task creates the task right away,
+    # in a copy of the request's context.  It runs while the request is still going
+    # and gets the request's own session, whose fate the response's status decides.
+    app = Quart(__name__)
+    seen: list[AsyncSession] = []
+    task_ran = anyio.Event()
+
+    async def task() -> None:
+        seen.append(db.session)
+        await add_key(db, "from-the-task")
+        task_ran.set()
+
+    @app.post("/")
+    async def handler() -> tuple[str, int]:
+        seen.append(db.session)
+        app.add_background_task(task)
+        await task_ran.wait()  # the request is still running
+        return "refused", 409
+
+    app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, db)  # type: ignore[method-assign]
+
+    recorder = await call_http(app, "/", method="POST")
+    await wait_for_background_tasks(app)
+
+    assert recorder.status == 409
+    assert seen[0] is seen[1]
+    # The task's write was the request's, and the 409 rolled it back.
+    assert await keys(db) == set()
+    assert checked_out(db) == 0
+
+
+async def test_add_background_task_runs_after_the_response_with_a_session_of_its_own(
+    db: Database,
+) -> None:
+    app = Quart(__name__)
+    sent: list[Message] = []
+    seen: dict[str, Any] = {}
+
+    async def task(key: str) -> None:
+        seen["sent when the task started"] = [message["type"] for message in sent]
+        seen["task session"] = db.session
+        await add_key(db, key)
+
+    @app.post("/")
+    async def handler() -> tuple[str, int]:
+        await add_key(db, "request")
+        seen["request session"] = db.session
+        add_background_task(task, key="task")
+        return "created", 201
+
+    app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, db)  # type: ignore[method-assign]
+    init_app(app)
+
+    recorder = await call_http(app, "/", method="POST", on_send=sent.append)
+    await wait_for_background_tasks(app)
+
+    assert recorder.status == 201
+    assert seen["sent when the task started"][0] == "http.response.start"
+    assert seen["sent when the task started"][-1] == "http.response.body"
+    assert sent[-1]["more_body"] is False
+    assert seen["task session"] is not seen["request session"]
+    assert await keys(db) == {"request", "task"}
+    assert checked_out(db) == 0
+
+
+async def test_add_background_task_never_runs_after_a_failed_commit(db: Database) -> None:
+    app = Quart(__name__)
+    started: list[str] = []
+
+    async def task() -> None:
+        started.append("task")
+        await add_key(db, "task")
+
+    @app.post("/")
+    async def handler() -> tuple[str, int]:
+        await add_key(db, "request")
+        await orphan_child(db)  # passes now, fails at COMMIT
+        add_background_task(task)
+        return "created", 201
+
+    app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, db)  # type: ignore[method-assign]
+    init_app(app)
+
+    recorder = await call_http(app, "/", method="POST")
+    await wait_for_background_tasks(app)
+
+    assert recorder.status == 500
+    assert recorder.types() == ["http.response.start", "http.response.body"]
+    assert started == []
+    assert await keys(db) == set()
+    assert checked_out(db) == 0
+
+
+async def test_add_background_task_without_init_app_says_to_call_it() -> None:
+    db = Database("sqlite+aiosqlite://")  # never connected: the error comes first
+    app = Quart(__name__)
+    errors: list[Exception] = []
+
+    @app.get("/")
+    async def handler() -> str:
+        try:
+            add_background_task(print)
+        except ConfigurationError as exc:
+            errors.append(exc)
+        return "ok"
+
+    app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, db)  # type: ignore[method-assign]
+
+    assert (await call_http(app, "/")).status == 200
+    assert "asgi_sqla.quart.init_app(app)" in str(errors[0])
+
+
+def test_init_app_without_the_middleware_asks_for_the_databases() -> None:
+    with pytest.raises(ConfigurationError, match=r"init_app\(app, db\)"):
+        init_app(Quart(__name__))
+
+
+class WebsocketClient:
+    """Drives one websocket connection of an ASGI app: a client whose messages we script."""
+
+    def __init__(self, app: Any, scope: Scope) -> None:
+        self.app = app
+        self.scope = scope
+        self._incoming: asyncio.Queue[Message] = asyncio.Queue()
+        self._sent: asyncio.Queue[Message] = asyncio.Queue()
+        self._incoming.put_nowait({"type": "websocket.connect"})
+
+    async def run(self) -> None:
+        await self.app(self.scope, self._incoming.get, self._sent.put)
+
+    def send_text(self, text: str) -> None:
+        self._incoming.put_nowait({"type": "websocket.receive", "text": text})
+
+    def disconnect(self) -> None:
+        self._incoming.put_nowait({"type": "websocket.disconnect", "code": 1001})
+
+    async def next_sent(self) -> Message:
+        with anyio.fail_after(10):
+            return await self._sent.get()
+
+
+def websocket_app(db: Database, *, adapter: bool, handler_written: anyio.Event) -> Quart:
+    """A Quart websocket that writes each message as a key, then raises or hangs on request."""
+    app = Quart(__name__)
+
+    @app.websocket("/ws")
+    async def handler() -> None:
+        while True:
+            text = await websocket.receive()
+            assert isinstance(text, str)
+            key, _, then = text.partition(":")
+            await add_key(db, key)
+            if then == "raise":
+                raise RuntimeError(f"failed after writing {key}")
+            if then == "hang":
+                handler_written.set()
+                await anyio.sleep_forever()  # until the disconnect cancels it
+            await websocket.send(key)
+
+    app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, db)  # type: ignore[method-assign]
+    if adapter:
+        init_app(app)
+    return app
+
+
+@pytest.mark.parametrize(
+    ("adapter", "committed"), [(False, {"kept", "half-done"}), (True, {"kept"})]
+)
+async def test_a_websocket_handler_that_raises_after_a_write_rolls_it_back_with_init_app(
+    db: Database, adapter: bool, committed: set[str]
+) -> None:
+    # Quart logs the handler's error and closes the socket normally (1000): without
+    # init_app the middleware takes that for success and commits the half-done message.
+    app = websocket_app(db, adapter=adapter, handler_written=anyio.Event())
+    client = WebsocketClient(app, websocket_scope(scheme="ws"))
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(client.run)
+        assert (await client.next_sent())["type"] == "websocket.accept"
+        client.send_text("kept")
+        assert (await client.next_sent())["text"] == "kept"
+        client.send_text("half-done:raise")
+        assert await client.next_sent() == {"type": "websocket.close", "code": 1000}
+        client.disconnect()
+
+    assert await keys(db) == committed
+    assert checked_out(db) == 0
+
+
+@pytest.mark.parametrize(
+    ("adapter", "committed"), [(False, {"kept", "half-done"}), (True, {"kept"})]
+)
+async def test_a_websocket_handler_cancelled_by_a_disconnect_rolls_back_with_init_app(
+    db: Database, adapter: bool, committed: set[str]
+) -> None:
+    # Quart cancels the handler when the client goes away, then returns normally.
+    written = anyio.Event()
+    app = websocket_app(db, adapter=adapter, handler_written=written)
+    client = WebsocketClient(app, websocket_scope(scheme="ws"))
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(client.run)
+        assert (await client.next_sent())["type"] == "websocket.accept"
+        client.send_text("kept")
+        assert (await client.next_sent())["text"] == "kept"
+        client.send_text("half-done:hang")
+        with anyio.fail_after(10):
+            await written.wait()
+        client.disconnect()
+
+    assert await keys(db) == committed
+    assert checked_out(db) == 0
+
+
+async def test_without_init_app_an_idle_quart_websocket_keeps_its_transaction_open(
+    db: Database,
+) -> None:
+    # Quart's reader task is already in receive() when the handler writes, so the
+    # middleware's commit-on-receive only happens when the next message arrives.
+    app = websocket_app(db, adapter=False, handler_written=anyio.Event())
+    client = WebsocketClient(app, websocket_scope(scheme="ws"))
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(client.run)
+        assert (await client.next_sent())["type"] == "websocket.accept"
+        client.send_text("first")
+        assert (await client.next_sent())["text"] == "first"
+        # The handler is back in receive(), waiting: nothing ends its transaction.
+        idle_checked_out = checked_out(db)
+        committed_while_idle = await keys(db)
+        client.disconnect()
+
+    assert idle_checked_out == 1
+    assert committed_while_idle == set()
+    assert await keys(db) == {"first"}  # committed when the app returned
+    assert checked_out(db) == 0
+
+
+async def test_with_init_app_an_idle_quart_websocket_holds_no_connection(db: Database) -> None:
+    app = websocket_app(db, adapter=True, handler_written=anyio.Event())
+    client = WebsocketClient(app, websocket_scope(scheme="ws"))
+    checked_in = anyio.Event()
+    event.listen(db.engine.sync_engine, "checkin", lambda *args: checked_in.set())
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(client.run)
+        assert (await client.next_sent())["type"] == "websocket.accept"
+        client.send_text("first")
+        assert (await client.next_sent())["text"] == "first"
+        # The reply went out before the handler's next receive(), which commits.
+        with anyio.fail_after(10):
+            await checked_in.wait()
+        idle_checked_out = checked_out(db)
+        committed_while_idle = await keys(db)
+        client.disconnect()
+
+    assert idle_checked_out == 0
+    assert committed_while_idle == {"first"}
+    assert checked_out(db) == 0
+
+
+async def test_quarts_failed_startup_reaches_the_server_once_and_disposes_the_engine(
+    db: Database,
+) -> None:
+    # Quart answers a failing before_serving with lifespan.startup.failed, then goes
+    # back to receive() and waits; the server is expected to give up on it.
+    app = Quart(__name__)
+
+    @app.before_serving
+    async def fail() -> None:
+        async with db.scope() as session:
+            await session.execute(text("SELECT 1"))
+        raise RuntimeError("no config")
+
+    app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, db)  # type: ignore[method-assign]
+    incoming: asyncio.Queue[Message] = asyncio.Queue()
+    sent: list[Message] = []
+    engine_at_failure: list[object] = []
+    answered = anyio.Event()
+
+    async def send(message: Message) -> None:
+        engine_at_failure.append(db._engine)
+        sent.append(message)
+        answered.set()
+
+    incoming.put_nowait({"type": "lifespan.startup"})
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(app, {"type": "lifespan", "asgi": {"version": "3.0"}}, incoming.get, send)
+        with anyio.fail_after(10):
+            await answered.wait()
+        # Quart is waiting in receive() again; a server cancels it when it exits.
+        tasks.cancel_scope.cancel()
+
+    assert sent == [{"type": "lifespan.startup.failed", "message": "no config"}]
+    assert engine_at_failure == [None]  # disposed before the failure was forwarded
