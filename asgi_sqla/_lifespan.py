@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from ._database import Database
-from ._types import ASGIApp, Message, Receive, Scope, Send
+from ._types import AnyASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("asgi_sqla")
 
@@ -42,7 +42,7 @@ class LifespanRelay:
 
     def __init__(
         self,
-        app: ASGIApp,
+        app: AnyASGIApp,
         databases: tuple[Database, ...],
         scope: Scope,
         receive: Receive,

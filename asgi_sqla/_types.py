@@ -1,9 +1,11 @@
 """ASGI type aliases used throughout the package.
 
-They are the structural aliases Starlette uses rather than ``asgiref.typing``'s
-TypedDicts: a TypedDict scope is not a ``MutableMapping``, so typing the middleware
-with them would make every Starlette, FastAPI or Litestar app fail type-checking
-when it is wrapped.
+Inside the package, scopes and messages are the structural ``MutableMapping`` aliases
+Starlette uses.  At the public edge (the app the middleware wraps, and the
+middleware's own ``__call__``) any ASGI callable is accepted: Starlette and FastAPI
+type scopes as ``MutableMapping``, while Quart, Litestar and ``asgiref.typing`` use
+TypedDicts, which are not ``MutableMapping``s; no single alias satisfies both under
+``mypy --strict``.
 """
 
 from __future__ import annotations
@@ -16,3 +18,5 @@ Message: TypeAlias = MutableMapping[str, Any]
 Receive: TypeAlias = Callable[[], Awaitable[Message]]
 Send: TypeAlias = Callable[[Message], Awaitable[None]]
 ASGIApp: TypeAlias = Callable[[Scope, Receive, Send], Awaitable[None]]
+#: Any framework's ASGI 3 application, whatever its scope and message types.
+AnyASGIApp: TypeAlias = Callable[[Any, Any, Any], Awaitable[None]]

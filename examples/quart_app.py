@@ -110,7 +110,7 @@ class Event(Base):
 
 
 app = Quart(__name__)
-app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, db)
+app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, db)  # type: ignore[method-assign]
 init_app(app)
 
 
