@@ -10,6 +10,7 @@ session they open.  A request that never reads ``db.session`` costs one small ob
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +18,14 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 from ._errors import NoSessionContextError, SessionEndedError
+from ._multidb import (
+    Written,
+    commit_prepared_again,
+    end_read_sessions,
+    log_partial_commit,
+    prepare_writers,
+)
+from ._replicas import ReplicaSlot
 from ._session import GuardedSession, end_session, make_read_only
 from ._stats import RequestStats
 from ._types import Scope
@@ -74,11 +83,23 @@ class SessionContext:
     context was not copied, so that ``db.session`` works there too.
     """
 
-    __slots__ = ("_databases", "_ended", "_manual", "_read_only", "_sessions", "_stats")
+    __slots__ = (
+        "_databases",
+        "_ended",
+        "_manual",
+        "_read_only",
+        "_sessions",
+        "_stats",
+        "_two_phase",
+        "_written",
+    )
 
     def __init__(self, databases: tuple[Database, ...]) -> None:
         self._databases = databases
-        self._sessions: dict[Database, GuardedSession] = {}
+        # Primary sessions under their Database, read sessions under its ReplicaSlot.
+        self._sessions: dict[Database | ReplicaSlot, GuardedSession] = {}
+        self._two_phase = False  # set by SQLAlchemyMiddleware(..., two_phase=True)
+        self._written: set[Database] | None = None  # wrote to these: read them there
         self._ended: str | None = None
         self._read_only = False  # sessions opened from now on are read-only
         self._manual = False  # nothing commits automatically
@@ -127,7 +148,10 @@ class SessionContext:
         if db not in self._databases:
             names = ", ".join(repr(d) for d in (*self._databases, db))
             raise NoSessionContextError(_NOT_MANAGED.format(db=db, names=names))
-        session = self._sessions[db] = db._make_session()
+        if self._two_phase:
+            session = self._sessions[db] = db._make_session(twophase=True)
+        else:
+            session = self._sessions[db] = db._make_session()
         if self._read_only:
             make_read_only(session)
         return session
@@ -163,40 +187,77 @@ class SessionContext:
 
     async def release(self, db: Database, *, commit: bool) -> None:
         """End ``db``'s session now, if there is one; a later read opens a new one."""
+        replicas = db._replicas
+        if replicas is not None:
+            read = self._sessions.pop(replicas.slot, None)
+            if read is not None:
+                await end_session(read, commit=False, reason=RELEASED)
         session = self._sessions.pop(db, None)
         if session is not None:
+            session.sync_session.twophase = False  # one database: a one-phase commit
             await self._end_session(db, session, commit, RELEASED)
 
     async def finish(self, status: int | None, *, reason: str, failed: bool = False) -> None:
         """End every open session: commit where its database's policy allows, else roll back.
 
         ``status`` is the HTTP status the outcome depends on (None: success without
-        one); ``failed`` rolls everything back.  Every session is closed even when a
-        commit fails; the first error is raised afterwards, and later databases are
-        then rolled back rather than committed.
+        one); ``failed`` rolls everything back.  Read sessions are closed first.  The
+        databases then end in the order the request first used them.  Every session is
+        closed even when a commit fails; the first error is raised afterwards, and
+        later databases are then rolled back rather than committed, and an ERROR log
+        names the databases that committed and those that did not.  With two-phase
+        commit, the writers are prepared first, then all committed (see ``_multidb``).
+        A cancellation meanwhile changes no decision: it is re-raised at the end.
         """
-        sessions = self._sessions
-        if not sessions:
+        all_sessions = self._sessions
+        if not all_sessions:
             return
         self._sessions = {}
+        sessions, cancelled = await end_read_sessions(all_sessions, reason)
+        automatic = not (failed or self._manual)
         error: BaseException | None = None
+        failed_db: Database | None = None
+        prepared: dict[Database, Written] = {}
+        if self._two_phase:
+            # Prepares when two databases or more wrote; otherwise only turns the
+            # sessions' twophase flag off, for a plain one-phase commit.  A test's
+            # transaction (asgi_sqla.pytest_plugin) cannot be prepared: one phase.
+            can_prepare = automatic and all(db._bound_maker is None for db in sessions)
+            two_phase = await prepare_writers(
+                sessions, lambda d: can_prepare and d._wants_commit(status), reason
+            )
+            prepared, error, failed_db = two_phase.prepared, two_phase.error, two_phase.failed
+            cancelled = cancelled or two_phase.cancelled
+        prepare_failed = error is not None
         committed: list[Database] = []
+        not_committed: list[Database] = []
         for db, session in sessions.items():
-            commit = not (failed or self._manual) and error is None and db._wants_commit(status)
+            if db in prepared:  # all writers prepared: the decision is to commit them all
+                commit = not prepare_failed
+            else:
+                commit = automatic and error is None and db._wants_commit(status)
+            commit = commit and session._asgi_sqla_rollback_only is None
             try:
                 await self._end_session(db, session, commit, reason)
+            except asyncio.CancelledError as exc:  # the end had finished (run_to_completion)
+                cancelled = exc
             except BaseException as exc:  # collected, then re-raised below
-                if error is None:
-                    error = exc
-                    if committed and isinstance(exc, Exception):
-                        logger.error(
-                            "%r failed to commit after %s had committed.",
-                            db,
-                            ", ".join(repr(d) for d in committed),
-                        )
-            else:
-                if commit:
+                prepared_commit = commit and db in prepared and isinstance(exc, Exception)
+                if prepared_commit and await commit_prepared_again(db, prepared[db]):
                     committed.append(db)
+                    continue
+                if error is None:
+                    error, failed_db = exc, db
+                elif db is not failed_db:
+                    not_committed.append(db)
+                continue
+            if db is not failed_db:
+                (committed if commit else not_committed).append(db)
+        several = len(sessions) > 1
+        if several and isinstance(error, Exception) and failed_db is not None:
+            log_partial_commit(failed_db, committed, not_committed)
+        if cancelled is not None:
+            raise cancelled
         if error is not None:
             raise error
 

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 
 from ._context import SCOPE_EXITED, SessionContext, _current_context
 from ._errors import ConfigurationError, DatabaseStartupError
+from ._multidb import commit_one_phase
 from ._replicas import ReplicaSet, read_session, replica_class, track_writes
 from ._session import (
     ROLLBACK_ONLY,
@@ -233,8 +234,9 @@ class Database:
         in a thread without an event loop (a sync ``def`` endpoint), where an
         ``AsyncSession`` cannot be used.
         """
+        context = SessionContext.current()
         _require_asyncio()
-        return SessionContext.current().session(self)
+        return context.session(self)
 
     async def commit(self) -> None:
         """Commit the current session's transaction now, if there is a session.
@@ -243,7 +245,7 @@ class Database:
         """
         session = self._current_session()
         if session is not None:
-            await run_to_completion(session.commit())
+            await run_to_completion(commit_one_phase(session))
 
     async def rollback(self) -> None:
         """Roll back the current session's transaction now, if there is a session."""

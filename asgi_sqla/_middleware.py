@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -22,7 +22,7 @@ from ._lifespan import LifespanRelay
 from ._routes import PathPatterns, ReplayableBody, backoff
 from ._session import is_conflict
 from ._stats import report, server_timing
-from ._types import ASGIApp, Message, Receive, Scope, Send
+from ._types import AnyASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["SQLAlchemyMiddleware"]
 
@@ -69,11 +69,16 @@ class SQLAlchemyMiddleware:
     :param server_timing: Add a ``Server-Timing: db;dur=...;desc="N queries"`` header
         to responses of requests that used a database, so browsers' developer tools
         show it; turns statistics on for the databases (see ``Database(stats=...)``).
+    :param two_phase: When a request wrote to more than one database, commit them with
+        two-phase commit (PostgreSQL ``PREPARE TRANSACTION`` / ``COMMIT PREPARED``):
+        all or none.  Every database must be PostgreSQL with ``max_prepared_transactions``
+        above 0 (checked at startup).  Without it the databases commit one after the
+        other, in the order the request first used them.
     """
 
     def __init__(
         self,
-        app: ASGIApp,
+        app: AnyASGIApp,
         *databases: Database,
         retry_after: int = 1,
         read_only: Iterable[str] = (),
@@ -83,6 +88,7 @@ class SQLAlchemyMiddleware:
         retry_body_limit: int = 64 * 1024,
         retry_backoff: float = 0.01,
         server_timing: bool = False,
+        two_phase: bool = False,
     ) -> None:
         if not databases:
             raise ConfigurationError(
@@ -119,8 +125,11 @@ class SQLAlchemyMiddleware:
         if server_timing:
             for db in databases:
                 db._track_stats()
+        self._two_phase = _check_two_phase(two_phase, databases)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    # Any-typed so that the middleware can stand wherever a framework's own ASGI type
+    # is expected (``app.asgi_app = SQLAlchemyMiddleware(...)`` in Quart).
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         scope_type = scope["type"]
         relay: _HTTPRelay | _WebSocketRelay
         if scope_type == "http":
@@ -152,6 +161,8 @@ class SQLAlchemyMiddleware:
         This is the per-request hot path: a request that reads no session pays for
         one small object and a contextvar set/reset, nothing more.
         """
+        if self._two_phase:
+            relay._two_phase = True
         scope[SCOPE_KEY] = relay
         token = _current_context.set(relay)
         try:
@@ -418,6 +429,21 @@ async def _send_error_response(
 
 class _RetryRequest(Exception):
     """Raised by one attempt of a ``retry`` route to have the request run again."""
+
+
+def _check_two_phase(two_phase: object, databases: tuple[Database, ...]) -> bool:
+    if not isinstance(two_phase, bool):
+        raise ConfigurationError(f"two_phase is True or False, not {two_phase!r}.")
+    if two_phase:
+        for db in databases:
+            url = db._url
+            if url is not None and url.get_backend_name() != "postgresql":
+                raise ConfigurationError(
+                    f"two_phase=True needs PostgreSQL (PREPARE TRANSACTION); {db!r} is "
+                    f"{url.get_backend_name()}."
+                )
+            db._two_phase_check = True  # startup checks max_prepared_transactions
+    return two_phase
 
 
 def _check_number(option: str, value: object, meaning: str) -> None:

@@ -36,12 +36,12 @@ import logging
 import re
 from collections.abc import Callable, Coroutine
 from time import monotonic
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import URL, event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from ._errors import SessionEndedError
 from ._session import GuardedSession
@@ -88,12 +88,20 @@ class ReplicaSet:
         self._down_until: dict[AsyncEngine, float] = {}
         self._turn = 0
 
-    def pick(self, engines: tuple[AsyncEngine, ...]) -> AsyncEngine | None:
-        """The next replica not marked down, round-robin; None when all are down."""
+    def pick(
+        self, engines: tuple[AsyncEngine, ...], tried: tuple[Any, ...] = ()
+    ) -> AsyncEngine | None:
+        """The next replica not marked down nor ``tried``, round-robin; None if none is left.
+
+        ``tried`` holds the replicas (async engines or their sync engines) that failed
+        the caller already.
+        """
         count = len(engines)
         now = monotonic()
         for offset in range(count):
             engine = engines[(self._turn + offset) % count]
+            if engine in tried or engine.sync_engine in tried:
+                continue
             if self._down_until.get(engine, 0.0) <= now:
                 self._turn = (self._turn + offset + 1) % count
                 return engine
@@ -139,7 +147,7 @@ def read_session(context: SessionContext, db: Database) -> GuardedSession:
     engine = replicas.pick(db.replica_engines)
     if engine is None:  # every replica is down: read on the primary
         return context.session(db)
-    session = db._make_replica_session(engine)
+    session = cast(ReplicaSession, db._make_replica_session(engine))
     session._asgi_sqla_route = (context, db, replicas)
     context._sessions[slot] = session
     return session
@@ -214,7 +222,7 @@ def _routed(name: str, needs_primary: Callable[..., bool]) -> _Method:
             return await replica_method(*args, **kwargs)
         if self._asgi_sqla_ended is not None:
             raise SessionEndedError(self._asgi_sqla_ended)
-        context, db, replicas = route
+        context, db, _ = route
         written = context._written
         if (
             self._asgi_sqla_on_primary
@@ -240,7 +248,9 @@ async def _first_read(
 ) -> Any:
     """Run the read session's first statement, failing over to the next replica."""
     context, db, replicas = route
-    guarded = super(ReplicaSession, session)  # the guarded methods, without routing
+    # The guarded methods, without the routing.
+    guarded = cast(AsyncSession, super(ReplicaSession, session))
+    tried: list[Any] = []
     while True:
         engine = session.sync_session.bind
         try:
@@ -263,8 +273,8 @@ async def _first_read(
         async_engine = _async_engine(db, engine)
         if async_engine is not None:
             replicas.mark_down(async_engine, failure)
-        engines = db.replica_engines
-        following = replicas.pick(engines)
+        tried.append(engine)
+        following = replicas.pick(db.replica_engines, tuple(tried))
         if following is None:
             session._asgi_sqla_on_primary = True
             return await getattr(context.session(db), name)(*args, **kwargs)

@@ -64,7 +64,7 @@ from litestar.background_tasks import BackgroundTask
 from litestar.di import NamedDependency
 from litestar.exceptions import NotFoundException, ValidationException
 from litestar.handlers import websocket_listener
-from litestar.params import FromPath
+from litestar.params import FromPath, JSONBody
 from litestar.response import Stream
 from litestar.serialization import encode_json
 from sqlalchemy import CheckConstraint, ForeignKey, Text, event, select
@@ -148,7 +148,7 @@ async def record_event(message: str) -> None:
 
 @post("/notes")
 async def create_note(
-    data: NoteIn, session: NamedDependency[AsyncSession]
+    data: JSONBody[NoteIn], session: NamedDependency[AsyncSession]
 ) -> Response[dict[str, Any]]:
     note = await add_note(session, data)
     if not note.text.strip():
@@ -163,7 +163,7 @@ async def create_note(
 
 @post("/notes/batch")
 async def create_notes(
-    data: list[NoteIn], session: NamedDependency[AsyncSession]
+    data: JSONBody[list[NoteIn]], session: NamedDependency[AsyncSession]
 ) -> list[dict[str, Any]]:
     # One transaction for the whole list: a note that breaks the CHECK constraint
     # raises IntegrityError halfway, and the notes already inserted are rolled back.

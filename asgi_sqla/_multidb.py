@@ -1,0 +1,271 @@
+"""The end of a request that used several databases: two-phase commit, and its log.
+
+Without two-phase commit the sessions end one after the other, in the order the request
+first used them; once a commit fails, the databases after it are rolled back, and the
+log names which committed and which did not.  The client gets a 500 either way.
+
+With ``SQLAlchemyMiddleware(app, db1, db2, two_phase=True)`` (PostgreSQL only) the
+sessions are made with SQLAlchemy's ``twophase=True``: each one's connection begins a
+``TwoPhaseTransaction`` with a generated xid.  That is SQLAlchemy's own mechanism:
+``Session.prepare()`` flushes and runs ``PREPARE TRANSACTION 'xid'``, and a later
+``commit()`` of the prepared session runs ``COMMIT PREPARED 'xid'`` (``close()`` runs
+``ROLLBACK PREPARED``).  It has to be chosen when the session begins, before the request
+says which databases it will use, but the prepare is only done when it is needed: at
+the end, every session in a transaction is flushed and asked whether it wrote
+(``txid_current_if_assigned()``).  With fewer than two writers nothing is prepared (the
+sessions' ``twophase`` flag is turned off, so they commit in one phase).  Otherwise
+every writer is prepared, in first-use order; if one fails to prepare, all roll back
+(``ROLLBACK PREPARED`` for those already prepared) and nothing is committed.  Once all
+are prepared the decision is to commit, so a ``COMMIT PREPARED`` that fails does not
+stop the others, and is resolved on a new connection: ``txid_status()`` tells whether
+the first attempt committed after all, and a transaction still prepared is committed
+there.  Only one that cannot be committed leaves the request partly saved (500, and an
+ERROR naming the xid to finish by hand).  PostgreSQL refuses ``PREPARE TRANSACTION``
+unless the server's ``max_prepared_transactions`` is above 0 (startup checks it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import TwoPhaseTransaction
+
+from ._replicas import ReplicaSlot
+from ._session import (
+    GuardedSession,
+    _unguarded,
+    _wait_until_idle,
+    end_session,
+    retire,
+    run_to_completion,
+)
+
+if TYPE_CHECKING:
+    from ._database import Database
+
+__all__ = [
+    "TwoPhase",
+    "commit_one_phase",
+    "commit_prepared_again",
+    "end_read_sessions",
+    "log_partial_commit",
+    "prepare_writers",
+]
+
+logger = logging.getLogger("asgi_sqla")
+
+
+async def end_read_sessions(
+    sessions: Mapping[Database | ReplicaSlot, GuardedSession], reason: str
+) -> tuple[dict[Database, GuardedSession], BaseException | None]:
+    """Close the read sessions (they never commit).
+
+    Returns the primary sessions, and a cancellation that arrived meanwhile (the closes
+    finished first), for the caller to re-raise once those are ended too.
+    """
+    primaries: dict[Database, GuardedSession] = {}
+    cancelled: BaseException | None = None
+    for key, session in sessions.items():
+        if isinstance(key, ReplicaSlot):
+            try:
+                await end_session(session, commit=False, reason=reason)
+            except asyncio.CancelledError as exc:  # the close finished; carry on
+                cancelled = exc
+        else:
+            primaries[key] = session
+    return primaries, cancelled
+
+
+@dataclass
+class Written:
+    """A session's transaction, as seen just before the end of the request."""
+
+    xid: str  # SQLAlchemy's two-phase transaction id, for PREPARE TRANSACTION
+    txid: int  # PostgreSQL's transaction id, for txid_status()
+
+
+@dataclass
+class TwoPhase:
+    """What the prepare phase did."""
+
+    #: The prepared databases, in first-use order: these are committed (or all rolled back).
+    prepared: dict[Database, Written] = field(default_factory=dict)
+    #: The error that stopped the prepare phase; nothing is committed then.
+    error: BaseException | None = None
+    failed: Database | None = None
+    #: A cancellation that arrived meanwhile (re-raised once every session has ended).
+    cancelled: BaseException | None = None
+
+
+async def prepare_writers(
+    sessions: Mapping[Database, GuardedSession],
+    wants_commit: Callable[[Database], bool],
+    reason: str,
+) -> TwoPhase:
+    """Prepare every session that wrote, when at least two did (see the module doc)."""
+    outcome = TwoPhase()
+    candidates = [
+        (db, session)
+        for db, session in sessions.items()
+        if wants_commit(db)
+        and session._asgi_sqla_rollback_only is None
+        and session.sync_session.in_transaction()
+    ]
+    writers: list[tuple[Database, GuardedSession, Written]] = []
+    if len(candidates) >= 2:
+        probes: dict[Database, Written | None] = {}
+        for db, session in candidates:
+            retire(session, reason)  # nothing new may start on it from now on
+            try:
+                await run_to_completion(_probe(session, db, probes))
+            except asyncio.CancelledError as exc:  # the probe finished (run_to_completion)
+                outcome.cancelled = exc
+            except BaseException as exc:  # a flush failed: nothing commits
+                outcome.error, outcome.failed = exc, db
+                break
+            written = probes.get(db)
+            if written is not None:
+                writers.append((db, session, written))
+    for session in sessions.values():
+        session.sync_session.twophase = False  # a one-phase commit, unless prepared below
+    if len(writers) < 2 or outcome.error is not None:
+        return outcome
+    for db, session, written in writers:
+        session.sync_session.twophase = True
+        try:
+            await run_to_completion(_unguarded(session).run_sync(_prepare_sync))
+        except asyncio.CancelledError as exc:
+            outcome.cancelled = exc  # the prepare finished (run_to_completion)
+        except BaseException as exc:
+            outcome.error, outcome.failed = exc, db
+            logger.error(
+                "Two-phase commit: %r failed to prepare, so nothing is committed: %s are "
+                "rolled back.",
+                db,
+                _names(d for d, _, _ in writers),
+            )
+            return outcome
+        outcome.prepared[db] = written
+    return outcome
+
+
+async def _probe(
+    session: GuardedSession, db: Database, probes: dict[Database, Written | None]
+) -> None:
+    await _wait_until_idle(session)
+    probes[db] = await _unguarded(session).run_sync(_probe_sync)
+
+
+def _probe_sync(sync_session: Any) -> Written | None:
+    """Flush, then ask PostgreSQL whether the transaction wrote (it has a txid then)."""
+    sync_session.flush()
+    connection = sync_session.connection()
+    txid = connection.exec_driver_sql("SELECT txid_current_if_assigned()").scalar()
+    if txid is None:
+        return None
+    transaction = connection.get_transaction()
+    if not isinstance(transaction, TwoPhaseTransaction):
+        raise RuntimeError("This session's transaction was not begun as a two-phase one.")
+    return Written(xid=str(transaction.xid), txid=int(txid))
+
+
+def _prepare_sync(sync_session: Any) -> None:
+    sync_session.prepare()
+
+
+async def commit_one_phase(session: GuardedSession) -> None:
+    """``session.commit()`` without PREPARE: for an explicit commit of one database.
+
+    The flag is restored afterwards, so the session's next transaction begins as a
+    two-phase one again and can take part in the request's final two-phase commit.
+    """
+    sync_session = session.sync_session
+    if not sync_session.twophase:
+        await session.commit()
+        return
+    sync_session.twophase = False
+    try:
+        await session.commit()
+    finally:
+        sync_session.twophase = True
+
+
+async def commit_prepared_again(db: Database, written: Written) -> bool:
+    """Settle a prepared transaction whose ``COMMIT PREPARED`` failed; True if committed.
+
+    Asks on a new connection: ``txid_status()`` is 'committed' when the first attempt
+    committed before its connection failed, 'in progress' while the transaction is
+    still prepared (it is then committed here), 'aborted' when someone rolled it back.
+    """
+    xid = written.xid.replace("'", "''")
+    try:
+        async with db.engine.connect() as connection:
+            await connection.execution_options(isolation_level="AUTOCOMMIT")
+            status = (
+                await connection.execute(text("SELECT txid_status(:txid)"), {"txid": written.txid})
+            ).scalar()
+            if status == "in progress":
+                await connection.exec_driver_sql(f"COMMIT PREPARED '{xid}'")
+                status = "committed"
+    except Exception:
+        logger.error(
+            "Two-phase commit: %r prepared its transaction as %r but could not commit it, "
+            "nor find out on a new connection whether it committed. If SELECT gid FROM "
+            "pg_prepared_xacts lists it, it still holds its locks: finish it with "
+            "COMMIT PREPARED '%s'.",
+            db,
+            written.xid,
+            xid,
+            exc_info=True,
+        )
+        return False
+    if status == "committed":
+        logger.warning(
+            "Two-phase commit: %r's COMMIT PREPARED %r failed on the request's connection; "
+            "the transaction is committed (checked on a new connection).",
+            db,
+            written.xid,
+        )
+        return True
+    logger.error(
+        "Two-phase commit: %r's prepared transaction %r was rolled back by someone else "
+        "(txid_status: %s); it is not committed.",
+        db,
+        written.xid,
+        status,
+    )
+    return False
+
+
+def log_partial_commit(
+    failed: Database, committed: list[Database], rolled_back: list[Database]
+) -> None:
+    """Say which databases committed and which did not, after ``failed``'s commit failed."""
+    if committed:
+        logger.error(
+            "%r failed to commit after %s had committed: the request's writes are only "
+            "partly saved. Committed: %s. Not committed: %s (rolled back: %s).",
+            failed,
+            _names(committed),
+            _names(committed),
+            _names([failed, *rolled_back]),
+            _names(rolled_back),
+        )
+    else:
+        logger.error(
+            "%r failed to commit; nothing was committed. Committed: none. Not committed: "
+            "%s (rolled back: %s).",
+            failed,
+            _names([failed, *rolled_back]),
+            _names(rolled_back),
+        )
+
+
+def _names(databases: Any) -> str:
+    names = [repr(db) for db in databases]
+    return ", ".join(names) if names else "none"

@@ -1,0 +1,632 @@
+"""pytest plugin: test your app behind ``SQLAlchemyMiddleware`` against a real database,
+and leave nothing behind.
+
+Installed with ``pip install 'asgi-sqla[pytest]'`` and registered through the
+``pytest11`` entry point, it does nothing until a test asks for it: name your app's
+databases in a fixture, and request ``asgi_sqla_transaction``::
+
+    # conftest.py
+    import pytest
+
+    from myapp import db
+
+
+    @pytest.fixture
+    def anyio_backend() -> str:
+        return "asyncio"  # SQLAlchemy's async drivers need asyncio
+
+
+    @pytest.fixture
+    def asgi_sqla_databases():
+        return [db]
+
+
+    # test_notes.py
+    import httpx
+    import pytest
+
+    from myapp import app
+
+    pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("asgi_sqla_transaction")]
+
+
+    async def test_a_note_is_listed_after_it_is_created() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            assert (await client.post("/notes", json={"text": "hi"})).status_code == 201
+            assert [n["text"] for n in (await client.get("/notes")).json()] == ["hi"]
+
+How it works.  For each database the test gets one connection and begins an outer
+transaction on it, which is rolled back when the test ends.  While the test runs, the
+``Database`` is bound to that connection (``Database._bound_to``): every session it
+makes, for a request, a websocket, ``db.scope()`` or ``db.new_session()``, joins the
+outer transaction through a SAVEPOINT (SQLAlchemy's recipe "Joining a Session into an
+External Transaction", ``join_transaction_mode="create_savepoint"``).  So the app's
+commit releases its savepoint and its rollback rolls back to it, exactly where they
+would happen in production: a 4xx really undoes the request's writes, a later request
+sees what an earlier one committed, and at the end of the test all of it is gone.  How
+the test calls the app does not matter (``httpx.ASGITransport``, the app's lifespan
+driven with ``asgi_lifespan.LifespanManager``, a service function inside
+``db.scope()``, a websocket through ``httpx_ws``), as long as it runs on the test's
+event loop: an async test run by anyio's pytest plugin (Starlette's synchronous
+``TestClient`` runs the app on an event loop of its own, where the test's connection
+cannot be used; that is reported with an error saying so).
+
+Sessions take turns.  A driver connection runs one statement at a time and savepoints
+form a stack, so sessions from concurrent requests (``asyncio.gather`` of several
+requests in one test) must not interleave on the test's connection.  A session takes
+the turn at its first statement and gives it back when it ends (at response start,
+when a websocket waits for its next message, at the end of ``db.scope()``); meanwhile
+other sessions wait for theirs.  Sessions opened *inside* the one that holds the turn
+do not wait: those opened later in the same task or in tasks it starts (a
+``db.new_session()`` or ``db.scope()`` block in a handler, the request's own sessions
+of other databases, a request the test sends from inside its ``db.scope()`` block).
+Their savepoints sit on top of the holder's, so they must end before it, as ``async
+with`` blocks do.  A session that waits longer than ``asgi_sqla_wait_timeout`` seconds
+(an ini option, 10 by default) raises ``ConnectionTurnTimeout`` naming the holder: a
+test that keeps a session open while it waits for another request that needs the
+database would otherwise hang, where in production both would have had a connection.
+One turn covers all the test's databases, so two requests that use them in opposite
+orders cannot deadlock.
+
+Lifespan.  A test (or fixture) may drive the app's lifespan inside the test's
+transaction: startup finds the engine the test already uses and checks it as usual,
+and the shutdown's ``dispose()`` does nothing while the ``Database`` is bound.  The
+plugin disposes the engine when the test ends, after rolling back: its connections
+belong to the test's event loop, and the next test gets a new one.
+
+What behaves differently from production, and why:
+
+* The sessions of a test share one transaction, so a session sees what another wrote
+  before that one committed (in production, isolation would hide it until then).
+* A request's ``db.session`` read for the first time inside a ``db.new_session()`` or
+  ``db.scope()`` block of the same request is refused when the block ends: the
+  request's savepoint, opened after the block's, sits on top of it, and releasing the
+  block's would end both.  Read ``db.session`` before the block.
+* Code that uses ``db.engine`` directly (``engine.begin()`` in a startup hook,
+  migrations) gets a connection of its own, outside the test's transaction, and what
+  it commits stays.  Create the schema that way (once, or at startup), and write rows
+  through sessions.
+* On PostgreSQL, constraints declared ``DEFERRABLE INITIALLY DEFERRED`` are checked
+  when the app commits, as the real ``COMMIT`` would (releasing a savepoint checks
+  nothing): before a session's commit the plugin runs ``SET CONSTRAINTS ALL
+  IMMEDIATE`` inside a savepoint of its own, and rolls that back, so the constraints'
+  modes are left as they were.  A violation fails the app's commit, and the client
+  gets its 500.  SQLite checks deferred foreign keys only at the end of the outermost
+  transaction, which in a test never comes: there such a commit succeeds.
+* A two-phase commit (``SQLAlchemyMiddleware(..., two_phase=True)``) becomes a plain
+  one: ``PREPARE TRANSACTION`` would prepare the test's own transaction.
+* ``db.read_session`` reads through ``db.session``: a replica cannot see the test's
+  uncommitted rows.
+* SQLite: its Python driver does not emit ``BEGIN`` before a ``SAVEPOINT``, so the
+  first savepoint would open the transaction and releasing it would commit.  The
+  plugin emits ``BEGIN`` itself on the test's connection (the cause of SQLAlchemy's
+  pysqlite recipe "Serializable isolation / Savepoints / Transactional DDL", which
+  aiosqlite shares).  Use a database file: with ``:memory:`` every connection is a
+  separate database.
+
+Without pytest-anyio (with pytest-asyncio, say), use :func:`rolled_back` in a fixture
+of your own: it is what ``asgi_sqla_transaction`` runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from contextlib import AsyncExitStack, asynccontextmanager
+from contextvars import ContextVar
+from typing import Any, cast
+
+import pytest
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, AsyncSessionTransaction
+from sqlalchemy.orm import Session, SessionTransaction
+
+from ._context import _current_context
+from ._database import Database
+from ._errors import AsgiSqlaError, ConfigurationError
+from ._session import _GUARDED_METHODS
+
+__all__ = ["ConnectionTurnTimeout", "OuterTransaction", "rolled_back"]
+
+#: Seconds a session may wait for its turn on the test's connection.
+DEFAULT_WAIT_TIMEOUT = 10.0
+
+_NO_DATABASES = (
+    "asgi_sqla_transaction needs to know your app's databases: define a fixture named "
+    "asgi_sqla_databases (in conftest.py, say) that returns them, e.g.\n\n"
+    "    @pytest.fixture\n"
+    "    def asgi_sqla_databases():\n"
+    "        return [db]\n"
+)
+_NOT_ASYNCIO = (
+    "asgi_sqla_transaction runs on asyncio (SQLAlchemy's async drivers need it), and this "
+    "test runs on {backend!r}. Define a fixture `anyio_backend` returning 'asyncio'."
+)
+_OTHER_LOOP = (
+    "A session of {db!r} was used on another event loop than the one the test's "
+    "transaction belongs to. Is the app called through Starlette's TestClient, which "
+    "runs it in a thread with its own loop? Call it from the async test instead: "
+    "httpx.AsyncClient(transport=httpx.ASGITransport(app=app))."
+)
+_NO_TURN = (
+    "A session of {db!r} began a transaction on the test's connection while {holders} "
+    "held it, without waiting for its turn (this code path is not covered by the "
+    "plugin: please report it). Run the statement through the session's async methods."
+)
+_NOT_INNERMOST = (
+    "A session of {db!r} is ending while a session opened after it on the test's "
+    "connection is still open. In a test all sessions share one connection, where "
+    "savepoints form a stack, so a session opened inside another must end first. This "
+    "happens when db.session is first used inside a db.new_session() or db.scope() block "
+    "of the same request: use db.session once before the block, or end the block first."
+)
+_TIMEOUT = (
+    "{task} waited {timeout:g} s for its turn on the test's connection to {db!r}, held by "
+    "{holders}. In a test, all sessions share one connection and take turns: does a "
+    "session stay open while its task waits for another request (or websocket) that "
+    "needs the database? End it first (leave its db.scope() block), or raise "
+    "asgi_sqla_wait_timeout if that request is merely slow."
+)
+
+
+class ConnectionTurnTimeout(AsgiSqlaError):
+    """A session waited too long for its turn on the test's connection."""
+
+
+#: The turns taken in this task, and in the tasks that started it after taking them.
+_lineage: ContextVar[frozenset[object]] = ContextVar("_lineage", default=frozenset())
+
+
+class _Hold:
+    """One session's turn: who took it, and for which request context."""
+
+    __slots__ = ("context", "holder")
+
+    def __init__(self, holder: str, context: object) -> None:
+        self.holder = holder
+        self.context = context
+
+
+class _Turns:
+    """Who may use the test's connections now.
+
+    A hold is allowed when every current hold is an ancestor of the asking session:
+    taken earlier in the same task or in a task that started the asking one (the
+    ``_lineage`` context variable), or held by another session of the same request
+    context (those are on other databases' connections: one session per database).
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.timeout = timeout
+        self._holds: dict[object, _Hold] = {}
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def _allowed(self, context: object) -> bool:
+        lineage = _lineage.get()
+        return all(
+            token in lineage or (context is not None and hold.context is context)
+            for token, hold in self._holds.items()
+        )
+
+    async def take(self, session: _SharedConnectionSession) -> None:
+        """Wait until ``session`` may use the connection, and mark it as holding."""
+        if session._asgi_sqla_turn is not None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop is not self.loop:
+            raise ConfigurationError(_OTHER_LOOP.format(db=session._asgi_sqla_db))
+        context = _request_context(session)
+        deadline = loop.time() + self.timeout
+        while not self._allowed(context):
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, max(deadline - loop.time(), 0))
+            except asyncio.TimeoutError:
+                raise ConnectionTurnTimeout(
+                    _TIMEOUT.format(
+                        task=_task_name(),
+                        timeout=self.timeout,
+                        db=session._asgi_sqla_db,
+                        holders=self._holders(),
+                    )
+                ) from None
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+            if session._asgi_sqla_turn is not None:  # taken meanwhile by the session's events
+                return
+        self._hold(session, context)
+
+    def take_now(self, session: _SharedConnectionSession) -> None:
+        """Mark ``session`` as holding, if allowed without waiting; raise otherwise."""
+        if session._asgi_sqla_turn is not None:
+            return
+        context = _request_context(session)
+        if not self._allowed(context):
+            raise AsgiSqlaError(_NO_TURN.format(db=session._asgi_sqla_db, holders=self._holders()))
+        self._hold(session, context)
+
+    def _hold(self, session: _SharedConnectionSession, context: object) -> None:
+        token = object()
+        self._holds[token] = _Hold(_task_name(), context)
+        session._asgi_sqla_turn = token
+        _lineage.set(_lineage.get() | {token})
+
+    def give_back(self, session: _SharedConnectionSession) -> None:
+        """End ``session``'s hold, if it has one, and let the waiting sessions check again."""
+        token = session._asgi_sqla_turn
+        if token is None:
+            return
+        session._asgi_sqla_turn = None
+        del self._holds[token]
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _holders(self) -> str:
+        return ", ".join(hold.holder for hold in self._holds.values()) or "nobody"
+
+
+def _task_name() -> str:
+    task = asyncio.current_task()
+    return f"task {task.get_name()!r}" if task is not None else "code outside any task"
+
+
+def _request_context(session: _SharedConnectionSession) -> object:
+    """The request context whose own session ``session`` is, if it is one (else None)."""
+    context = _current_context.get()
+    if context is not None:
+        existing = context.existing(session._asgi_sqla_db)
+        if existing is not None and existing.sync_session is session:
+            return context
+    return None
+
+
+class _SharedConnectionSession(Session):
+    """The synchronous side of a session bound to the test's connection.
+
+    It carries the session's turn (so that SQLAlchemy's session events see it too), and
+    pins ``twophase`` off: a two-phase session would begin a transaction of its own on
+    the test's connection, where one is already open (with ``two_phase=True`` the
+    middleware commits the databases of a test in one phase).
+    """
+
+    _asgi_sqla_turns: _Turns
+    _asgi_sqla_db: Database
+    #: The sessions whose savepoint is open on the connection, innermost last.
+    _asgi_sqla_stack: list[_SharedConnectionSession]
+    _asgi_sqla_turn: object | None = None
+
+    @property
+    def twophase(self) -> bool:
+        return False
+
+    @twophase.setter
+    def twophase(self, value: bool) -> None:
+        pass
+
+
+def _after_begin(session: Session, transaction: SessionTransaction, connection: Any) -> None:
+    # Every way into the connection the plugin knows of takes the turn first; this is
+    # the net under them, so that a path it missed fails loudly instead of
+    # interleaving savepoints.
+    if transaction.parent is None:
+        shared = cast(_SharedConnectionSession, session)
+        shared._asgi_sqla_turns.take_now(shared)
+        shared._asgi_sqla_stack.append(shared)
+
+
+def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.parent is None:
+        stack = cast(_SharedConnectionSession, session)._asgi_sqla_stack
+        if session in stack:
+            stack.remove(session)
+
+
+def _check_innermost(session: AsyncSession) -> None:
+    """Refuse to end a session whose savepoint has another session's on top of it.
+
+    Its RELEASE or ROLLBACK TO would end that one's savepoint too, under it.
+    """
+    shared = _shared(session)
+    stack = shared._asgi_sqla_stack
+    if stack and stack[-1] is not shared and shared in stack:
+        raise AsgiSqlaError(_NOT_INNERMOST.format(db=shared._asgi_sqla_db))
+
+
+def _check_deferred_constraints(session: Session) -> None:
+    """Check PostgreSQL's deferred constraints now, where the app's COMMIT would."""
+    if session.in_nested_transaction() or not session.in_transaction():
+        return  # the app's own begin_nested(): releasing it checks nothing in production
+    session.flush()
+    connection = session.connection()
+    connection.exec_driver_sql("SAVEPOINT asgi_sqla_check")
+    try:
+        connection.exec_driver_sql("SET CONSTRAINTS ALL IMMEDIATE")
+    finally:
+        # Rolling back restores every constraint's mode and leaves the pending checks
+        # pending (PostgreSQL undoes both with the subtransaction).
+        connection.exec_driver_sql("ROLLBACK TO SAVEPOINT asgi_sqla_check")
+        connection.exec_driver_sql("RELEASE SAVEPOINT asgi_sqla_check")
+
+
+class _TurnTakingTransaction(AsyncSessionTransaction):
+    """``session.begin()``: the turn is taken before the transaction begins."""
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> AsyncSessionTransaction:
+        await _take_turn(self.session)
+        return await super().__aenter__()
+
+
+class _TurnTaking(AsyncSession):
+    """Mixed in below the guard of the sessions bound to the test's connection.
+
+    Every method that reaches the database first waits for the session's turn; closing
+    the session gives the turn back.  (Placed after ``GuardedSession`` in the class
+    order, so the guard's checks run first, and the package's own cleanup, which
+    reaches past the guard, still passes through here.)
+    """
+
+    def begin(self) -> AsyncSessionTransaction:
+        return _TurnTakingTransaction(self)
+
+    def begin_nested(self) -> AsyncSessionTransaction:
+        return _TurnTakingTransaction(self, nested=True)
+
+    async def close(self) -> None:
+        try:
+            _check_innermost(self)
+            await super().close()
+        finally:
+            _give_back_turn(self)
+
+    async def reset(self) -> None:
+        try:
+            _check_innermost(self)
+            await super().reset()
+        finally:
+            _give_back_turn(self)
+
+    async def invalidate(self) -> None:
+        # The package invalidates a connection whose state it cannot trust (after a
+        # failed commit).  This one is the test's, shared by every session, and its
+        # state is known: the session's savepoint.  Roll back to it; keep the connection.
+        await _TurnTaking.close(self)
+
+
+def _shared(session: AsyncSession) -> _SharedConnectionSession:
+    return cast(_SharedConnectionSession, session.sync_session)
+
+
+async def _take_turn(session: AsyncSession) -> None:
+    shared = _shared(session)
+    await shared._asgi_sqla_turns.take(shared)
+
+
+def _give_back_turn(session: AsyncSession) -> None:
+    shared = _shared(session)
+    shared._asgi_sqla_turns.give_back(shared)
+
+
+def _taking_turn(name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
+    method = getattr(AsyncSession, name)
+    ends = name in ("commit", "rollback")
+
+    @functools.wraps(method)
+    async def taking_turn(self: _TurnTaking, *args: Any, **kwargs: Any) -> Any:
+        await _take_turn(self)
+        if ends:
+            _check_innermost(self)
+        return await getattr(super(_TurnTaking, self), name)(*args, **kwargs)
+
+    return taking_turn
+
+
+for _name in _GUARDED_METHODS:
+    if hasattr(AsyncSession, _name):  # delete_all and merge_all are new in 2.1
+        setattr(_TurnTaking, _name, _taking_turn(_name))
+
+
+def _session_classes(
+    db: Database, turns: _Turns, dialect: str
+) -> tuple[type[AsyncSession], type[Session]]:
+    """The async and sync session classes of ``db``'s sessions during one test."""
+    options = db._session_options
+    sync_base: type[Session] = options.get("sync_session_class", Session)
+    sync_class = type(
+        f"Shared{sync_base.__name__}",
+        (_SharedConnectionSession, sync_base),
+        {"_asgi_sqla_turns": turns, "_asgi_sqla_db": db, "_asgi_sqla_stack": []},
+    )
+    event.listen(sync_class, "after_begin", _after_begin)
+    event.listen(sync_class, "after_transaction_end", _after_transaction_end)
+    if dialect == "postgresql":
+        event.listen(sync_class, "before_commit", _check_deferred_constraints)
+    return _turn_taking_class(options["class_"]), sync_class
+
+
+@functools.cache
+def _turn_taking_class(guarded: type[AsyncSession]) -> type[AsyncSession]:
+    """``guarded`` (the Database's session class) with :class:`_TurnTaking` below its guard."""
+    return type(f"Shared{guarded.__name__}", (guarded, _TurnTaking), {})
+
+
+class OuterTransaction:
+    """The transactions of one test: one connection per database, rolled back at the end.
+
+    ``asgi_sqla_transaction`` yields it.  :meth:`connection` gives the test's connection
+    to a database, to look at it with plain SQL between requests (it sees everything
+    the app has committed in the test, and nothing is visible elsewhere).
+    """
+
+    def __init__(self, connections: dict[Database, AsyncConnection]) -> None:
+        self._connections = connections
+
+    @property
+    def databases(self) -> tuple[Database, ...]:
+        """The databases bound for this test, in the order given."""
+        return tuple(self._connections)
+
+    def connection(self, db: Database | None = None) -> AsyncConnection:
+        """The test's connection to ``db`` (may be omitted when there is one database)."""
+        if db is None:
+            if len(self._connections) != 1:
+                raise ConfigurationError(
+                    "This test has several databases: say which, connection(db)."
+                )
+            return next(iter(self._connections.values()))
+        try:
+            return self._connections[db]
+        except KeyError:
+            raise ConfigurationError(f"{db!r} is not bound in this test.") from None
+
+
+@asynccontextmanager
+async def rolled_back(
+    *databases: Database, wait_timeout: float = DEFAULT_WAIT_TIMEOUT
+) -> AsyncIterator[OuterTransaction]:
+    """Run the block in an outer transaction per database, rolled back at its end.
+
+    What ``asgi_sqla_transaction`` does (see the module documentation), for use in a
+    fixture of your own, e.g. under pytest-asyncio::
+
+        @pytest_asyncio.fixture
+        async def transaction():
+            async with rolled_back(db) as outer:
+                yield outer
+
+    :param databases: The app's ``Database`` objects.
+    :param wait_timeout: Seconds a session may wait for its turn on the connection
+        before ``ConnectionTurnTimeout`` is raised.
+    """
+    _check_databases(databases)
+    turns = _Turns(wait_timeout)
+    connections: dict[Database, AsyncConnection] = {}
+    async with AsyncExitStack() as stack:
+        for db in databases:
+            connection = await stack.enter_async_context(_outer_transaction(db))
+            async_class, sync_class = _session_classes(db, turns, connection.dialect.name)
+            stack.enter_context(
+                db._bound_to(connection, class_=async_class, sync_session_class=sync_class)
+            )
+            connections[db] = connection
+        yield OuterTransaction(connections)
+
+
+@asynccontextmanager
+async def _outer_transaction(db: Database) -> AsyncIterator[AsyncConnection]:
+    """A connection of ``db`` with an outer transaction, rolled back and closed at the end.
+
+    The engine is disposed afterwards: its pooled connections belong to this test's
+    event loop.
+    """
+    engine = db.engine
+    try:
+        connection = await engine.connect()
+        try:
+            await connection.begin()
+            if connection.dialect.name == "sqlite":
+                await _begin_sqlite(connection)
+            yield connection
+        finally:
+            try:
+                await connection.rollback()
+            finally:
+                await connection.close()
+    finally:
+        if db._owns_engine:
+            await db.dispose()
+        else:
+            await engine.dispose()
+
+
+async def _begin_sqlite(connection: AsyncConnection) -> None:
+    # SQLAlchemy's begin() emits nothing with sqlite3/aiosqlite, which only emit BEGIN
+    # before INSERT/UPDATE/DELETE; a SAVEPOINT outside a transaction starts one, and
+    # its RELEASE commits.  So the outer transaction is begun explicitly (unless the
+    # app's engine already applies SQLAlchemy's recipe and has begun it).
+    raw = await connection.get_raw_connection()
+    if not getattr(raw.driver_connection, "in_transaction", False):
+        await connection.exec_driver_sql("BEGIN")
+
+
+def _check_databases(databases: Iterable[object]) -> None:
+    seen: list[Database] = []
+    for db in databases:
+        if not isinstance(db, Database):
+            raise ConfigurationError(
+                f"Expected the app's asgi_sqla Database objects, got {type(db).__name__}."
+            )
+        if any(db is other for other in seen):
+            raise ConfigurationError(f"{db!r} was given twice; give each database once.")
+        seen.append(db)
+    if not seen:
+        raise ConfigurationError("No database was given: there is nothing to roll back.")
+
+
+def _as_databases(value: object) -> tuple[Database, ...]:
+    if isinstance(value, Database):
+        return (value,)
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ConfigurationError(
+            f"asgi_sqla_databases returned {type(value).__name__}; return a Database or "
+            "a list of them."
+        )
+    databases = tuple(value)
+    _check_databases(databases)
+    return databases
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addini(
+        "asgi_sqla_wait_timeout",
+        "Seconds a session may wait for its turn on the test's connection "
+        f"(asgi_sqla_transaction; default {DEFAULT_WAIT_TIMEOUT:g}).",
+        default=str(DEFAULT_WAIT_TIMEOUT),
+    )
+
+
+@pytest.fixture
+def asgi_sqla_databases() -> object:
+    """The app's databases, for ``asgi_sqla_transaction``: define this fixture yourself.
+
+    Return a ``Database`` or a list of them, e.g. in ``conftest.py``::
+
+        @pytest.fixture
+        def asgi_sqla_databases():
+            return [db]
+
+    This default fails the test with that advice.
+    """
+    pytest.fail(_NO_DATABASES, pytrace=False)
+
+
+@pytest.fixture
+async def asgi_sqla_transaction(
+    asgi_sqla_databases: object, anyio_backend: object, request: pytest.FixtureRequest
+) -> AsyncIterator[OuterTransaction]:
+    """Run the test in an outer transaction per database, rolled back when it ends.
+
+    Every session the app opens meanwhile joins it through a savepoint, so the app's
+    commits and rollbacks behave as in production and nothing persists after the test.
+    Request it by name, or for a whole module with
+    ``pytestmark = pytest.mark.usefixtures("asgi_sqla_transaction")``; the test runs on
+    asyncio through anyio's pytest plugin (``@pytest.mark.anyio``).  Yields an
+    :class:`OuterTransaction`.  The databases come from ``asgi_sqla_databases``; the
+    ini option ``asgi_sqla_wait_timeout`` sets how long a session may wait for its
+    turn on the shared connection.
+    """
+    backend = anyio_backend[0] if isinstance(anyio_backend, tuple) else anyio_backend
+    if backend != "asyncio":
+        pytest.fail(_NOT_ASYNCIO.format(backend=backend), pytrace=False)
+    databases = _as_databases(asgi_sqla_databases)
+    timeout = float(request.config.getini("asgi_sqla_wait_timeout"))
+    async with rolled_back(*databases, wait_timeout=timeout) as outer:
+        yield outer
