@@ -53,7 +53,7 @@ async def main(rounds: int, requests: int) -> None:
         with_middleware.append(await time_per_request(wrapped, requests))
     b = statistics.median(bare) * 1e6
     w = statistics.median(with_middleware) * 1e6
-    diffs = [(m - a) * 1e6 for a, m in zip(bare, with_middleware)]
+    diffs = [(m - a) * 1e6 for a, m in zip(bare, with_middleware, strict=True)]
     print(f"bare app:            {b:.2f} us/request (median of {rounds} rounds)")
     print(f"with middleware:     {w:.2f} us/request")
     print(f"added per request:   {statistics.median(diffs):.2f} us (median of paired rounds)")
