@@ -35,7 +35,7 @@ import _postgres
 from _helpers import create_tables, items, keys, open_database, orphan_child, query
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-GUIDE = Path(__file__).resolve().parent.parent / "docs" / "testing-your-app.md"
+GUIDE = Path(__file__).resolve().parent.parent / "README.md"  # its "Testing your app" section
 
 # Loaded here, so that the in-process pytester runs find them loaded and do not import
 # them again: after each run pytester unloads what it imported, and a second import
