@@ -25,7 +25,7 @@ from ._multidb import (
     log_partial_commit,
     prepare_writers,
 )
-from ._replicas import ReplicaSlot
+from ._replicas import ReplicaSlot, end_read_session
 from ._session import GuardedSession, end_session, make_read_only
 from ._stats import RequestStats
 from ._types import Scope
@@ -191,7 +191,7 @@ class SessionContext:
         if replicas is not None:
             read = self._sessions.pop(replicas.slot, None)
             if read is not None:
-                await end_session(read, commit=False, reason=RELEASED)
+                await end_read_session(read, RELEASED)
         session = self._sessions.pop(db, None)
         if session is not None:
             session.sync_session.twophase = False  # one database: a one-phase commit

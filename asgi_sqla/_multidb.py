@@ -35,12 +35,11 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import text
 from sqlalchemy.engine import TwoPhaseTransaction
 
-from ._replicas import ReplicaSlot
+from ._replicas import ReplicaSlot, end_read_session
 from ._session import (
     GuardedSession,
     _unguarded,
     _wait_until_idle,
-    end_session,
     retire,
     run_to_completion,
 )
@@ -73,7 +72,7 @@ async def end_read_sessions(
     for key, session in sessions.items():
         if isinstance(key, ReplicaSlot):
             try:
-                await end_session(session, commit=False, reason=reason)
+                await end_read_session(session, reason)
             except asyncio.CancelledError as exc:  # the close finished; carry on
                 cancelled = exc
         else:

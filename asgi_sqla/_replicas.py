@@ -44,13 +44,13 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from ._errors import SessionEndedError
-from ._session import GuardedSession
+from ._session import GuardedSession, end_session
 
 if TYPE_CHECKING:
     from ._context import SessionContext
     from ._database import Database
 
-__all__ = ["ReplicaSet", "ReplicaSlot", "read_session", "track_writes"]
+__all__ = ["ReplicaSet", "ReplicaSlot", "end_read_session", "read_session", "track_writes"]
 
 logger = logging.getLogger("asgi_sqla")
 
@@ -151,6 +151,15 @@ def read_session(context: SessionContext, db: Database) -> GuardedSession:
     session._asgi_sqla_route = (context, db, replicas)
     context._sessions[slot] = session
     return session
+
+
+async def end_read_session(session: GuardedSession, reason: str) -> None:
+    """Close a read session (it never commits), and drop its link to the context."""
+    try:
+        await end_session(session, commit=False, reason=reason)
+    finally:
+        if isinstance(session, ReplicaSession):
+            session._asgi_sqla_route = None  # a retired session routes nowhere
 
 
 def note_write(context: SessionContext, db: Database) -> None:

@@ -362,3 +362,135 @@ class DatabaseFactory:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+
+
+# -- streaming replication -----------------------------------------------------------------
+
+
+class StreamingReplica(TemporaryCluster):
+    """A hot standby of the server at ``primary`` (an admin URL), on a free loopback port.
+
+    ``start()`` copies the primary with ``pg_basebackup -R`` (which writes
+    ``standby.signal`` and ``primary_conninfo``, so the copy starts as a standby that
+    streams WAL from the primary) and starts it; it returns the standby's admin URL.
+    A :class:`TemporaryCluster` needs nothing more to be a primary: ``wal_level =
+    replica`` and ``max_wal_senders = 10`` are PostgreSQL's defaults since version 10,
+    and initdb's ``pg_hba.conf`` allows replication connections from 127.0.0.1 with the
+    ``--auth`` method (trust here); the copy keeps the primary's settings.  ``stop()``
+    (inherited) stops it and deletes its directory; ``pause()`` and ``resume()`` stop it
+    and start it again on the same port.
+    """
+
+    def __init__(self, bindir: Path, primary: URL) -> None:
+        super().__init__(bindir)
+        self.primary = primary
+
+    def start(self, timeout: float = 60.0) -> URL:
+        started = time.monotonic()
+        if not os.access(self.bindir / "pg_basebackup", os.X_OK):
+            raise PostgresUnavailable(f"no pg_basebackup in {self.bindir}")
+        self.directory = Path(
+            tempfile.mkdtemp(prefix="asgi-sqla-pg-replica-", dir=_scratch_parent())
+        )
+        if self._owner is not None:
+            os.chown(self.directory, *self._owner)
+        self._start_watchdog()
+        backup = self._run(
+            "pg_basebackup",
+            "--pgdata",
+            str(self.data_directory),
+            f"--host={self.primary.host}",
+            f"--port={self.primary.port}",
+            f"--username={self.primary.username}",
+            "--write-recovery-conf",
+            "--wal-method=stream",
+            "--checkpoint=fast",
+            "--no-sync",
+            timeout=timeout,
+        )
+        if backup.returncode != 0:
+            raise RuntimeError(f"pg_basebackup failed:\n{backup.stdout}\n{backup.stderr}")
+        for _attempt in range(_START_ATTEMPTS):
+            self.port = _free_loopback_port()
+            if self._pg_ctl_start(timeout):
+                break
+        else:
+            raise RuntimeError(f"no free port found in {_START_ATTEMPTS} attempts")
+        url = self.url
+        _wait_until_accepting(url, deadline=started + timeout)
+        self.startup_seconds = time.monotonic() - started
+        return url
+
+    @property
+    def url(self) -> URL:
+        return URL.create(
+            "postgresql", username="postgres", host="127.0.0.1", port=self.port, database="postgres"
+        )
+
+    def _pg_ctl_start(self, timeout: float) -> bool:
+        """Start the server on ``self.port``; False if the port was taken meanwhile."""
+        assert self.directory is not None
+        # The copied postgresql.conf points unix_socket_directories at the primary's
+        # directory: -k gives the standby its own.
+        result = self._run(
+            "pg_ctl",
+            "start",
+            "--pgdata",
+            str(self.data_directory),
+            "--log",
+            str(self.log_file),
+            "--wait",
+            f"--timeout={int(timeout)}",
+            "-o",
+            f"-p {self.port} -k {shlex.quote(str(self.directory))}",
+            timeout=timeout + 10,
+        )
+        if result.returncode == 0:
+            return True
+        log = self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+        if "could not bind" not in log:
+            raise RuntimeError(f"pg_ctl start failed:\n{result.stdout}\n{result.stderr}\n{log}")
+        self.log_file.unlink()
+        return False
+
+    def pause(self) -> None:
+        """Stop the standby (fast shutdown), keeping its data directory and port."""
+        result = self._run("pg_ctl", "stop", "--pgdata", str(self.data_directory), "-m", "fast")
+        if result.returncode != 0:
+            raise RuntimeError(f"pg_ctl stop failed:\n{result.stdout}\n{result.stderr}")
+
+    def resume(self, timeout: float = 60.0) -> None:
+        """Start the standby again on the same port, after :meth:`pause`."""
+        if not self._pg_ctl_start(timeout):
+            raise RuntimeError(f"port {self.port} was taken while the standby was stopped")
+        _wait_until_accepting(self.url, deadline=time.monotonic() + timeout)
+
+
+def wait_for_replay(primary: URL, replica: URL, timeout: float = 10.0) -> None:
+    """Wait until ``replica`` has replayed everything ``primary`` has written so far.
+
+    Flushes the primary's WAL, reads its position, then polls the standby's replay
+    position (``pg_last_wal_replay_lsn()``) until it has reached it.  The flush: with
+    ``synchronous_commit = off`` (as on :class:`TemporaryCluster`) a commit returns
+    before its WAL is written, and the standby only gets what is; committing a
+    transaction that has an id, with ``synchronous_commit = on``, writes everything
+    before it at once instead of at the WAL writer's next round (up to 200 ms).  The
+    transaction writes a logical decoding message: a WAL record that changes no data.
+    """
+    with connect(primary) as conn:
+        conn.execute("SET synchronous_commit = on")
+        conn.execute("SELECT pg_logical_emit_message(true, 'asgi-sqla-tests', 'flush')")
+        row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    assert row is not None
+    target = row[0]
+    deadline = time.monotonic() + timeout
+    with connect(replica) as conn:
+        while True:
+            caught_up = conn.execute(
+                "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (target,)
+            ).fetchone()
+            if caught_up is not None and caught_up[0]:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the standby did not replay up to {target} in {timeout} s")
+            time.sleep(0.005)  # polling interval, bounded by the deadline
