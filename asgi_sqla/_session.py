@@ -288,26 +288,25 @@ async def run_to_completion(coro: Coroutine[Any, Any, _T]) -> _T:
 
     Cleanup that is abandoned halfway leaves a connection in an unknown state, or
     returns it to the pool after the app has moved on.  The work runs in a task of
-    its own behind ``asyncio.shield``; a cancellation that arrives meanwhile is
-    re-raised once the work has finished, so the caller never returns before its
-    cleanup did.  (SQLAlchemy's ``AsyncSession.__aexit__`` uses the same pattern.)
+    its own that ``asyncio.wait`` does not cancel; a cancellation that arrives
+    meanwhile is re-raised once the work has finished, so the caller never returns
+    before its cleanup did.  (SQLAlchemy's ``AsyncSession.__aexit__`` shields its
+    ``close()`` the same way.)  If the work failed too, the cancellation still wins
+    (the caller is being cancelled) and carries the work's error as its cause.
     """
     task = asyncio.ensure_future(coro)
     cancelled: asyncio.CancelledError | None = None
-    while True:
+    while not task.done():
         try:
-            result = await asyncio.shield(task)
+            await asyncio.wait((task,))
         except asyncio.CancelledError as exc:
-            if task.done():
-                raise
             # anyio delivers a scope's cancellation again on every loop iteration,
             # so this may run many times before the task is done.
             cancelled = exc
-        else:
-            break
     if cancelled is not None:
-        raise cancelled
-    return result
+        error = None if task.cancelled() else task.exception()
+        raise cancelled from error
+    return task.result()
 
 
 def retire(session: GuardedSession, reason: str) -> None:
