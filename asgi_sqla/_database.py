@@ -226,6 +226,11 @@ class Database:
         self._stats = True
 
     @property
+    def commit_on(self) -> Callable[[int], bool] | None:
+        """The policy deciding from a status whether a request commits (None: never)."""
+        return self._commit_on
+
+    @property
     def session(self) -> AsyncSession:
         """The ``AsyncSession`` of the current request, websocket or ``db.scope()``.
 

@@ -353,7 +353,7 @@ def _commits(databases: tuple[Database, ...], status: int) -> bool:
     A database whose ``commit_on`` is None leaves committing to the app: it does not
     hold the tasks back.
     """
-    return all(db._commit_on is None or db._commit_on(status) for db in databases)
+    return all(db.commit_on is None or db.commit_on(status) for db in databases)
 
 
 def _extend(cls: type[Any], extension: type[Any], attribute: str) -> Any:
