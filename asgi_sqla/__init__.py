@@ -13,6 +13,7 @@ from ._errors import (
     ConfigurationError,
     DatabaseStartupError,
     NoSessionContextError,
+    ResponseCutShortError,
     RollbackOnlyError,
     SessionEndedError,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "NoSessionContextError",
     "PoolStatus",
     "RequestStats",
+    "ResponseCutShortError",
     "RollbackOnlyError",
     "SQLAlchemyMiddleware",
     "SessionContext",

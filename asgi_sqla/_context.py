@@ -241,6 +241,12 @@ class SessionContext:
                 await self._end_session(db, session, commit, reason)
             except asyncio.CancelledError as exc:  # the end had finished (run_to_completion)
                 cancelled = exc
+                if exc.__cause__ is not None:  # ... and failed: it did not commit
+                    if error is None:
+                        error, failed_db = exc.__cause__, db
+                    elif db is not failed_db:
+                        not_committed.append(db)
+                    continue
             except BaseException as exc:  # collected, then re-raised below
                 prepared_commit = commit and db in prepared and isinstance(exc, Exception)
                 if prepared_commit and await commit_prepared_again(db, prepared[db]):
@@ -257,7 +263,7 @@ class SessionContext:
         if several and isinstance(error, Exception) and failed_db is not None:
             log_partial_commit(failed_db, committed, not_committed)
         if cancelled is not None:
-            raise cancelled
+            raise cancelled from error  # the cause tells whether it all ended as decided
         if error is not None:
             raise error
 

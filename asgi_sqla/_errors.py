@@ -13,6 +13,7 @@ __all__ = [
     "ConfigurationError",
     "DatabaseStartupError",
     "NoSessionContextError",
+    "ResponseCutShortError",
     "RollbackOnlyError",
     "SessionEndedError",
 ]
@@ -44,6 +45,15 @@ class ConcurrentSessionUseError(AsgiSqlaError, RuntimeError):
 
 class RollbackOnlyError(AsgiSqlaError, RuntimeError):
     """``commit()`` was called on a transaction marked with ``db.set_rollback_only()``."""
+
+
+class ResponseCutShortError(AsgiSqlaError, RuntimeError):
+    """The request was cancelled as its transaction ended: only the status line went out.
+
+    Raised into the application from ``send()`` when it (or a deadline around it)
+    tries to send more after that: the status already sent is the truth about the
+    transaction, and no other response may follow it.
+    """
 
 
 class CommitFailedError(AsgiSqlaError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
 from typing import Any, NoReturn
@@ -17,10 +18,10 @@ from ._context import (
     _current_context,
 )
 from ._database import Database
-from ._errors import CommitFailedError, ConfigurationError
+from ._errors import CommitFailedError, ConfigurationError, ResponseCutShortError
 from ._lifespan import LifespanRelay
 from ._routes import PathPatterns, ReplayableBody, backoff
-from ._session import is_conflict
+from ._session import is_conflict, run_to_completion
 from ._stats import report, server_timing
 from ._types import AnyASGIApp, Message, Receive, Scope, Send
 
@@ -37,6 +38,10 @@ _POOL_TIMEOUT = (
 _COMMIT_FAILED = (
     "The transaction failed to commit, so the client was sent {sent} instead of the "
     "app's {replaced}; the app's later messages are discarded."
+)
+_CUT_SHORT = (
+    "The request was cancelled as its transaction ended at response start; that "
+    "response's status line was sent, and nothing more can be."
 )
 _DISCARDED = "The transaction failed to commit and the response was replaced; nothing more is sent."
 
@@ -252,6 +257,7 @@ class _HTTPRelay(SessionContext):
         "_retry_after",
         "_send",
         "body",
+        "cut_short",
         "failed",
         "receive",
         "retrying",
@@ -272,7 +278,8 @@ class _HTTPRelay(SessionContext):
         self._send = send
         self._retry_after = retry_after
         self.started = False
-        self.failed = False
+        self.failed = False  # the app may send nothing more (see cut_short for why)
+        self.cut_short = False  # cancelled as the response started: only its start went out
         self.unavailable = False  # a 503 was sent because the pool timed out
         self.body: ReplayableBody | None = None  # set when this attempt may be re-run
         self.retrying = False  # this attempt was stopped to be re-run
@@ -280,6 +287,8 @@ class _HTTPRelay(SessionContext):
 
     async def send(self, message: Message) -> None:
         if self.failed:
+            if self.cut_short:
+                raise ResponseCutShortError(_CUT_SHORT)
             raise CommitFailedError(_DISCARDED)
         if self.started:
             await self._send(message)
@@ -298,11 +307,36 @@ class _HTTPRelay(SessionContext):
                     self.unavailable = True
                     logger.warning(_POOL_TIMEOUT, status)
                     message = _unavailable(message, self._retry_after)
-                await self._end_transaction(message["status"])
+                try:
+                    await self._end_transaction(message["status"])
+                except asyncio.CancelledError as cancelled:
+                    await self._cancelled_at_start(message, cancelled)
+                    raise
             if self.server_timing:
                 message = _with_server_timing(message, self)
             self.started = True
         await self._send(message)
+
+    async def _cancelled_at_start(self, start: Message, cancelled: BaseException) -> None:
+        """The request was cancelled (a deadline, a shutdown) while its transaction ended.
+
+        The end ran to completion regardless (``run_to_completion``).  If the commit
+        failed, nothing was committed, and whatever error is answered next is true.
+        Otherwise the transaction ended as ``start``'s status decided, and only that
+        status line is true: a deadline's 504 or the server's 500 would report
+        committed writes as failed.  So it is sent, shielded, and nothing after it.
+        """
+        if cancelled.__cause__ is not None:
+            text = _COMMIT_FAILED.format(sent="no response yet", replaced=f"{start['status']}")
+            logger.error(text, exc_info=cancelled.__cause__)
+            return
+        self.started = self.failed = self.cut_short = True
+        logger.warning(
+            "The request was cancelled while its transaction ended at response start; "
+            "only the status line (%s) is sent, the truth about the transaction.",
+            start["status"],
+        )
+        await run_to_completion(self._send(start))
 
     def may_retry(self, exc: BaseException | None) -> bool:
         """Whether this attempt can be re-run after ``exc`` (None: a recorded conflict)."""

@@ -18,7 +18,7 @@ import asyncio
 import functools
 import inspect
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import event
@@ -283,7 +283,7 @@ async def _wait_until_idle(session: GuardedSession) -> None:
         await waiter
 
 
-async def run_to_completion(coro: Coroutine[Any, Any, _T]) -> _T:
+async def run_to_completion(coro: Awaitable[_T]) -> _T:
     """Run ``coro`` to its end even if the calling task is cancelled meanwhile.
 
     Cleanup that is abandoned halfway leaves a connection in an unknown state, or

@@ -463,12 +463,18 @@ class DedicatedPostgres:
         import time
 
         import psycopg
+        from psycopg import sql
 
         import _postgres
 
+        name = sql.Identifier(role)
         with _postgres.connect(self.admin) as conn:
-            conn.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")  # type: ignore[arg-type]
-            conn.execute(f"CREATE DATABASE {role} OWNER {role} TEMPLATE template0")  # type: ignore[arg-type]
+            conn.execute(
+                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(name, sql.Literal(password))
+            )
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} OWNER {} TEMPLATE template0").format(name, name)
+            )
             hba = self.cluster.data_directory / "pg_hba.conf"
             hba.write_text(f"host all {role} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
             conn.execute("SELECT pg_reload_conf()")
