@@ -41,7 +41,7 @@ with open("pyproject.toml", "rb") as f:
 endef
 export PRINT_DEV_GROUP
 
-.PHONY: help venv run test pytest check lint typecheck format bench-overhead clean distclean
+.PHONY: help venv run test pytest check lint typecheck format bench-overhead bench clean distclean
 
 help: ## list the targets
 	@echo "usage: make TARGET [VARIABLE=value ...]   (variables: see the top of the Makefile)"
@@ -82,8 +82,8 @@ lint: $(VENV_STAMP) ## ruff check and ruff format --check, changing nothing
 	$(BIN)/ruff check $(SOURCES)
 	$(BIN)/ruff format --check $(SOURCES)
 
-typecheck: $(VENV_STAMP) ## mypy --strict on the package
-	$(BIN)/mypy --strict asgi_sqla
+typecheck: $(VENV_STAMP) ## mypy --strict on the package and the examples (each framework wraps it)
+	$(BIN)/mypy --strict asgi_sqla examples
 
 format: $(VENV_STAMP) ## rewrite files: ruff check --fix (imports, upgrades...), then ruff format
 	$(BIN)/ruff check --fix --exit-zero $(SOURCES)
@@ -92,6 +92,32 @@ format: $(VENV_STAMP) ## rewrite files: ruff check --fix (imports, upgrades...),
 bench-overhead: $(VENV_STAMP) ## time the middleware adds to a request that never touches the database
 	$(VENV_PYTHON) benchmarks/overhead.py
 
+# Its own virtualenv (.venv-bench: the package, the peers and the `bench` group), rebuilt
+# like $(VENV) when pyproject.toml changes; wrk from apt when root, else a Python load
+# generator.  BENCH_ARGS=--quick: a two-minute smoke run; see `python -m benchmarks -h`.
+bench: ## asgi_sqla against its peers, interleaved; prints the table, writes benchmarks/results.*
+	@if [ ! -f .venv-bench/.installed-from-pyproject ] || \
+			[ pyproject.toml -nt .venv-bench/.installed-from-pyproject ]; then \
+		set -e; \
+		echo "creating .venv-bench: the package, the peers and the bench group"; \
+		$(PYTHON) -m venv .venv-bench; \
+		.venv-bench/bin/python -m pip install --quiet --upgrade pip; \
+		if .venv-bench/bin/python -m pip install --help | grep -e '--group' >/dev/null; then \
+			.venv-bench/bin/python -m pip install --quiet -e . --group bench; \
+		else \
+			.venv-bench/bin/python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["dependency-groups"]["bench"]))' \
+				> .venv-bench/bench-requirements.txt; \
+			.venv-bench/bin/python -m pip install --quiet -e . -r .venv-bench/bench-requirements.txt; \
+		fi; \
+		touch .venv-bench/.installed-from-pyproject; \
+	fi
+	@command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		echo "installing wrk (apt-get)" && export DEBIAN_FRONTEND=noninteractive && \
+		{ apt-get install -y -qq --no-install-recommends wrk >/dev/null 2>&1 || \
+		  { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends wrk >/dev/null; }; }; } || \
+		echo "no wrk (it needs root and apt-get): the real-server scenario uses benchmarks/load.py"
+	.venv-bench/bin/python -m benchmarks $(BENCH_ARGS)
+
 clean: ## delete caches, coverage data, build artefacts and example.db (keeps the virtualenv)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache htmlcov build dist *.egg-info
 	rm -f .coverage .coverage.* coverage.xml example.db
@@ -99,3 +125,11 @@ clean: ## delete caches, coverage data, build artefacts and example.db (keeps th
 
 distclean: clean ## clean, and delete the virtualenv too
 	rm -rf $(VENV)
+
+# The fault-injection soak of tests/test_soak.py, long: `make test` runs it bounded (1000
+# requests, 50 clients).  SOAK_REQUESTS, SOAK_CONCURRENCY, SOAK_SEED (replay a run),
+# SOAK_DRIVER (asyncpg or psycopg) and SOAK_REPORT (a file for the figures) may be set.
+.PHONY: soak
+soak: $(VENV_STAMP) ## fault-injection soak, long: 10000 requests from 100 clients (see tests/test_soak.py)
+	SOAK_REQUESTS=$${SOAK_REQUESTS:-10000} SOAK_CONCURRENCY=$${SOAK_CONCURRENCY:-100} \
+		$(BIN)/pytest tests/test_soak.py $(PYTEST_ARGS)
