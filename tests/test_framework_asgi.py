@@ -13,24 +13,31 @@ from __future__ import annotations
 import json
 import re
 import signal
-import uuid
-from collections.abc import Iterator
 
 import httpx
 import pytest
 from httpx_ws import WebSocketUpgradeError, connect_ws
 
+from _framework import (
+    COMMIT_FAILED,
+    POOL_DISPOSED,
+    STARTUP_FAILURE_EXIT_CODES,
+    client_fixture,
+    events,
+    example_server_fixture,
+    no_transaction_left_open,
+    notes_with_text,
+    server_name_fixture,
+    unique,
+)
 from _helpers import (
     eventually,
-    query,
     server_backends,
-    server_logging_env,
     server_reported_an_app_error,
 )
-from _servers import SERVERS, Server, free_port, serve, server_available
+from _servers import Server, free_port, serve
 
 TARGET = "examples.asgi_app:app"
-COMMIT_FAILED = "ERROR asgi_sqla: The transaction failed to commit"
 
 #: The body each server sends with the 500 it answers for an app that raised before
 #: starting its response (the middleware has rolled back and re-raised by then).
@@ -39,53 +46,11 @@ SERVER_500_BODIES = {
     "hypercorn": "",
     "granian": "Internal server error",
 }
-#: How each server exits when lifespan startup fails: hypercorn 0.18 exits 0.
-STARTUP_FAILURE_EXIT_CODES = {"uvicorn": 3, "hypercorn": 0, "granian": 1}
 
 
-@pytest.fixture(scope="module", params=SERVERS)
-def server_name(request: pytest.FixtureRequest) -> str:
-    name: str = request.param
-    if not server_available(name):
-        pytest.skip(f"{name} is not installed")
-    return name
-
-
-@pytest.fixture(scope="module")
-def server(
-    server_name: str, module_database_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Server]:
-    env = {
-        "DATABASE_URL": module_database_url,
-        **server_logging_env(tmp_path_factory.mktemp(f"asgi-{server_name}")),
-    }
-    with serve(TARGET, server_name, env=env, ready_path="/notes") as running:
-        yield running
-
-
-@pytest.fixture
-def client(server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=10) as client:
-        yield client
-
-
-def unique(label: str) -> str:
-    return f"{label}-{uuid.uuid4().hex[:12]}"
-
-
-def notes_with_text(url: str, text: str) -> int:
-    return int(query(url, f"SELECT count(*) FROM notes WHERE text = '{text}'")[0][0])
-
-
-def events(url: str) -> list[str]:
-    return [message for (message,) in query(url, "SELECT message FROM events")]
-
-
-def no_transaction_left_open(url: str) -> bool:
-    """True at once on SQLite; on PostgreSQL once no backend is idle in a transaction."""
-    if not url.startswith("postgresql"):
-        return True
-    return eventually(lambda: all(state == "idle" for _, state, _ in server_backends(url)))
+server_name = server_name_fixture()
+server = example_server_fixture(TARGET)
+client = client_fixture()
 
 
 # --- The example in real servers -------------------------------------------------------
@@ -235,7 +200,7 @@ def test_sigint_stops_the_server_cleanly_after_disposing_the_engine(
 
     assert returncode == 0, log
     # Logged by the pool itself (see server_logging_env): disposed, not merely dropped.
-    assert "INFO sqlalchemy.pool.impl.AsyncAdaptedQueuePool: Pool disposed" in log, log
+    assert POOL_DISPOSED in log, log
     if module_database_url.startswith("postgresql"):
         assert eventually(lambda: server_backends(module_database_url) == [])
 

@@ -16,8 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,18 @@ from asgi_sqla import Database, SQLAlchemyMiddleware
 from asgi_sqla._types import Message
 from asgi_sqla.litestar import provide_session
 
+from _framework import (
+    COMMIT_FAILED,
+    POOL_DISPOSED,
+    client_fixture,
+    event_mentions,
+    events,
+    example_server_fixture,
+    no_transaction_left_open,
+    notes_with_text,
+    server_name_fixture,
+    unique,
+)
 from _helpers import (
     PoolEvents,
     add_key,
@@ -47,63 +58,19 @@ from _helpers import (
     keys,
     open_database,
     orphan_child,
-    query,
     server_backends,
-    server_logging_env,
     server_reported_an_app_error,
 )
-from _servers import SERVERS, Server, serve, server_available
+from _servers import Server
 
 pytestmark = pytest.mark.anyio
 
 TARGET = "examples.litestar_app:app"
-COMMIT_FAILED = "ERROR asgi_sqla: The transaction failed to commit"
 
 
-@pytest.fixture(scope="module", params=SERVERS)
-def server(
-    request: pytest.FixtureRequest,
-    module_database_url: str,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Server]:
-    name: str = request.param
-    if not server_available(name):
-        pytest.skip(f"{name} is not installed")
-    env = {
-        "DATABASE_URL": module_database_url,
-        **server_logging_env(tmp_path_factory.mktemp(f"litestar-{name}")),
-    }
-    with serve(TARGET, name, env=env, ready_path="/notes") as running:
-        yield running
-
-
-@pytest.fixture
-def client(server: Server) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server.url, timeout=10) as client:
-        yield client
-
-
-def unique(label: str) -> str:
-    return f"{label}-{uuid.uuid4().hex[:12]}"
-
-
-def notes_with_text(url: str, text: str) -> int:
-    return int(query(url, f"SELECT count(*) FROM notes WHERE text = '{text}'")[0][0])
-
-
-def events(url: str) -> list[str]:
-    return [message for (message,) in query(url, "SELECT message FROM events")]
-
-
-def event_mentions(url: str, text: str) -> bool:
-    return any(text in message for message in events(url))
-
-
-def no_transaction_left_open(url: str) -> bool:
-    """True at once on SQLite; on PostgreSQL once no backend is idle in a transaction."""
-    if not url.startswith("postgresql"):
-        return True
-    return eventually(lambda: all(state == "idle" for _, state, _ in server_backends(url)))
+server_name = server_name_fixture()
+server = example_server_fixture(TARGET)
+client = client_fixture()
 
 
 # --- The example in real servers -------------------------------------------------------
@@ -249,7 +216,7 @@ def test_sigint_stops_the_server_cleanly_after_disposing_the_engine(
 
     assert returncode == 0, log
     # Logged by the pool itself (see server_logging_env): disposed, not merely dropped.
-    assert "INFO sqlalchemy.pool.impl.AsyncAdaptedQueuePool: Pool disposed" in log, log
+    assert POOL_DISPOSED in log, log
     if module_database_url.startswith("postgresql"):
         assert eventually(lambda: server_backends(module_database_url) == [])
 
