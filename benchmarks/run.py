@@ -1,0 +1,800 @@
+"""The benchmark runner: every scenario, every system, interleaved, in one run.
+
+``make bench`` (or ``.venv-bench/bin/python -m benchmarks``) runs, on the app of
+:mod:`benchmarks.app` built six ways:
+
+1. **Overhead, no database**: ``GET /ping`` in-process; time per request, and the
+   difference and ratio to the bare app (the app without middleware).  Plus the
+   middleware alone around a bare ASGI app (``benchmarks/overhead.py``'s measurement).
+2. **Overhead, one query**: ``GET /item`` (one ``SELECT``) in-process, on SQLite
+   (aiosqlite) and PostgreSQL (asyncpg); ratio to the hand-written baseline.
+3. **Slow clients, small pool**: pool of 2, 40 concurrent ``GET /stream`` (an
+   ``INSERT``, then a streamed body each chunk of which takes the client
+   ``chunk_delay`` s to read); requests per second and the ratio to the baseline.
+   A probe also asks PostgreSQL whether a transaction is still open while a body is
+   being sent.
+4. **Failing commit**: ``POST /orphans`` breaks a ``DEFERRABLE INITIALLY DEFERRED``
+   foreign key, so the ``COMMIT`` fails: the status each system answers.
+5. **Real server**: each app under uvicorn, loaded by ``wrk`` (or the Python generator
+   of :mod:`benchmarks.load`) at fixed concurrency; requests per second, p50 and p99
+   for the read and the write route.
+
+The machine may be shared and noisy: systems run in rounds, in an order that rotates
+each round (A B C…, B C… A, …), and every figure is a median over rounds.  In-process
+(slow clients included), each batch of a system is run right beside a fresh batch of
+the reference, and a ratio is the median of these pairs' ratios; under uvicorn, the
+median of the per-round ratios.  PostgreSQL is a throwaway cluster started with
+``tests/_postgres.py`` (or ``TEST_DATABASE_URL``); without one the PostgreSQL
+scenarios say why they did not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import gc
+import json
+import logging
+import os
+import platform
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from benchmarks import report
+from benchmarks.app import SYSTEMS, AppConfig, build_app, children, create_schema, package_version
+from benchmarks.inprocess import ASGIApp, InProcessServer, Message, Receive, Scope, Send
+from benchmarks.load import load_generator, run_load
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+import _postgres  # noqa: E402  (tests/: the throwaway PostgreSQL the tests use)
+import _servers  # noqa: E402  (tests/: run an app under uvicorn on a free loopback port)
+
+BASELINE = "by_hand"
+Result = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much of each scenario to run; ``--quick`` divides it for a smoke run."""
+
+    no_db_rounds: int = 31
+    no_db_batch_seconds: float = 0.04
+    pure_asgi_requests: int = 20000
+    query_rounds: int = 25
+    query_batch_seconds: float = 0.08
+    slow_rounds: int = 7
+    slow_clients: int = 40
+    slow_pool: int = 2
+    slow_chunks: int = 10
+    slow_chunk_delay: float = 0.01
+    failing_requests: int = 5
+    server_rounds: int = 7
+    server_duration: float = 2.0
+    server_connections: int = 16
+    server_pool: int = 20
+
+    def quick(self) -> Settings:
+        """A run of a minute or two that exercises every code path."""
+        return replace(
+            self,
+            no_db_rounds=5,
+            no_db_batch_seconds=0.02,
+            pure_asgi_requests=5000,
+            query_rounds=3,
+            query_batch_seconds=0.05,
+            slow_rounds=2,
+            failing_requests=2,
+            server_rounds=1,
+            server_duration=1.0,
+        )
+
+
+def log(message: str) -> None:
+    """Progress, on stderr (the table goes to stdout)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def rotations(systems: Sequence[str], rounds: int) -> Iterator[tuple[int, list[str]]]:
+    """``(round, order)``: every system once per round, the order rotating each round."""
+    n = len(systems)
+    for r in range(rounds):
+        k = r % n if n else 0
+        yield r, [*systems[k:], *systems[:k]]
+
+
+def summarise(
+    samples: dict[str, list[float]], *, reference: str, scale: float = 1.0, prefix: str = ""
+) -> dict[str, Result]:
+    """Medians of ``samples`` (times ``scale``), and paired comparisons to ``reference``.
+
+    ``ratio`` is the median over rounds of sample / reference-sample of the same
+    round; ``added`` the median of their differences (times ``scale``).  Keys get
+    ``prefix`` (``"cpu_"`` for the CPU-time figures).
+    """
+    ref = samples.get(reference)
+    summary: dict[str, Result] = {}
+    for system, values in samples.items():
+        entry: Result = {
+            f"{prefix}median": statistics.median(values) * scale,
+            f"{prefix}samples": [round(v * scale, 3) for v in values],
+        }
+        if ref and len(ref) == len(values):
+            pairs = list(zip(values, ref, strict=True))
+            entry[f"{prefix}ratio"] = statistics.median(v / r for v, r in pairs)
+            entry[f"{prefix}added"] = statistics.median((v - r) * scale for v, r in pairs)
+        summary[system] = entry
+    return summary
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+
+
+@contextlib.asynccontextmanager
+async def started_apps(
+    systems: Sequence[str], config: AppConfig, failures: dict[str, str]
+) -> AsyncIterator[dict[str, InProcessServer]]:
+    """Build and start (lifespan) each system's app; a system that fails goes to ``failures``."""
+    async with contextlib.AsyncExitStack() as stack:
+        servers: dict[str, InProcessServer] = {}
+        for system in systems:
+            try:
+                server = InProcessServer(build_app(system, config))
+                servers[system] = await stack.enter_async_context(server)
+            except Exception as exc:
+                failures[system] = f"n/a: {_short(exc)}"
+                log(f"  {system}: could not start: {failures[system]}")
+        yield servers
+
+
+Measure = Callable[[str], Awaitable[tuple[float, ...]]]
+
+#: How :func:`paired_rounds` names and scales what a measure returns: in-process, wall
+#: and CPU seconds per request, reported in µs.
+CLOCKS: tuple[tuple[str, float], ...] = (("", 1e6), ("cpu_", 1e6))
+
+
+async def paired_rounds(
+    measure: Measure,
+    systems: Sequence[str],
+    *,
+    reference: str,
+    rounds: int,
+    failures: dict[str, str],
+    metrics: tuple[tuple[str, float], ...] = CLOCKS,
+) -> dict[str, Result]:
+    """Measure every system beside a run of ``reference`` made just before or just after it.
+
+    ``measure(system)`` returns one figure per entry of ``metrics`` (key prefix,
+    scale): by default wall and CPU seconds per request.  Each round visits the
+    other systems in an order that rotates every round, and measures each one next to
+    a fresh run of the reference (reference first or second, alternately): the two
+    halves of a pair are a fraction of a second apart, so a machine that is busy for
+    a while slows both.  A system's ``ratio`` and ``added`` are the medians over its
+    pairs; the reference's ``median`` is over all its runs.
+    """
+    own: dict[str, list[tuple[float, ...]]] = {}
+    beside: dict[str, list[tuple[float, ...]]] = {}
+    reference_runs: list[tuple[float, ...]] = []
+    others = [s for s in systems if s != reference]
+    for r, order in rotations(others, rounds):
+        gc.collect()
+        for i, system in enumerate(order):
+            if system in failures:
+                continue
+            reference_first = (r + i) % 2 == 0
+            try:
+                if reference_first:
+                    base = await measure(reference)
+                result = await measure(system)
+                if not reference_first:
+                    base = await measure(reference)
+            except Exception as exc:
+                failures[system] = f"n/a: {_short(exc)}"
+                continue
+            own.setdefault(system, []).append(result)
+            beside.setdefault(system, []).append(base)
+            reference_runs.append(base)
+    summary: dict[str, Result] = {}
+    if reference_runs:
+        summary[reference] = _paired_summary(metrics, reference_runs)
+    for system in others:
+        if system in own and system not in failures:
+            summary[system] = _paired_summary(metrics, own[system], beside[system])
+    return summary
+
+
+def _paired_summary(
+    metrics: tuple[tuple[str, float], ...],
+    runs: list[tuple[float, ...]],
+    references: list[tuple[float, ...]] | None = None,
+) -> Result:
+    """Medians of each metric of ``runs``; with ``references``, the paired ratios and gaps."""
+    entry: Result = {}
+    for index, (prefix, scale) in enumerate(metrics):
+        values = [run[index] for run in runs]
+        entry[f"{prefix}median"] = statistics.median(values) * scale
+        entry[f"{prefix}samples"] = [round(v * scale, 3) for v in values]
+        if references is not None:
+            pairs = [(v, ref[index]) for v, ref in zip(values, references, strict=True)]
+            entry[f"{prefix}ratio"] = statistics.median(v / r for v, r in pairs)
+            entry[f"{prefix}added"] = statistics.median((v - r) * scale for v, r in pairs)
+    return entry
+
+
+async def timed_rounds(
+    servers: dict[str, InProcessServer],
+    path: str,
+    *,
+    rounds: int,
+    batch_seconds: float,
+    failures: dict[str, str],
+) -> tuple[dict[str, Result], dict[str, int]]:
+    """``GET path`` on every server, one request at a time, paired with the baseline.
+
+    Each system's batch is sized (from a warm-up) to last about ``batch_seconds``, so
+    that a slow system does not stretch the run and every pair is short.  Returns the
+    summary (see :func:`paired_rounds`) and the batch size of each system.
+    """
+    batch: dict[str, int] = {}
+    for system, server in servers.items():  # warm-up (connections, caches), then calibrate
+        try:
+            await server.time_requests("GET", path, 20, 200)
+            estimates = [(await server.time_requests("GET", path, 20, 200))[0] for _ in range(3)]
+        except Exception as exc:
+            failures[system] = f"n/a: {_short(exc)}"
+            continue
+        batch[system] = max(10, min(100_000, round(batch_seconds / statistics.median(estimates))))
+    if BASELINE in failures:
+        raise RuntimeError(f"the baseline failed: {failures[BASELINE]}")
+
+    async def measure(system: str) -> tuple[float, ...]:
+        return await servers[system].time_requests("GET", path, batch[system], 200)
+
+    summary = await paired_rounds(
+        measure, list(batch), reference=BASELINE, rounds=rounds, failures=failures
+    )
+    return summary, {s: n for s, n in batch.items() if s not in failures}
+
+
+# -- 1. overhead without a database ------------------------------------------------------
+
+
+def _pass_through(app: ASGIApp) -> ASGIApp:
+    """The cheapest possible middleware: calls the app, changes nothing."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        await app(scope, receive, send)
+
+    return middleware
+
+
+def _send_wrapper(app: ASGIApp) -> ASGIApp:
+    """The cheapest middleware that sees the response: ``send`` wrapped in a closure."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        async def wrapped(message: Message) -> None:
+            await send(message)
+
+        await app(scope, receive, wrapped)
+
+    return middleware
+
+
+async def _time_pure(app: ASGIApp, requests: int) -> tuple[float, float]:
+    """``benchmarks/overhead.py``'s loop, timed with both clocks: seconds per request."""
+    from benchmarks import overhead
+
+    scope = {"type": "http", "path": "/", "method": "GET", "headers": []}
+    cpu_started = time.process_time()
+    started = time.perf_counter()
+    for _ in range(requests):
+        await app(dict(scope), overhead.receive, overhead.send)
+    elapsed = time.perf_counter() - started
+    return elapsed / requests, (time.process_time() - cpu_started) / requests
+
+
+async def no_database(settings: Settings, sqlite_url: str) -> Result:
+    """``GET /ping`` in-process, per system; plus the middleware around a bare ASGI app."""
+    from asgi_sqla import Database, SQLAlchemyMiddleware
+    from benchmarks.overhead import bare_app
+
+    failures: dict[str, str] = {}
+    async with started_apps(SYSTEMS, AppConfig(url=sqlite_url), failures) as servers:
+        summary, batch = await timed_rounds(
+            servers,
+            "/ping",
+            rounds=settings.no_db_rounds,
+            batch_seconds=settings.no_db_batch_seconds,
+            failures=failures,
+        )
+
+    # The middleware alone around an ASGI app that does nothing (benchmarks/overhead.py),
+    # beside the two cheapest middlewares there can be: the floor any middleware pays.
+    pure_apps: dict[str, ASGIApp] = {
+        "bare ASGI app": bare_app,
+        "pass-through middleware": _pass_through(bare_app),
+        "send-wrapping middleware": _send_wrapper(bare_app),
+        "asgi_sqla": SQLAlchemyMiddleware(bare_app, Database("sqlite+aiosqlite://")),
+    }
+    for app in pure_apps.values():
+        await _time_pure(app, 1000)
+
+    async def measure(name: str) -> tuple[float, ...]:
+        return await _time_pure(pure_apps[name], settings.pure_asgi_requests)
+
+    pure = await paired_rounds(
+        measure,
+        list(pure_apps),
+        reference="bare ASGI app",
+        rounds=settings.no_db_rounds,
+        failures={},
+    )
+    return {
+        "unit": "µs/request",
+        "reference": BASELINE,
+        "requests_per_round": batch,
+        "rounds": settings.no_db_rounds,
+        "systems": summary,
+        "failures": failures,
+        "pure_asgi": pure,
+    }
+
+
+# -- 2. overhead with one query ----------------------------------------------------------
+
+
+async def one_query(settings: Settings, url: str) -> Result:
+    """``GET /item`` (one ``SELECT``) in-process, per system, on the database at ``url``."""
+    await create_schema(url)
+    failures: dict[str, str] = {}
+    async with started_apps(SYSTEMS, AppConfig(url=url), failures) as servers:
+        summary, batch = await timed_rounds(
+            servers,
+            "/item",
+            rounds=settings.query_rounds,
+            batch_seconds=settings.query_batch_seconds,
+            failures=failures,
+        )
+    return {
+        "unit": "µs/request",
+        "reference": BASELINE,
+        "requests_per_round": batch,
+        "rounds": settings.query_rounds,
+        "systems": summary,
+        "failures": failures,
+    }
+
+
+# -- 3. slow clients, small pool ---------------------------------------------------------
+
+
+def _transactions_open(admin_url: str) -> int:
+    """How many sessions of the benchmark database are idle inside a transaction."""
+    query = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid <> pg_backend_pid() AND state LIKE 'idle in transaction%'"
+    )
+    with psycopg.connect(admin_url, autocommit=True) as connection:
+        row = connection.execute(query).fetchone()
+    return int(row[0]) if row else 0
+
+
+async def slow_clients(settings: Settings, url: str, admin_url: str) -> Result:
+    """40 concurrent streamed responses read slowly, through a pool of 2."""
+    await create_schema(url)
+    config = AppConfig(
+        url=url,
+        pool_size=settings.slow_pool,
+        max_overflow=0,
+        stream_chunks=settings.slow_chunks,
+    )
+    failures: dict[str, str] = {}
+    errors: dict[str, int] = {}
+    held: dict[str, bool] = {}
+    async with started_apps(SYSTEMS, config, failures) as servers:
+        systems = list(servers)
+        # The probe: one slow request alone; at its first body chunk, is a transaction
+        # of this app still open on the server?
+        for system in systems:
+            seen: list[int] = []
+
+            async def look(seen: list[int] = seen) -> None:
+                seen.append(await asyncio.to_thread(_transactions_open, admin_url))
+
+            outcome = await servers[system].request(
+                "GET", "/stream", chunk_delay=0.02, on_first_chunk=look
+            )
+            held[system] = bool(seen and seen[0] > 0)
+            if outcome.status != 200:
+                failures[system] = f"n/a: GET /stream answered {outcome.status} {outcome.error}"
+        if BASELINE in failures:
+            raise RuntimeError(f"the baseline failed: {failures[BASELINE]}")
+
+        async def measure(system: str) -> tuple[float, ...]:
+            server = servers[system]
+            started = time.perf_counter()
+            outcomes = await asyncio.gather(
+                *(
+                    server.request("GET", "/stream", chunk_delay=settings.slow_chunk_delay)
+                    for _ in range(settings.slow_clients)
+                )
+            )
+            elapsed = time.perf_counter() - started
+            bad = sum(1 for o in outcomes if o.status != 200 or o.error)
+            errors[system] = errors.get(system, 0) + bad
+            return (settings.slow_clients / elapsed,)
+
+        summary = await paired_rounds(
+            measure,
+            [s for s in systems if s not in failures],
+            reference=BASELINE,
+            rounds=settings.slow_rounds,
+            failures=failures,
+            metrics=(("", 1.0),),
+        )
+    for system, entry in summary.items():
+        entry["errors"] = errors.get(system, 0)
+        entry["holds_transaction_during_body"] = held.get(system)
+    return {
+        "unit": "requests/s",
+        "reference": BASELINE,
+        "clients": settings.slow_clients,
+        "pool_size": settings.slow_pool,
+        "chunks": settings.slow_chunks,
+        "chunk_delay_s": settings.slow_chunk_delay,
+        "rounds": settings.slow_rounds,
+        "systems": summary,
+        "failures": failures,
+    }
+
+
+# -- 4. a commit that fails ------------------------------------------------------------
+
+
+async def failing_commit(settings: Settings, url: str) -> Result:
+    """``POST /orphans``: the deferred foreign key fails at COMMIT; what does the client get?"""
+    await create_schema(url)
+    failures: dict[str, str] = {}
+    results: dict[str, Result] = {}
+    logging.disable(logging.CRITICAL)  # the systems log the failed commits; we count them
+    try:
+        async with started_apps(SYSTEMS, AppConfig(url=url), failures) as servers:
+            for system, server in servers.items():
+                outcomes = [
+                    await server.request("POST", "/orphans")
+                    for _ in range(settings.failing_requests)
+                ]
+                statuses = [o.status for o in outcomes]
+                raised = sorted({o.error for o in outcomes if o.error})
+                results[system] = {
+                    "statuses": statuses,
+                    "count_2xx": sum(1 for s in statuses if s is not None and 200 <= s < 300),
+                    "requests": len(outcomes),
+                    "raised_to_server": raised,
+                }
+    finally:
+        logging.disable(logging.NOTSET)
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as connection:
+            rows = (await connection.execute(select(func.count()).select_from(children))).scalar()
+    finally:
+        await engine.dispose()
+    return {
+        "requests": settings.failing_requests,
+        "systems": results,
+        "failures": failures,
+        "rows_committed": rows,
+    }
+
+
+# -- 5. a real server ------------------------------------------------------------------
+
+
+def real_server(settings: Settings, url: str) -> Result:
+    """Each system under uvicorn; a load generator process at fixed concurrency."""
+    asyncio.run(create_schema(url))
+    generator = load_generator()
+    config = AppConfig(url=url, pool_size=settings.server_pool, max_overflow=0)
+    routes = {"read": ("GET", "/item"), "write": ("POST", "/items")}
+    failures: dict[str, str] = {}
+    samples: dict[str, dict[str, list[float]]] = {route: {} for route in routes}
+    p50: dict[str, dict[str, list[float]]] = {route: {} for route in routes}
+    p99: dict[str, dict[str, list[float]]] = {route: {} for route in routes}
+    cpu: dict[str, dict[str, list[float]]] = {route: {} for route in routes}
+    errors: dict[str, dict[str, int]] = {route: {} for route in routes}
+    logs: list[Path] = []
+    with contextlib.ExitStack() as stack:
+        servers: dict[str, _servers.Server] = {}
+        for system in SYSTEMS:
+            env = {**config.env(), "BENCH_SYSTEM": system}
+            try:
+                server = stack.enter_context(
+                    _servers.serve("benchmarks.server:app", "uvicorn", env=env, ready_path="/ping")
+                )
+            except Exception as exc:
+                failures[system] = f"n/a: {_short(exc)}"
+                log(f"  {system}: uvicorn did not start: {failures[system]}")
+                continue
+            servers[system] = server
+            logs.append(server.log_path)
+        systems = list(servers)
+        for system in systems:  # warm-up: pool filled, statements prepared
+            for method, path in routes.values():
+                run_load(
+                    servers[system].url + path,
+                    method=method,
+                    connections=settings.server_connections,
+                    duration=1.0,
+                    generator=generator,
+                )
+        for _round, order in rotations(systems, settings.server_rounds):
+            for route, (method, path) in routes.items():
+                for system in order:
+                    result = run_load(
+                        servers[system].url + path,
+                        method=method,
+                        connections=settings.server_connections,
+                        duration=settings.server_duration,
+                        generator=generator,
+                        server_pid=servers[system].process.pid,
+                    )
+                    samples[route].setdefault(system, []).append(result.rps)
+                    if result.server_cpu_us is not None:
+                        cpu[route].setdefault(system, []).append(result.server_cpu_us)
+                    p50[route].setdefault(system, []).append(result.p50_ms)
+                    p99[route].setdefault(system, []).append(result.p99_ms)
+                    errors[route][system] = errors[route].get(system, 0) + result.errors
+    for log_path in logs:
+        log_path.unlink(missing_ok=True)
+    by_route: dict[str, dict[str, Result]] = {}
+    for route in routes:
+        summary = summarise(samples[route], reference=BASELINE)
+        cpu_summary = summarise(cpu[route], reference=BASELINE, prefix="cpu_")
+        for system, entry in summary.items():
+            entry.update(cpu_summary.get(system, {}))
+            entry["p50_ms"] = statistics.median(p50[route][system])
+            entry["p99_ms"] = statistics.median(p99[route][system])
+            entry["errors"] = errors[route].get(system, 0)
+        by_route[route] = summary
+    return {
+        "unit": "requests/s",
+        "reference": BASELINE,
+        "generator": generator,
+        "connections": settings.server_connections,
+        "duration_s": settings.server_duration,
+        "rounds": settings.server_rounds,
+        "pool_size": settings.server_pool,
+        "routes": {route: f"{m} {p}" for route, (m, p) in routes.items()},
+        "systems": by_route,
+        "failures": failures,
+    }
+
+
+# -- PostgreSQL, the machine, the versions ---------------------------------------------
+
+
+@contextlib.contextmanager
+def postgresql() -> Iterator[tuple[str, str] | str]:
+    """``(asyncpg URL, admin URL)`` of a fresh database, or the reason there is none.
+
+    A throwaway cluster (``tests/_postgres.py``), or the server of ``TEST_DATABASE_URL``;
+    the database is dropped and the cluster stopped and deleted on exit.
+    """
+    with contextlib.ExitStack() as cleanup:
+        try:
+            external = os.environ.get("TEST_DATABASE_URL")
+            if external:
+                server = _postgres.server_url_from_env(external)
+            else:
+                bindir = _postgres.find_bindir()
+                if bindir is None:
+                    raise _postgres.PostgresUnavailable(
+                        "no PostgreSQL server binaries (initdb, pg_ctl, postgres) on this machine"
+                    )
+                cluster = _postgres.TemporaryCluster(bindir)
+                cleanup.callback(cluster.stop)
+                log(f"starting a throwaway PostgreSQL from {bindir}")
+                server = cluster.start()
+            factory = _postgres.DatabaseFactory(server)
+            cleanup.callback(factory.close)
+            database = factory.create()
+            cleanup.callback(factory.drop, database)
+        except Exception as exc:
+            unavailable: str | None = f"PostgreSQL unavailable: {_short(exc)}"
+        else:
+            unavailable = None
+        if unavailable is not None:
+            yield unavailable
+        else:
+            yield (
+                database.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False),
+                database.set(drivername="postgresql").render_as_string(hide_password=False),
+            )
+
+
+def _postgres_version(admin_url: str) -> str:
+    with psycopg.connect(admin_url, autocommit=True) as connection:
+        row = connection.execute("SHOW server_version").fetchone()
+    return str(row[0]).split()[0] if row else "?"
+
+
+def _cpu() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _memory_gib() -> float | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    return None
+
+
+def _wrk_version() -> str | None:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["wrk", "-v"], capture_output=True, text=True, timeout=10)
+        return (out.stdout + out.stderr).split("[")[0].replace("wrk", "").strip() or "?"
+    return None
+
+
+def environment(postgres_version: str | None) -> Result:
+    """The machine and the versions of everything measured."""
+    from importlib.metadata import version
+
+    libraries = {}
+    for name in (
+        "sqlalchemy",
+        "starlette",
+        "uvicorn",
+        "uvloop",
+        "httptools",
+        "asyncpg",
+        "aiosqlite",
+    ):
+        with contextlib.suppress(Exception):
+            libraries[name] = version(name)
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": {
+            "cpu": _cpu(),
+            "cores": os.cpu_count(),
+            "memory_gib": _memory_gib(),
+            "os": platform.platform(),
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        },
+        "python": platform.python_version(),
+        "systems": {system: package_version(system) for system in SYSTEMS},
+        "libraries": libraries,
+        "postgresql": postgres_version,
+        "sqlite": sqlite3.sqlite_version,
+        "load_generator": f"wrk {_wrk_version()}" if load_generator() == "wrk" else "python",
+    }
+
+
+# -- main --------------------------------------------------------------------------------
+
+SCENARIOS = ("no_db", "sqlite", "postgresql", "slow_clients", "failing_commit", "real_server")
+
+
+def _timed(name: str, results: Result, run: Callable[[], Result]) -> None:
+    log(f"{name} ...")
+    started = time.perf_counter()
+    try:
+        results[name] = run()
+    except Exception as exc:  # one scenario's failure is reported, the others still run
+        log(f"{name} failed: {_short(exc)}")
+        results[name] = {"error": f"n/a: {_short(exc)}"}
+    results[name]["seconds"] = round(time.perf_counter() - started, 1)
+    log(f"{name} done in {results[name]['seconds']} s")
+
+
+def _run_async(coroutine: Callable[[], Coroutine[Any, Any, Result]]) -> Callable[[], Result]:
+    def run() -> Result:
+        return asyncio.run(coroutine())
+
+    return run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the scenarios, print the table, write results.{md,json,png}; exit status 0."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    parser.add_argument("--quick", action="store_true", help="a short smoke run (~2 min)")
+    parser.add_argument(
+        "--only", nargs="+", choices=SCENARIOS, default=list(SCENARIOS), help="scenarios to run"
+    )
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path(__file__).resolve().parent,
+        help="where results.md, results.json and results.png go (default: benchmarks/)",
+    )
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="measure nothing: write the table and the chart again from a results.json",
+    )
+    args = parser.parse_args(argv)
+    if args.from_json is not None:
+        document = json.loads(args.from_json.read_text())
+        document["bar"] = report.bar(document)
+        print(report.write(document, args.output_dir))
+        return 0
+    settings = Settings().quick() if args.quick else Settings()
+    started = time.perf_counter()
+    results: Result = {}
+    only = set(args.only)
+    needs_postgres = bool(only & {"postgresql", "slow_clients", "failing_commit", "real_server"})
+    with contextlib.ExitStack() as stack:
+        scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="asgi-sqla-bench-"))
+        pg = stack.enter_context(postgresql()) if needs_postgres else "not requested (--only)"
+        sqlite_url = f"sqlite+aiosqlite:///{scratch}/bench.db"
+        no_postgres = pg if isinstance(pg, str) else None
+        if no_postgres:
+            log(f"PostgreSQL scenarios will not run: {no_postgres}")
+        pg_version = None if isinstance(pg, str) else _postgres_version(pg[1])
+        if "no_db" in only:
+            _timed("no_db", results, _run_async(partial(no_database, settings, sqlite_url)))
+        if "sqlite" in only:
+            _timed(
+                "one_query_sqlite", results, _run_async(partial(one_query, settings, sqlite_url))
+            )
+        postgres_scenarios: list[tuple[str, str, Callable[[str, str], Callable[[], Result]]]] = [
+            (
+                "postgresql",
+                "one_query_postgresql",
+                lambda url, admin: _run_async(partial(one_query, settings, url)),
+            ),
+            (
+                "slow_clients",
+                "slow_clients",
+                lambda url, admin: _run_async(partial(slow_clients, settings, url, admin)),
+            ),
+            (
+                "failing_commit",
+                "failing_commit",
+                lambda url, admin: _run_async(partial(failing_commit, settings, url)),
+            ),
+            ("real_server", "real_server", lambda url, admin: partial(real_server, settings, url)),
+        ]
+        for option, name, runner in postgres_scenarios:
+            if option not in only:
+                continue
+            if isinstance(pg, str):
+                results[name] = {"error": f"n/a: {pg}"}
+                continue
+            _timed(name, results, runner(*pg))
+    meta = environment(pg_version)
+    meta["settings"] = asdict(settings)
+    meta["command"] = "make bench" + (" BENCH_ARGS=--quick" if args.quick else "")
+    meta["seconds"] = round(time.perf_counter() - started, 1)
+    document = {"meta": meta, "scenarios": results}
+    document["bar"] = report.bar(document)
+    table = report.write(document, args.output_dir)
+    print(table)
+    log(f"wrote {args.output_dir}/results.md, results.json, results.png in {meta['seconds']} s")
+    return 0
