@@ -64,6 +64,7 @@ from litestar.background_tasks import BackgroundTask
 from litestar.di import NamedDependency
 from litestar.exceptions import NotFoundException, ValidationException
 from litestar.handlers import websocket_listener
+from litestar.logging import LoggingConfig
 from litestar.params import FromPath, JSONBody
 from litestar.response import Stream
 from litestar.serialization import encode_json
@@ -224,6 +225,9 @@ app = SQLAlchemyMiddleware(
         ],
         dependencies={"session": provide_session(db)},
         on_startup=[create_tables],
+        # Litestar's own loggers only: the root logger (where asgi_sqla's records go)
+        # stays the server's, or the host application's, to configure.
+        logging_config=LoggingConfig(configure_root_logger=False),
     ),
     db,
 )
