@@ -28,7 +28,7 @@ from ._multidb import (
 from ._replicas import ReplicaSlot, end_read_session
 from ._session import GuardedSession, end_session, make_read_only
 from ._stats import RequestStats
-from ._types import Scope
+from .types import Scope
 
 if TYPE_CHECKING:
     from ._database import Database

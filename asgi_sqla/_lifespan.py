@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from ._database import Database
-from ._types import AnyASGIApp, Message, Receive, Scope, Send
+from .types import AnyASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger("asgi_sqla")
 

@@ -23,7 +23,7 @@ from ._lifespan import LifespanRelay
 from ._routes import PathPatterns, ReplayableBody, backoff
 from ._session import is_conflict, run_to_completion
 from ._stats import report, server_timing
-from ._types import AnyASGIApp, Message, Receive, Scope, Send
+from .types import AnyASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["SQLAlchemyMiddleware"]
 

@@ -17,7 +17,7 @@ from typing import ParamSpec, TypeVar
 
 from ._context import SessionContext
 from ._errors import ConfigurationError
-from ._types import Message, Receive, Scope
+from .types import Message, Receive, Scope
 
 __all__ = ["manual_commit", "read_only"]
 

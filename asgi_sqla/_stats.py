@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 if TYPE_CHECKING:
     from ._context import SessionContext
     from ._database import Database
-    from ._types import Scope
+    from .types import Scope
 
 __all__ = ["PoolStatus", "RequestStats"]
 

@@ -67,7 +67,7 @@ from ._context import RECEIVE_WAITED, REQUEST_FINISHED, SCOPE_KEY, SessionContex
 from ._database import Database
 from ._errors import CommitFailedError, ConfigurationError
 from ._middleware import SQLAlchemyMiddleware
-from ._types import Scope
+from .types import Scope
 
 __all__ = ["add_background_task", "init_app"]
 

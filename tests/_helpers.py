@@ -9,7 +9,7 @@ import anyio
 from sqlalchemy import Column, Integer, MetaData, String, Table, event, func, select, text
 
 from asgi_sqla import Database
-from asgi_sqla._types import ASGIApp, Message, Scope
+from asgi_sqla.types import ASGIApp, Message, Scope
 
 metadata = MetaData()
 

@@ -21,7 +21,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from asgi_sqla import Database, SQLAlchemyMiddleware
-from asgi_sqla._types import ASGIApp, Receive, Scope, Send
+from asgi_sqla.types import ASGIApp, Receive, Scope, Send
 
 from _helpers import (
     ASGIRecorder,

@@ -17,7 +17,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from asgi_sqla import ConcurrentSessionUseError, Database, SQLAlchemyMiddleware
-from asgi_sqla._types import Message, Receive, Scope, Send
+from asgi_sqla.types import Message, Receive, Scope, Send
 
 from _helpers import (
     add_key,

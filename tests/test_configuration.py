@@ -19,7 +19,7 @@ from asgi_sqla import (
     SessionEndedError,
     SQLAlchemyMiddleware,
 )
-from asgi_sqla._types import Receive, Scope, Send
+from asgi_sqla.types import Receive, Scope, Send
 
 from _helpers import (
     ASGIRecorder,

@@ -15,7 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from asgi_sqla import Database, SessionContext, SessionEndedError, SQLAlchemyMiddleware
-from asgi_sqla._types import Message, Receive, Scope, Send
+from asgi_sqla.types import Message, Receive, Scope, Send
 
 from _helpers import (
     ASGIRecorder,

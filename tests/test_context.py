@@ -27,7 +27,7 @@ from asgi_sqla import (
     SessionEndedError,
     SQLAlchemyMiddleware,
 )
-from asgi_sqla._types import Message, Receive, Scope, Send
+from asgi_sqla.types import Message, Receive, Scope, Send
 
 from _helpers import (
     add_key,

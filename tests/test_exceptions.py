@@ -13,7 +13,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from asgi_sqla import Database, SQLAlchemyMiddleware
-from asgi_sqla._types import Receive, Scope, Send
+from asgi_sqla.types import Receive, Scope, Send
 
 from _helpers import ASGIRecorder, add_key, checked_out, create_tables, http_scope, keys
 

@@ -43,7 +43,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from asgi_sqla import Database, SQLAlchemyMiddleware
-from asgi_sqla._types import ASGIApp, Message, Receive, Scope, Send
+from asgi_sqla.types import ASGIApp, Message, Receive, Scope, Send
 
 import _postgres
 from _helpers import (

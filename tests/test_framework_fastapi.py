@@ -32,8 +32,8 @@ from httpx_ws import connect_ws
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from asgi_sqla import ConfigurationError, Database, SessionEndedError, SQLAlchemyMiddleware
-from asgi_sqla._types import Message
 from asgi_sqla.fastapi import session_dependency
+from asgi_sqla.types import Message
 
 from _framework import (
     COMMIT_FAILED,

@@ -33,8 +33,8 @@ from sqlalchemy import URL
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from asgi_sqla import Database, SQLAlchemyMiddleware
-from asgi_sqla._types import Message
 from asgi_sqla.litestar import provide_session
+from asgi_sqla.types import Message
 
 from _framework import (
     COMMIT_FAILED,

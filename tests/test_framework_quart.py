@@ -31,8 +31,8 @@ from sqlalchemy import URL, event, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from asgi_sqla import ConfigurationError, Database, SQLAlchemyMiddleware
-from asgi_sqla._types import Message, Scope
 from asgi_sqla.quart import add_background_task, init_app
+from asgi_sqla.types import Message, Scope
 
 from _framework import (
     COMMIT_FAILED,

@@ -25,7 +25,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from asgi_sqla import ConfigurationError, Database, SQLAlchemyMiddleware
-from asgi_sqla._types import Message
+from asgi_sqla.types import Message
 
 from _framework import (
     COMMIT_FAILED,

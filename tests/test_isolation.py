@@ -16,7 +16,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from asgi_sqla import Database, NoSessionContextError, SessionContext, SQLAlchemyMiddleware
-from asgi_sqla._types import Receive, Scope, Send
+from asgi_sqla.types import Receive, Scope, Send
 
 from _helpers import add_key, call_http, checked_out, create_tables, items, keys, plain_response
 

@@ -23,7 +23,7 @@ from sqlalchemy.pool import QueuePool
 from starlette.applications import Starlette
 
 from asgi_sqla import STATE_KEY, AsgiSqlaError, Database, DatabaseStartupError, SQLAlchemyMiddleware
-from asgi_sqla._types import ASGIApp, Message, Receive, Scope, Send
+from asgi_sqla.types import ASGIApp, Message, Receive, Scope, Send
 
 from _helpers import call_http, items, metadata, plain_response
 

@@ -18,7 +18,7 @@ from psycopg.rows import TupleRow
 from sqlalchemy import URL, event, text
 
 from asgi_sqla import ConfigurationError, Database, SQLAlchemyMiddleware
-from asgi_sqla._types import Receive, Scope, Send
+from asgi_sqla.types import Receive, Scope, Send
 
 import _postgres
 from _helpers import (

@@ -16,7 +16,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from asgi_sqla import Database, PoolStatus, RequestStats, SQLAlchemyMiddleware
-from asgi_sqla._types import Receive, Scope, Send
+from asgi_sqla.types import Receive, Scope, Send
 
 from _helpers import (
     ASGIRecorder,

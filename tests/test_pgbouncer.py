@@ -25,7 +25,7 @@ import pytest
 from sqlalchemy import URL, exc, func, select, text
 
 from asgi_sqla import Database, SQLAlchemyMiddleware
-from asgi_sqla._types import Receive, Scope, Send
+from asgi_sqla.types import Receive, Scope, Send
 
 import _postgres
 from _helpers import PoolEvents, call_http, checked_out, items, keys, plain_response

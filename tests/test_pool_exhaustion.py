@@ -19,7 +19,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from asgi_sqla import ConfigurationError, Database, SQLAlchemyMiddleware
-from asgi_sqla._types import Receive, Scope, Send
+from asgi_sqla.types import Receive, Scope, Send
 
 from _helpers import ASGIRecorder, call_http, checked_out, plain_response
 

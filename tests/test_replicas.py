@@ -24,7 +24,7 @@ import pytest
 from sqlalchemy import URL, func, select, text, update
 
 from asgi_sqla import Database, SessionEndedError, SQLAlchemyMiddleware
-from asgi_sqla._types import ASGIApp, Message, Receive, Scope, Send
+from asgi_sqla.types import ASGIApp, Message, Receive, Scope, Send
 
 import _postgres
 from _helpers import (

@@ -19,7 +19,7 @@ from starlette.responses import FileResponse
 from starlette.routing import Route
 
 from asgi_sqla import SCOPE_KEY, Database, SQLAlchemyMiddleware
-from asgi_sqla._types import Message, Receive, Scope, Send
+from asgi_sqla.types import Message, Receive, Scope, Send
 
 from _helpers import (
     ASGIRecorder,

@@ -27,7 +27,7 @@ from asgi_sqla import (
     manual_commit,
     read_only,
 )
-from asgi_sqla._types import ASGIApp, Receive, Scope, Send
+from asgi_sqla.types import ASGIApp, Receive, Scope, Send
 
 from _helpers import (
     add_key,

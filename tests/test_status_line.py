@@ -25,7 +25,7 @@ from starlette.responses import PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 from asgi_sqla import CommitFailedError, Database, SQLAlchemyMiddleware
-from asgi_sqla._types import Message, Receive, Scope, Send
+from asgi_sqla.types import Message, Receive, Scope, Send
 
 from _helpers import (
     ASGIRecorder,

@@ -34,7 +34,7 @@ from asgi_sqla import (
     SessionEndedError,
     SQLAlchemyMiddleware,
 )
-from asgi_sqla._types import ASGIApp, Message, Receive, Scope, Send
+from asgi_sqla.types import ASGIApp, Message, Receive, Scope, Send
 
 from _helpers import checked_out, create_tables, items, keys, websocket_scope
 

@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from asgi_sqla import Database, SQLAlchemyMiddleware
-from asgi_sqla._types import ASGIApp, Message, Receive, Scope, Send
+from asgi_sqla.types import ASGIApp, Message, Receive, Scope, Send
 
 _handler = logging.StreamHandler(sys.stderr)
 _handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))

@@ -1,4 +1,4 @@
-"""ASGI type aliases used throughout the package.
+"""The ASGI type aliases the package uses, public for apps and tests that wrap it.
 
 Inside the package, scopes and messages are the structural ``MutableMapping`` aliases
 Starlette uses.  At the public edge (the app the middleware wraps, and the
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, TypeAlias
+
+__all__ = ["ASGIApp", "AnyASGIApp", "Message", "Receive", "Scope", "Send"]
 
 Scope: TypeAlias = MutableMapping[str, Any]
 Message: TypeAlias = MutableMapping[str, Any]
