@@ -4,7 +4,6 @@ The transaction commits (or rolls back) before the status line is sent, and the
 connection goes back to the pool before the body does.
 """
 
-from ._context import SCOPE_KEY, SessionContext
 from ._database import Database, commit_below_400
 from ._errors import (
     AsgiSqlaError,
@@ -19,8 +18,10 @@ from ._errors import (
 )
 from ._lifespan import STATE_KEY
 from ._middleware import SQLAlchemyMiddleware
+from ._outcome import Outcome, Result
 from ._routes import manual_commit, read_only
 from ._stats import PoolStatus, RequestStats
+from ._unit import SCOPE_KEY, SessionContext, State
 
 __all__ = [
     "SCOPE_KEY",
@@ -32,13 +33,16 @@ __all__ = [
     "Database",
     "DatabaseStartupError",
     "NoSessionContextError",
+    "Outcome",
     "PoolStatus",
     "RequestStats",
     "ResponseCutShortError",
+    "Result",
     "RollbackOnlyError",
     "SQLAlchemyMiddleware",
     "SessionContext",
     "SessionEndedError",
+    "State",
     "commit_below_400",
     "manual_commit",
     "read_only",

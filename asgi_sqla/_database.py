@@ -6,31 +6,30 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import URL, Engine, make_url
+from sqlalchemy import URL, Engine, event, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.ext.asyncio import (
-    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
 )
 from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 
-from ._context import SCOPE_EXITED, SessionContext, _current_context
 from ._errors import ConfigurationError, DatabaseStartupError
 from ._multidb import commit_one_phase
-from ._replicas import ReplicaSet, read_session, replica_class, track_writes
+from ._outcome import Outcome
+from ._replicas import ReplicaSet, replica_class, track_writes
 from ._session import (
     ROLLBACK_ONLY,
     GuardedSession,
     add_on_commit,
-    end_session,
     guarded_class,
     run_to_completion,
 )
-from ._stats import PoolStatus, RequestStats, instrument, pool_status
+from ._stats import Limits, PoolStatus, RequestStats, instrument, pool_status
+from ._unit import SCOPE_EXITED, SessionContext, current_context
 
 __all__ = ["Database", "commit_below_400"]
 
@@ -142,12 +141,15 @@ class Database:
         options: dict[str, Any] = {"expire_on_commit": False, **(session_options or {})}
         options["class_"] = guarded_class(options.get("class_", AsyncSession))
         self._session_options = options
-        self._sessionmaker: async_sessionmaker[GuardedSession] | None = None
-        #: Set by :meth:`_bound_to` (the pytest plugin): sessions join a test's transaction.
-        self._bound_maker: async_sessionmaker[GuardedSession] | None = None
+        #: Where sessions come from: the engine's pool, or a test's connection (the
+        #: pytest plugin swaps it with :meth:`_sessions_from`).
+        self._factory: SessionFactory = EngineSessions(self)
+        self._default_factory = self._factory
         self._replicas = _replica_set(self, replicas, replica_cooldown)
-        self._replica_maker: async_sessionmaker[GuardedSession] | None = None
         self._writes_tracked: AsyncEngine | None = None
+        #: Set by a middleware with ``retry=`` routes: every commit of a session is
+        #: noted in the request's unit of work, which is then never re-run.
+        self._track_commits = False
         #: Set by a middleware with ``two_phase=True``: startup checks the server allows it.
         self._two_phase_check = False
 
@@ -167,12 +169,21 @@ class Database:
         if engine is None:
             engine = self._engine = self._create_engine()
         if self._stats and self._instrumented is not engine:
-            instrument(engine, self)
+            instrument(engine, self._current_stats)
             self._instrumented = engine
         if self._replicas is not None and self._writes_tracked is not engine:
-            track_writes(engine, self)  # read-your-writes: reads follow a write to the primary
+            track_writes(engine, self._note_write)  # read-your-writes
             self._writes_tracked = engine
         return engine
+
+    def _current_stats(self) -> RequestStats | None:
+        context = current_context.get()
+        return context.stats(self) if context is not None else None
+
+    def _note_write(self) -> None:
+        context = current_context.get()
+        if context is not None:
+            context.note_write(self)
 
     @property
     def replica_engines(self) -> tuple[AsyncEngine, ...]:
@@ -200,9 +211,9 @@ class Database:
         Replicas lag behind the primary: read through :attr:`session` what must be
         current.
         """
-        if self._bound_maker is not None:  # replicas cannot see a test's uncommitted rows
-            return self.session
-        return read_session(SessionContext.current(), self)
+        context = SessionContext.current()
+        _require_asyncio()
+        return context.read_session(self)
 
     @property
     def stats(self) -> RequestStats | None:
@@ -212,7 +223,7 @@ class Database:
         ``warn_*`` threshold, or the middleware's ``server_timing``), or outside a
         request, websocket or ``db.scope()``.
         """
-        context = _current_context.get()
+        context = current_context.get()
         if not self._stats or context is None:
             return None
         return context.stats(self)
@@ -224,6 +235,13 @@ class Database:
     def _track_stats(self) -> None:
         """Turn statistics on (the middleware does, for ``server_timing``)."""
         self._stats = True
+        if self._engine is not None:
+            self.engine  # noqa: B018 -- instruments the engine made before this call
+
+    @property
+    def limits(self) -> Limits:
+        """The warning thresholds (``warn_held_over``, ``warn_statements_over``)."""
+        return Limits(self._warn_held, self._warn_statements)
 
     @property
     def commit_on(self) -> Callable[[int], bool] | None:
@@ -248,9 +266,11 @@ class Database:
 
         The session stays usable; its next statement begins a new transaction.
         """
-        session = self._current_session()
-        if session is not None:
+        context = current_context.get()
+        session = context.existing(self) if context is not None else None
+        if context is not None and session is not None:
             await run_to_completion(commit_one_phase(session))
+            context.committed_any = True
 
     async def rollback(self) -> None:
         """Roll back the current session's transaction now, if there is a session."""
@@ -264,9 +284,9 @@ class Database:
         A later read of :attr:`session` opens a new session.  Does nothing when no
         session is open.
         """
-        context = _current_context.get()
+        context = current_context.get()
         if context is not None:
-            await context.release(self, commit=commit)
+            _raise_failure(await context.release(self, commit=commit))
 
     def on_commit(self, callback: Callable[[], object]) -> None:
         """Call ``callback`` after the current transaction commits; never if it rolls back.
@@ -294,19 +314,13 @@ class Database:
         """Make :attr:`session` available outside a request: scripts, workers, tests.
 
         Commits on normal exit (unless ``commit_on`` is None), rolls back on an
-        exception, and always closes the session.  Yields the (lazy) session.
+        exception, and always closes the session.  Yields the (lazy) session.  Inside
+        a ``read_only`` route the block is read-only too.
         """
-        context = SessionContext((self,))
+        context = self._own_unit()
         with context.bind():
-            try:
+            async with context.closing(SCOPE_EXITED):
                 yield context.session(self)
-            except BaseException:
-                await context.finish(None, reason=SCOPE_EXITED, failed=True)
-                raise
-            else:
-                await context.finish(None, reason=SCOPE_EXITED)
-            finally:
-                context.end(SCOPE_EXITED)
 
     @asynccontextmanager
     async def new_session(self) -> AsyncIterator[AsyncSession]:
@@ -314,75 +328,59 @@ class Database:
 
         For work that runs alongside the request's session, such as concurrent child
         tasks (one session must never be used by two tasks at once).  Commits on
-        normal exit (unless ``commit_on`` is None), rolls back on an exception.
+        normal exit (unless ``commit_on`` is None), rolls back on an exception.  Inside
+        a ``read_only`` route it is read-only too.
         """
-        session = self._make_session()
-        try:
-            yield session
-        except BaseException:
-            await end_session(session, commit=False, reason=SCOPE_EXITED)
-            raise
-        else:
-            await end_session(session, commit=self._wants_commit(None), reason=SCOPE_EXITED)
+        context = self._own_unit()
+        async with context.closing(SCOPE_EXITED):
+            yield context.session(self)
+
+    def _own_unit(self) -> SessionContext:
+        """A unit of work of this database alone, read-only inside a read-only route."""
+        unit = SessionContext((self,))
+        enclosing = current_context.get()
+        if enclosing is not None and enclosing.read_only:
+            unit.read_only = True
+        return unit
 
     def _context_session(self) -> GuardedSession:
         """The current context's session object (no connection is taken for it)."""
         return SessionContext.current().session(self)
 
     def _current_session(self) -> GuardedSession | None:
-        context = _current_context.get()
+        context = current_context.get()
         return context.existing(self) if context is not None else None
 
     def _make_session(self, **options: Any) -> GuardedSession:
         _require_asyncio()
-        maker = self._bound_maker or self._sessionmaker
-        if maker is None:
-            maker = self._sessionmaker = async_sessionmaker(self.engine, **self._session_options)
-        return maker(**options)
+        session = self._factory.make(**options)
+        if self._track_commits:
+            event.listen(session.sync_session, "after_commit", _note_commit)
+        return session
+
+    def _make_replica_session(self, engine: AsyncEngine) -> GuardedSession | None:
+        """A read session bound to the replica ``engine`` (routing: ``_replicas``)."""
+        _require_asyncio()
+        return self._factory.make_read(engine)
+
+    def _can_prepare(self) -> bool:
+        """Whether this database's sessions can take part in a two-phase commit."""
+        return self._factory.can_prepare
 
     @contextmanager
-    def _bound_to(self, connection: AsyncConnection, **session_options: Any) -> Iterator[None]:
-        """Make the sessions opened in the block join ``connection``'s transaction.
+    def _sessions_from(self, factory: SessionFactory) -> Iterator[None]:
+        """Make the sessions opened in the block with ``factory`` (the pytest plugin's).
 
-        For ``asgi_sqla.pytest_plugin`` only.  The test owns ``connection`` and the
-        transaction begun on it, and rolls that back at the end; every session made
-        meanwhile (:attr:`session`, :meth:`scope`, :meth:`new_session`) is bound to it
-        with ``join_transaction_mode="create_savepoint"``, SQLAlchemy's recipe "Joining
-        a Session into an External Transaction": the app's commits release a SAVEPOINT
-        and its rollbacks roll back to one, as in production, and nothing outlives the
-        test.  ``session_options`` are added to the ``Database``'s own.  While bound,
-        :meth:`dispose` does nothing, so that an app's lifespan driven by the test
-        cannot dispose the engine under the test's connection: the engine is the
-        test's until the block ends.
+        While it lasts, :meth:`dispose` leaves the engine alone when the factory
+        ``pins_engine``: a test's connection is still open on it.
         """
-        if self._bound_maker is not None:
+        if self._factory is not self._default_factory:
             raise ConfigurationError(f"{self!r} is already bound to a test's transaction.")
-        options = {**self._session_options, **session_options}
-        options["class_"] = guarded_class(options["class_"])
-        self._bound_maker = async_sessionmaker(
-            connection, join_transaction_mode="create_savepoint", **options
-        )
+        self._factory = factory
         try:
             yield
         finally:
-            self._bound_maker = None
-
-    def _make_replica_session(self, engine: AsyncEngine) -> GuardedSession:
-        """A read session bound to the replica ``engine`` (routing: ``_replicas``)."""
-        _require_asyncio()
-        maker = self._replica_maker
-        if maker is None:
-            options = dict(self._session_options)
-            options["class_"] = replica_class(options["class_"])
-            maker = self._replica_maker = async_sessionmaker(**options)
-        return maker(bind=engine)
-
-    def _wants_commit(self, status: int | None) -> bool:
-        """Whether the automatic end of a transaction commits, for ``status`` (None: success)."""
-        commit_on = self._commit_on
-        if commit_on is None:
-            return False
-        return status is None or commit_on(status)
+            self._factory = self._default_factory
 
     def _create_engine(self) -> AsyncEngine:
         if self._engine_factory is not None:
@@ -444,7 +442,7 @@ class Database:
         that used :meth:`scope` without the middleware.  A later use creates a new engine.
         Does nothing while a test's transaction is bound (``asgi_sqla.pytest_plugin``).
         """
-        if self._bound_maker is not None:
+        if self._factory.pins_engine:
             return
         replicas = self._replicas
         if replicas is not None and replicas.engines is not None:
@@ -456,8 +454,69 @@ class Database:
         if engine is None or not self._owns_engine:
             return
         self._engine = None
-        self._sessionmaker = None
+        self._default_factory.reset()
         await run_to_completion(engine.dispose())
+
+
+class SessionFactory(Protocol):
+    """Where a ``Database``'s sessions come from (the seam the pytest plugin binds)."""
+
+    #: Sessions can be prepared for a two-phase commit.
+    can_prepare: bool
+    #: The engine must not be disposed while this factory is in use.
+    pins_engine: bool
+
+    def make(self, **options: Any) -> GuardedSession:
+        """A new session on the database's primary."""
+
+    def make_read(self, engine: AsyncEngine) -> GuardedSession | None:
+        """A new read session on the replica ``engine``; None: read on the primary."""
+
+
+class EngineSessions:
+    """Sessions from the database's own engine: the production factory."""
+
+    can_prepare = True
+    pins_engine = False
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._maker: async_sessionmaker[GuardedSession] | None = None
+        self._read_maker: async_sessionmaker[GuardedSession] | None = None
+
+    def make(self, **options: Any) -> GuardedSession:
+        maker = self._maker
+        if maker is None:
+            db = self._db
+            maker = self._maker = async_sessionmaker(db.engine, **db._session_options)
+        return maker(**options)
+
+    def make_read(self, engine: AsyncEngine) -> GuardedSession:
+        maker = self._read_maker
+        if maker is None:
+            options = dict(self._db._session_options)
+            options["class_"] = replica_class(options["class_"])
+            maker = self._read_maker = async_sessionmaker(**options)
+        return maker(bind=engine)
+
+    def reset(self) -> None:
+        """Forget the makers: the engine was disposed, the next one is new."""
+        self._maker = self._read_maker = None
+
+
+def _note_commit(sync_session: Any) -> None:
+    # SessionEvents.after_commit: the session's transaction committed, in the task
+    # (and so the context) that committed it.  Releasing a SAVEPOINT fires it too.
+    if sync_session.in_nested_transaction():
+        return
+    context = current_context.get()
+    if context is not None:
+        context.committed_any = True
+
+
+def _raise_failure(outcome: Outcome) -> None:
+    if outcome.error is not None:
+        raise outcome.error
 
 
 def _parse_url(url: str | URL | None) -> URL:

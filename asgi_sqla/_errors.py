@@ -6,6 +6,8 @@ subclasses so that code catching the standard type keeps working.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 __all__ = [
     "AsgiSqlaError",
     "CommitFailedError",
@@ -64,3 +66,16 @@ class CommitFailedError(AsgiSqlaError):
     task, runs as if the write had succeeded.  The middleware has already logged the
     cause and answered the client; apps need not handle it.
     """
+
+
+def exception_chain(exc: BaseException | None, limit: int = 8) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or during, nearest first.
+
+    Frameworks re-wrap errors (a 500 response made of a database error); the chains
+    are short, and ``limit`` guards against a cycle.
+    """
+    seen = 0
+    while exc is not None and seen < limit:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+        seen += 1

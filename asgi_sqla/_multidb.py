@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 from sqlalchemy import text
 from sqlalchemy.engine import TwoPhaseTransaction
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._replicas import ReplicaSlot, end_read_session
 from ._session import (
@@ -44,8 +45,8 @@ from ._session import (
     run_to_completion,
 )
 
-if TYPE_CHECKING:
-    from ._database import Database
+#: A database, as this module sees it: a key that names itself in the log.
+Database = TypeVar("Database", bound=Hashable)
 
 __all__ = [
     "TwoPhase",
@@ -60,14 +61,14 @@ logger = logging.getLogger("asgi_sqla")
 
 
 async def end_read_sessions(
-    sessions: Mapping[Database | ReplicaSlot, GuardedSession], reason: str
-) -> tuple[dict[Database, GuardedSession], BaseException | None]:
+    sessions: Mapping[Any, GuardedSession], reason: str
+) -> tuple[dict[Any, GuardedSession], BaseException | None]:
     """Close the read sessions (they never commit).
 
     Returns the primary sessions, and a cancellation that arrived meanwhile (the closes
     finished first), for the caller to re-raise once those are ended too.
     """
-    primaries: dict[Database, GuardedSession] = {}
+    primaries: dict[Any, GuardedSession] = {}
     cancelled: BaseException | None = None
     for key, session in sessions.items():
         if isinstance(key, ReplicaSlot):
@@ -93,10 +94,10 @@ class TwoPhase:
     """What the prepare phase did."""
 
     #: The prepared databases, in first-use order: these are committed (or all rolled back).
-    prepared: dict[Database, Written] = field(default_factory=dict)
+    prepared: dict[Any, Written] = field(default_factory=dict)
     #: The error that stopped the prepare phase; nothing is committed then.
     error: BaseException | None = None
-    failed: Database | None = None
+    failed: Any = None
     #: A cancellation that arrived meanwhile (re-raised once every session has ended).
     cancelled: BaseException | None = None
 
@@ -194,7 +195,7 @@ async def commit_one_phase(session: GuardedSession) -> None:
         sync_session.twophase = True
 
 
-async def commit_prepared_again(db: Database, written: Written) -> bool:
+async def commit_prepared_again(db: Hashable, engine: AsyncEngine, written: Written) -> bool:
     """Settle a prepared transaction whose ``COMMIT PREPARED`` failed; True if committed.
 
     Asks on a new connection: ``txid_status()`` is 'committed' when the first attempt
@@ -203,7 +204,7 @@ async def commit_prepared_again(db: Database, written: Written) -> bool:
     """
     xid = written.xid.replace("'", "''")
     try:
-        async with db.engine.connect() as connection:
+        async with engine.connect() as connection:
             await connection.execution_options(isolation_level="AUTOCOMMIT")
             status = (
                 await connection.execute(text("SELECT txid_status(:txid)"), {"txid": written.txid})
@@ -242,7 +243,7 @@ async def commit_prepared_again(db: Database, written: Written) -> bool:
 
 
 def log_partial_commit(
-    failed: Database, committed: list[Database], rolled_back: list[Database]
+    failed: Hashable, committed: list[Hashable], rolled_back: list[Hashable]
 ) -> None:
     """Say which databases committed and which did not, after ``failed``'s commit failed."""
     if committed:
@@ -265,6 +266,6 @@ def log_partial_commit(
         )
 
 
-def _names(databases: Any) -> str:
+def _names(databases: Iterable[Hashable]) -> str:
     names = [repr(db) for db in databases]
     return ", ".join(names) if names else "none"

@@ -36,7 +36,7 @@ import logging
 import re
 from collections.abc import Callable, Coroutine
 from time import monotonic
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from sqlalchemy import URL, event
 from sqlalchemy.exc import DBAPIError
@@ -46,11 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from ._errors import SessionEndedError
 from ._session import GuardedSession, end_session
 
-if TYPE_CHECKING:
-    from ._context import SessionContext
-    from ._database import Database
-
-__all__ = ["ReplicaSet", "ReplicaSlot", "end_read_session", "read_session", "track_writes"]
+__all__ = ["ReadRoute", "ReplicaSet", "ReplicaSlot", "end_read_session", "track_writes"]
 
 logger = logging.getLogger("asgi_sqla")
 
@@ -68,7 +64,7 @@ class ReplicaSlot:
 
     __slots__ = ("db",)
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: object) -> None:
         self.db = db
 
     def __repr__(self) -> str:
@@ -80,7 +76,7 @@ class ReplicaSet:
 
     __slots__ = ("_down_until", "_turn", "cooldown", "engines", "slot", "urls")
 
-    def __init__(self, db: Database, urls: tuple[URL, ...], cooldown: float) -> None:
+    def __init__(self, db: object, urls: tuple[URL, ...], cooldown: float) -> None:
         self.slot = ReplicaSlot(db)
         self.urls = urls
         self.cooldown = cooldown
@@ -130,27 +126,33 @@ def _describe(exc: BaseException, url: URL) -> str:
     return text.replace(str(password), "***") if password else text
 
 
-def read_session(context: SessionContext, db: Database) -> GuardedSession:
-    """``db``'s read session in ``context``: on a replica, or the primary session."""
-    replicas = db._replicas
-    written = context._written
-    if replicas is None or (written is not None and db in written):
-        return context.session(db)
-    slot = replicas.slot
-    session = context._sessions.get(slot)
-    if session is not None:
-        return session
-    if context._ended is not None:
-        raise SessionEndedError(context._ended)
-    if db not in context._databases:
-        return context.session(db)  # raises the "not managed here" error
-    engine = replicas.pick(db.replica_engines)
-    if engine is None:  # every replica is down: read on the primary
-        return context.session(db)
-    session = cast(ReplicaSession, db._make_replica_session(engine))
-    session._asgi_sqla_route = (context, db, replicas)
-    context._sessions[slot] = session
-    return session
+class ReadRoute:
+    """Where a read session's statements go: its replica, or the request's primary session.
+
+    ``primary(force)`` returns the primary session when ``force`` is true or once the
+    request has written to the primary (read-your-writes), else None.
+    """
+
+    __slots__ = ("engines", "primary", "replicas")
+
+    def __init__(
+        self,
+        session: GuardedSession,
+        replicas: ReplicaSet,
+        engines: tuple[AsyncEngine, ...],
+        primary: Callable[[bool], GuardedSession | None],
+    ) -> None:
+        self.replicas = replicas
+        self.engines = engines
+        self.primary = primary
+        cast(ReplicaSession, session)._asgi_sqla_route = self
+
+    def engine_of(self, sync_engine: Any) -> AsyncEngine | None:
+        """The replica engine whose sync engine is ``sync_engine``."""
+        for engine in self.engines:
+            if engine.sync_engine is sync_engine:
+                return engine
+        return None
 
 
 async def end_read_session(session: GuardedSession, reason: str) -> None:
@@ -162,24 +164,14 @@ async def end_read_session(session: GuardedSession, reason: str) -> None:
             session._asgi_sqla_route = None  # a retired session routes nowhere
 
 
-def note_write(context: SessionContext, db: Database) -> None:
-    written = context._written
-    if written is None:
-        context._written = {db}
-    else:
-        written.add(db)
-
-
-def track_writes(engine: AsyncEngine, db: Database) -> None:
-    """Mark the current context as having written to ``db`` when ``engine`` runs a write."""
-    from ._context import _current_context  # here: _context imports this module
+def track_writes(engine: AsyncEngine, on_write: Callable[[], None]) -> None:
+    """Call ``on_write()`` whenever ``engine`` runs a statement that is not a plain read."""
 
     def before_cursor_execute(
         conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
     ) -> None:
-        current = _current_context.get()
-        if current is not None and not _is_plain_read(statement, context):
-            note_write(current, db)
+        if not _is_plain_read(statement, context):
+            on_write()
 
     event.listen(engine.sync_engine, "before_cursor_execute", before_cursor_execute)
 
@@ -212,8 +204,8 @@ def _needs_primary(statement: Any) -> bool:
 class ReplicaSession(GuardedSession):
     """Mixed into the session class of read sessions: routes statements (see module doc)."""
 
-    #: (context, database, replicas) of a read session; None on a plain session.
-    _asgi_sqla_route: tuple[SessionContext, Database, ReplicaSet] | None = None
+    #: Where this read session's statements go; None on a plain session.
+    _asgi_sqla_route: ReadRoute | None = None
     #: The replica served a statement: no more failing over for this session.
     _asgi_sqla_connected: bool = False
     #: Every replica failed: this session's statements run on the primary session.
@@ -231,14 +223,9 @@ def _routed(name: str, needs_primary: Callable[..., bool]) -> _Method:
             return await replica_method(*args, **kwargs)
         if self._asgi_sqla_ended is not None:
             raise SessionEndedError(self._asgi_sqla_ended)
-        context, db, _ = route
-        written = context._written
-        if (
-            self._asgi_sqla_on_primary
-            or (written is not None and db in written)
-            or needs_primary(*args, **kwargs)
-        ):
-            return await getattr(context.session(db), name)(*args, **kwargs)
+        primary = route.primary(self._asgi_sqla_on_primary or needs_primary(*args, **kwargs))
+        if primary is not None:
+            return await getattr(primary, name)(*args, **kwargs)
         if self._asgi_sqla_connected:
             return await replica_method(*args, **kwargs)
         return await _first_read(self, name, replica_method, route, args, kwargs)
@@ -251,12 +238,12 @@ async def _first_read(
     session: ReplicaSession,
     name: str,
     replica_method: _Method,
-    route: tuple[SessionContext, Database, ReplicaSet],
+    route: ReadRoute,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> Any:
     """Run the read session's first statement, failing over to the next replica."""
-    context, db, replicas = route
+    replicas = route.replicas
     # The guarded methods, without the routing.
     guarded = cast(AsyncSession, super(ReplicaSession, session))
     tried: list[Any] = []
@@ -279,22 +266,17 @@ async def _first_read(
                 session._asgi_sqla_connected = True
                 return result
         await guarded.rollback()  # forget the failed connection; nothing was read
-        async_engine = _async_engine(db, engine)
+        async_engine = route.engine_of(engine)
         if async_engine is not None:
             replicas.mark_down(async_engine, failure)
         tried.append(engine)
-        following = replicas.pick(db.replica_engines, tuple(tried))
+        following = replicas.pick(route.engines, tuple(tried))
         if following is None:
             session._asgi_sqla_on_primary = True
-            return await getattr(context.session(db), name)(*args, **kwargs)
+            primary = route.primary(True)
+            assert primary is not None  # forced: always the primary session
+            return await getattr(primary, name)(*args, **kwargs)
         session.sync_session.bind = following.sync_engine
-
-
-def _async_engine(db: Database, sync_engine: Any) -> AsyncEngine | None:
-    for engine in db.replica_engines:
-        if engine.sync_engine is sync_engine:
-            return engine
-    return None
 
 
 def _statement_needs_primary(statement: Any, *args: Any, **kwargs: Any) -> bool:

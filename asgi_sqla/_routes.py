@@ -15,8 +15,8 @@ import re
 from collections.abc import Awaitable, Callable, Iterable
 from typing import ParamSpec, TypeVar
 
-from ._context import SessionContext
 from ._errors import ConfigurationError
+from ._unit import SessionContext
 from .types import Message, Receive, Scope
 
 __all__ = ["manual_commit", "read_only"]
@@ -48,8 +48,9 @@ class PathPatterns:
     def __bool__(self) -> bool:
         return self._regex is not None
 
-    def match(self, path: str) -> bool:
-        return self._regex is not None and self._regex.match(path) is not None
+    def match(self, scope: Scope) -> bool:
+        path = scope.get("path")
+        return self._regex is not None and self._regex.match(str(path)) is not None
 
 
 def read_only(handler: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]]:
@@ -62,7 +63,7 @@ def read_only(handler: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R
 
     @functools.wraps(handler)
     async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        SessionContext.current()._read_only = True
+        SessionContext.current().read_only = True
         return await handler(*args, **kwargs)
 
     return wrapper
@@ -77,7 +78,7 @@ def manual_commit(handler: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitabl
 
     @functools.wraps(handler)
     async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        SessionContext.current()._manual = True
+        SessionContext.current().manual = True
         return await handler(*args, **kwargs)
 
     return wrapper

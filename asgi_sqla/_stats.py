@@ -10,17 +10,16 @@ is registered and the request path only checks one attribute for ``None``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-if TYPE_CHECKING:
-    from ._context import SessionContext
-    from ._database import Database
-    from .types import Scope
+from ._log import printable
+from .types import Scope
 
 __all__ = ["PoolStatus", "RequestStats"]
 
@@ -60,10 +59,12 @@ class PoolStatus:
     overflow: int
 
 
-def instrument(engine: AsyncEngine, db: Database) -> None:
-    """Register the events that feed ``RequestStats`` for ``db`` on ``engine``."""
-    from ._context import _current_context  # _context imports this module
+def instrument(engine: AsyncEngine, current: Callable[[], RequestStats | None]) -> None:
+    """Register the events that feed the ``RequestStats`` that ``current()`` returns.
 
+    ``current()`` gives the running request's statistics for this engine's database,
+    or None outside a request.
+    """
     sync_engine = engine.sync_engine
 
     def before_cursor_execute(conn: Any, *args: Any) -> None:
@@ -78,17 +79,18 @@ def instrument(engine: AsyncEngine, db: Database) -> None:
             _count(connection.info.pop(_STARTED, None))
 
     def _count(started: float | None) -> None:
-        context = _current_context.get()
-        if started is None or context is None:
+        if started is None:
             return
-        stats = context.stats(db)
+        stats = current()
+        if stats is None:
+            return
         stats.statements += 1
         stats.duration += perf_counter() - started
 
     def checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
-        context = _current_context.get()
-        if context is not None:
-            record.info[_CHECKED_OUT] = (perf_counter(), context.stats(db))
+        stats = current()
+        if stats is not None:
+            record.info[_CHECKED_OUT] = (perf_counter(), stats)
 
     def checkin(dbapi_connection: Any, record: Any) -> None:
         if record is None:
@@ -114,30 +116,36 @@ def pool_status(engine: AsyncEngine) -> PoolStatus:
     return PoolStatus(size, checked_out, checked_in, overflow)
 
 
-def server_timing(context: SessionContext) -> tuple[bytes, bytes] | None:
+def server_timing(all_stats: Iterable[RequestStats]) -> tuple[bytes, bytes] | None:
     """A ``Server-Timing`` header with the request's database time so far."""
-    all_stats = context._stats
+    all_stats = list(all_stats)
     if not all_stats:
         return None
-    duration = sum(s.duration for s in all_stats.values()) * 1000
-    statements = sum(s.statements for s in all_stats.values())
+    duration = sum(s.duration for s in all_stats) * 1000
+    statements = sum(s.statements for s in all_stats)
     noun = "query" if statements == 1 else "queries"
     value = f'db;dur={duration:.1f};desc="{statements} {noun}"'
     return (b"server-timing", value.encode())
 
 
-def report(scope: Scope, context: SessionContext) -> None:
+@dataclass(frozen=True)
+class Limits:
+    """A database's warning thresholds (``Database(warn_held_over=..., ...)``)."""
+
+    held: float | None
+    statements: float | None
+
+
+def report(scope: Scope, all_stats: Iterable[tuple[Any, Limits, RequestStats]]) -> None:
     """Log what the request did: warnings past a database's thresholds, and a DEBUG record.
 
-    The records carry the route, the method and the figures as ``extra`` fields for
-    structured logging; never statements or their parameters.
+    ``all_stats`` gives each database, its limits and its statistics.  The records
+    carry the route, the method and the figures as ``extra`` fields for structured
+    logging; never statements or their parameters.
     """
-    all_stats = context._stats
-    if not all_stats:
-        return
     route = _route(scope)
-    method = scope.get("method", "WEBSOCKET")
-    for db, stats in all_stats.items():
+    method = printable(str(scope.get("method", "WEBSOCKET")))
+    for db, limits, stats in all_stats:
         fields = {
             "route": route,
             "method": method,
@@ -147,10 +155,12 @@ def report(scope: Scope, context: SessionContext) -> None:
             "held_seconds": round(stats.held, 6),
             "outcome": stats.outcome,
         }
-        held_limit = db._warn_held
+        held_limit = limits.held
         if held_limit is not None and stats.held > held_limit:
             logger.warning(
-                "%s %s held a connection of %r for %.3f s (more than %.3f s).",
+                "%s %s held a connection of %r for %.3f s (more than %.3f s). A handler "
+                "that reads a slow request body after its first query holds the "
+                "connection meanwhile: read the body first.",
                 method,
                 route,
                 db,
@@ -158,7 +168,7 @@ def report(scope: Scope, context: SessionContext) -> None:
                 held_limit,
                 extra=fields,
             )
-        statement_limit = db._warn_statements
+        statement_limit = limits.statements
         if statement_limit is not None and stats.statements > statement_limit:
             logger.warning(
                 "%s %s sent %d statements to %r (more than %d): an N+1 query pattern?",
@@ -188,4 +198,5 @@ def _route(scope: Scope) -> str:
     # ("/users/{id}") groups requests better than the concrete path.
     route = scope.get("route")
     template = getattr(route, "path", None)
-    return template if isinstance(template, str) else str(scope.get("path", ""))
+    path = template if isinstance(template, str) else str(scope.get("path", ""))
+    return printable(path)

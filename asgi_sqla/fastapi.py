@@ -53,6 +53,12 @@ __all__ = ["session_dependency"]
 
 SessionDependency = Callable[[], Awaitable[AsyncSession]]
 
+_COLLECTED = (
+    "The Database of this dependency was garbage-collected: nothing but the dependency "
+    "referred to it, so no SQLAlchemyMiddleware serves it. Keep it in a module-level "
+    "variable (db = Database(url)) and pass that to SQLAlchemyMiddleware(app, db)."
+)
+
 _dependencies: weakref.WeakKeyDictionary[Database, SessionDependency] = weakref.WeakKeyDictionary()
 
 
@@ -75,7 +81,7 @@ def session_dependency(db: Database) -> SessionDependency:
         async def request_session() -> AsyncSession:
             database = db_ref()
             if database is None:  # no app can serve a Database that is gone
-                raise NoSessionContextError("The Database of this dependency no longer exists.")
+                raise NoSessionContextError(_COLLECTED)
             return database.session
 
         dependency = _dependencies[db] = request_session

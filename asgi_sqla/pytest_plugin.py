@@ -38,7 +38,7 @@ databases in a fixture, and request ``asgi_sqla_transaction``::
 
 How it works.  For each database the test gets one connection and begins an outer
 transaction on it, which is rolled back when the test ends.  While the test runs, the
-``Database`` is bound to that connection (``Database._bound_to``): every session it
+``Database`` is bound to that connection (``Database._sessions_from``): every session it
 makes, for a request, a websocket, ``db.scope()`` or ``db.new_session()``, joins the
 outer transaction through a SAVEPOINT (SQLAlchemy's recipe "Joining a Session into an
 External Transaction", ``join_transaction_mode="create_savepoint"``).  So the app's
@@ -120,13 +120,19 @@ from typing import Any, cast
 
 import pytest
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, AsyncSessionTransaction
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    AsyncSessionTransaction,
+    async_sessionmaker,
+)
 from sqlalchemy.orm import Session, SessionTransaction
 
-from ._context import _current_context
 from ._database import Database
 from ._errors import AsgiSqlaError, ConfigurationError
-from ._session import _GUARDED_METHODS
+from ._session import _GUARDED_METHODS, GuardedSession, guarded_class
+from ._unit import current_context
 
 __all__ = ["ConnectionTurnTimeout", "OuterTransaction", "rolled_back"]
 
@@ -279,7 +285,7 @@ def _task_name() -> str:
 
 def _request_context(session: _SharedConnectionSession) -> object:
     """The request context whose own session ``session`` is, if it is one (else None)."""
-    context = _current_context.get()
+    context = current_context.get()
     if context is not None:
         existing = context.existing(session._asgi_sqla_db)
         if existing is not None and existing.sync_session is session:
@@ -513,11 +519,40 @@ async def rolled_back(
         for db in databases:
             connection = await stack.enter_async_context(_outer_transaction(db))
             async_class, sync_class = _session_classes(db, turns, connection.dialect.name)
-            stack.enter_context(
-                db._bound_to(connection, class_=async_class, sync_session_class=sync_class)
+            sessions = _ConnectionSessions(
+                db, connection, class_=async_class, sync_session_class=sync_class
             )
+            stack.enter_context(db._sessions_from(sessions))
             connections[db] = connection
         yield OuterTransaction(connections)
+
+
+class _ConnectionSessions:
+    """Sessions joined to a test's connection, for ``Database._sessions_from``.
+
+    SQLAlchemy's recipe "Joining a Session into an External Transaction": with
+    ``join_transaction_mode="create_savepoint"`` the app's commits release a SAVEPOINT
+    and its rollbacks roll back to one, as in production, and nothing outlives the
+    test.  Such a transaction cannot be prepared (two-phase commits run in one
+    phase), reads stay on it (replicas cannot see the test's uncommitted rows), and
+    the engine is the test's until the binding ends.
+    """
+
+    can_prepare = False
+    pins_engine = True
+
+    def __init__(self, db: Database, connection: AsyncConnection, **session_options: Any) -> None:
+        options = {**db._session_options, **session_options}
+        options["class_"] = guarded_class(options["class_"])
+        self._maker: async_sessionmaker[GuardedSession] = async_sessionmaker(
+            connection, join_transaction_mode="create_savepoint", **options
+        )
+
+    def make(self, **options: Any) -> GuardedSession:
+        return self._maker(**options)
+
+    def make_read(self, engine: AsyncEngine) -> GuardedSession | None:
+        return None  # read on the primary session: replicas cannot see the test's rows
 
 
 @asynccontextmanager

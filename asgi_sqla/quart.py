@@ -63,10 +63,11 @@ from quart.asgi import ASGIHTTPConnection, ASGIWebsocketConnection
 from quart.signals import got_websocket_exception
 from quart.wrappers import Request, Websocket
 
-from ._context import RECEIVE_WAITED, REQUEST_FINISHED, SCOPE_KEY, SessionContext
 from ._database import Database
 from ._errors import CommitFailedError, ConfigurationError
 from ._middleware import SQLAlchemyMiddleware
+from ._outcome import Outcome
+from ._unit import RECEIVE_WAITED, REQUEST_FINISHED, SCOPE_KEY, SessionContext
 from .types import Scope
 
 __all__ = ["add_background_task", "init_app"]
@@ -188,9 +189,13 @@ class _HeldTasks:
         else:
             logger.debug("Dropped background task %r: its request did not commit.", task[0])
 
-    def release(self) -> None:
-        """Start the tasks held so far: their transaction has committed."""
+    def release(self, *, committed: bool = True) -> None:
+        """Start the tasks held so far if their transaction ``committed``, else drop them."""
         tasks, self.tasks = self.tasks, []
+        if not committed:
+            if tasks:
+                logger.debug("Dropped %d background task(s): not committed.", len(tasks))
+            return
         for task in tasks:
             _start(self.app, self.databases, task)
 
@@ -215,33 +220,41 @@ class _HTTPConnection(ASGIHTTPConnection):
     """Quart's HTTP connection, holding background tasks until the response was sent."""
 
     async def handle_request(self, request: Request, send: ASGISendCallable) -> None:
-        tasks = _scope(self.scope)[_TASKS_KEY] = _HeldTasks(self.app)
-        status: int | None = None
+        scope = _scope(self.scope)
+        tasks = scope[_TASKS_KEY] = _HeldTasks(self.app)
+        unit = SessionContext.from_scope(scope)
+        committed = False
         complete = False
 
         async def send_and_watch(message: ASGISendEvent) -> None:
-            nonlocal status, complete
+            nonlocal committed, complete
+            event = cast(Mapping[str, Any], message)
+            before = unit.outcome
             # The middleware ends the transaction before it forwards the start; if the
             # commit fails, this raises CommitFailedError and the tasks are dropped.
             await send(message)
-            event = cast(Mapping[str, Any], message)
             if event["type"] == "http.response.start":
-                status = int(event["status"])
+                committed = _committed_at_start(unit, before, int(event["status"]))
             elif event["type"] == "http.response.body" and not event.get("more_body", False):
                 complete = True
 
         try:
             await super().handle_request(request, send_and_watch)
         finally:
-            committed = complete and status is not None and _commits(tasks.databases, status)
-            tasks.finish(committed=committed)
+            tasks.finish(committed=complete and committed)
 
 
 class _WebsocketConnection(ASGIWebsocketConnection):
     """Quart's websocket connection, rolling back what a failed or cancelled handler left."""
 
     async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
-        tasks = _scope(self.scope)[_TASKS_KEY] = _HeldTasks(self.app)
+        scope = _scope(self.scope)
+        tasks = scope[_TASKS_KEY] = _HeldTasks(self.app)
+        # Quart reads messages ahead in a task of its own: the middleware's receive()
+        # runs while the handler is still busy with the previous message, and ending
+        # the transaction there would split that message's work in two.  The handler's
+        # own receive() (``_Websocket``) ends it instead.
+        SessionContext.from_scope(scope).ends_on_receive = False
 
         async def send_and_watch(message: ASGISendEvent) -> None:
             await send(message)  # a close or a denial ends the transaction first
@@ -278,20 +291,21 @@ class _Websocket(Websocket):
         scope = _scope(self.scope)
         context = SessionContext.from_scope(scope)
         tasks = scope.get(_TASKS_KEY)
+        committed = True
         if context.has_sessions:
-            try:
-                await context.finish(None, reason=RECEIVE_WAITED)
-            except Exception as exc:
+            outcome = await context.end(None, reason=RECEIVE_WAITED)
+            if outcome.failed:
                 if isinstance(tasks, _HeldTasks):
                     tasks.finish(committed=False)
-                logger.error(_COMMIT_FAILED, exc_info=True)
+                logger.error(_COMMIT_FAILED, exc_info=outcome.error)
                 try:
                     await self.close(1011)
                 except Exception:  # the socket is already closed: nothing more to say
                     logger.debug("Could not close the websocket after a failed commit.")
-                raise CommitFailedError(_COMMIT_FAILED) from exc
+                raise CommitFailedError(_COMMIT_FAILED) from outcome.error
+            committed = outcome.all_committed
         if isinstance(tasks, _HeldTasks):
-            tasks.release()
+            tasks.release(committed=committed)
         return await super().receive()
 
 
@@ -306,7 +320,7 @@ async def _roll_back(scope: Scope) -> None:
         tasks.finish(committed=False)
     context = scope.get(SCOPE_KEY)
     if isinstance(context, SessionContext) and context.has_sessions:
-        await context.finish(None, reason=REQUEST_FINISHED, failed=True)
+        await context.end(reason=REQUEST_FINISHED, failed=True)
 
 
 def _start(app: Quart, databases: tuple[Database, ...], task: _Task) -> None:
@@ -324,15 +338,8 @@ async def _run_with_sessions(
     """Run ``func`` with a context of its own, committed on return, rolled back on error."""
     context = SessionContext(databases)
     with context.bind():
-        try:
+        async with context.closing(_TASK_FINISHED):
             await app.ensure_async(func)(*args, **kwargs)
-        except BaseException:
-            await context.finish(None, reason=_TASK_FINISHED, failed=True)
-            raise
-        else:
-            await context.finish(None, reason=_TASK_FINISHED)
-        finally:
-            context.end(_TASK_FINISHED)
 
 
 def _scope(scope: object) -> Scope:
@@ -347,13 +354,17 @@ def _databases(app: Quart) -> tuple[Database, ...]:
     return cast(tuple[Database, ...], databases)
 
 
-def _commits(databases: tuple[Database, ...], status: int) -> bool:
-    """Whether a response with ``status`` committed the request's transaction.
+def _committed_at_start(unit: SessionContext, before: Outcome | None, status: int) -> bool:
+    """Whether the response start that was just sent stands for committed work.
 
-    A database whose ``commit_on`` is None leaves committing to the app: it does not
-    hold the tasks back.
+    When the start ended the request's transactions, its outcome says (a rollback-only
+    transaction rolled back even under a 200); when no session was open, the status
+    decides, by the databases' policies.
     """
-    return all(db.commit_on is None or db.commit_on(status) for db in databases)
+    outcome = unit.outcome
+    if outcome is not None and outcome is not before:
+        return outcome.all_committed
+    return unit.would_commit(status)
 
 
 def _extend(cls: type[Any], extension: type[Any], attribute: str) -> Any:

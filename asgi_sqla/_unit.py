@@ -1,0 +1,493 @@
+"""One connection's unit of work: its lazy sessions, the state machine that ends them.
+
+The middleware makes one :class:`SessionContext` per HTTP request or websocket (and
+``db.scope()`` makes one for scripts), puts it in the ASGI scope under ``SCOPE_KEY``
+and sets it once in a contextvar.  Sessions are added to it lazily, wherever
+``db.session`` is first read.  Child tasks, code below ``BaseHTTPMiddleware`` and
+framework handler tasks copy the context and so share the unit, which is why every
+session they open is ended with the rest.
+
+The lifecycle is a small state machine (h11's ``_state.py`` style): the states are
+:class:`State` members, the events :class:`Event` members, and ``_TRANSITIONS`` is
+the whole table.  Anything not in it raises ``_IllegalTransitionError``, naming the
+state and the event; asking for a session where none may open raises
+``SessionEndedError`` with the reason.
+
+======================  ===========  ======================  =========================
+state                   event        next state              when
+======================  ===========  ======================  =========================
+OPEN                    SESSION      OPEN                    ``db.session`` first read
+OPEN                    END_ROUND    ENDING_ROUND            response start, websocket
+                                                             ``receive()``, Quart hooks
+OPEN                    CLOSE        CLOSING                 the app returned or raised
+ENDING_ROUND            DONE         OPEN                    sessions ended; new ones
+                                                             may open (a streaming body)
+CLOSING                 DONE         CLOSED                  sessions ended; no more
+CLOSED                  CLOSE        CLOSED                  ending twice ends nothing
+======================  ===========  ======================  =========================
+
+While ENDING_ROUND or CLOSING, no session opens (a background task or an on_commit
+callback asking then gets ``SessionEndedError``, never a session nobody would end).
+Ending returns one :class:`Outcome`, kept as :attr:`SessionContext.outcome`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
+from typing import Any, Protocol
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from ._ending import end_sessions
+from ._errors import AsgiSqlaError, NoSessionContextError, SessionEndedError
+from ._outcome import NOTHING_ENDED, Outcome, Result
+from ._replicas import ReadRoute, ReplicaSet
+from ._session import GuardedSession, make_read_only
+from ._stats import Limits, RequestStats
+from .types import Scope
+
+__all__ = ["SCOPE_KEY", "Event", "SessionContext", "State", "current_context"]
+
+#: Key of the ``SessionContext`` in the ASGI scope of every HTTP and websocket
+#: connection that passes through ``SQLAlchemyMiddleware``.
+SCOPE_KEY = "asgi_sqla.context"
+
+current_context: ContextVar[SessionContext | None] = ContextVar("current_context", default=None)
+
+_NO_CONTEXT = (
+    "db.session was read outside a request, websocket or db.scope(). Wrap the ASGI app in "
+    "SQLAlchemyMiddleware(app, db), or use `async with db.scope():` in scripts, workers, "
+    "tests and startup code."
+)
+_NOT_IN_SCOPE = (
+    "This ASGI scope has no asgi_sqla session context (scope[{key!r}] is missing). Is the "
+    "app wrapped in SQLAlchemyMiddleware, and is this an 'http' or 'websocket' scope?"
+)
+_NOT_MANAGED = (
+    "{db!r} is not managed here. Pass every database to the middleware: "
+    "SQLAlchemyMiddleware(app, {names}), or use `async with db.scope():` for it."
+)
+_BEING_ENDED = (
+    "db.session was read while this request's transaction was being committed or rolled "
+    "back, when no session can open (a background task or an on_commit callback?). Use "
+    "`async with db.new_session() as session:` for work that runs then."
+)
+
+#: Why a context or its sessions ended; shown by ``SessionEndedError``.
+REQUEST_FINISHED = (
+    "The request has finished, so db.session can no longer open a session for it (is "
+    "this a task that outlived the request?). Use `async with db.scope():` or "
+    "`async with db.new_session() as session:` for work that runs after the request."
+)
+RESPONSE_STARTED = (
+    "This session ended when the response started: its transaction was committed or "
+    "rolled back then. Read db.session again for a new session."
+)
+RECEIVE_WAITED = (
+    "This session ended when the websocket app waited for the next message. Read "
+    "db.session again after each receive() for a new session."
+)
+RELEASED = "This session was ended by db.release(). Read db.session again for a new session."
+SCOPE_EXITED = "The db.scope() block that owned this session has exited."
+
+
+class _IllegalTransitionError(AsgiSqlaError, RuntimeError):
+    """An event the unit of work's state does not allow: a bug, never the app's doing."""
+
+
+class State(enum.Enum):
+    """Where a unit of work is in its life."""
+
+    OPEN = "open"
+    ENDING_ROUND = "ending a transaction"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class Event(enum.Enum):
+    """What can happen to a unit of work."""
+
+    SESSION = "a session is opened"
+    END_ROUND = "the current transactions end"
+    CLOSE = "the connection's work is over"
+    DONE = "the ending finished"
+
+
+_TRANSITIONS: Mapping[tuple[State, Event], State] = {
+    (State.OPEN, Event.SESSION): State.OPEN,
+    (State.OPEN, Event.END_ROUND): State.ENDING_ROUND,
+    (State.OPEN, Event.CLOSE): State.CLOSING,
+    (State.ENDING_ROUND, Event.DONE): State.OPEN,
+    (State.CLOSING, Event.DONE): State.CLOSED,
+    (State.CLOSED, Event.CLOSE): State.CLOSED,
+}
+
+
+class ManagedDatabase(Hashable, Protocol):
+    """What the unit of work needs of a ``Database`` (defined above this module)."""
+
+    _replicas: ReplicaSet | None
+    _stats: bool
+
+    @property
+    def engine(self) -> AsyncEngine: ...
+
+    @property
+    def replica_engines(self) -> tuple[AsyncEngine, ...]: ...
+
+    @property
+    def commit_on(self) -> Callable[[int], bool] | None: ...
+
+    @property
+    def limits(self) -> Limits: ...
+
+    def _make_session(self, **options: Any) -> GuardedSession: ...
+
+    def _make_replica_session(self, engine: AsyncEngine) -> GuardedSession | None: ...
+
+    def _can_prepare(self) -> bool: ...
+
+
+class SessionContext:
+    """One connection's unit of work (HTTP request, websocket, or ``db.scope()``).
+
+    Reach it with ``SessionContext.from_scope(scope)`` where only the ASGI scope
+    (a framework's ``request.scope``) is at hand, and ``bind()`` it where the
+    context was not copied, so that ``db.session`` works there too.
+    """
+
+    __slots__ = (
+        "_databases",
+        "_ended",
+        "_sessions",
+        "_state",
+        "_stats",
+        "_written",
+        "committed_any",
+        "ends_on_receive",
+        "manual",
+        "outcome",
+        "read_only",
+        "two_phase",
+    )
+
+    def __init__(self, databases: tuple[ManagedDatabase, ...]) -> None:
+        self._databases = databases
+        # Primary sessions under their Database, read sessions under its ReplicaSlot.
+        self._sessions: dict[Hashable, GuardedSession] = {}
+        self._state = State.OPEN
+        self._ended: str | None = None  # why no session may open again, once CLOSED
+        self._written: set[Hashable] | None = None  # wrote to these: read them there
+        self._stats: dict[ManagedDatabase, RequestStats] | None = None  # only when tracked
+        #: Sessions opened from now on are read-only (a ``read_only`` route).
+        self.read_only = False
+        #: Nothing commits automatically (a ``manual_commit`` route).
+        self.manual = False
+        #: Commit several databases with two-phase commit.
+        self.two_phase = False
+        #: Something of this unit's work was committed (an ending, or any COMMIT seen
+        #: on a connection of a database that tracks commits): it must not be re-run.
+        self.committed_any = False
+        #: The outcome of the last ending; None before the first.
+        self.outcome: Outcome | None = None
+        #: A websocket's transactions end when the app waits in ``receive()``.  An
+        #: adapter whose framework reads messages ahead (Quart) turns this off and ends
+        #: them where the handler waits instead.
+        self.ends_on_receive = True
+
+    @classmethod
+    def from_scope(cls, scope: Scope) -> SessionContext:
+        """Return the context the middleware stored in ``scope``."""
+        context = scope.get(SCOPE_KEY)
+        if not isinstance(context, SessionContext):
+            raise NoSessionContextError(_NOT_IN_SCOPE.format(key=SCOPE_KEY))
+        return context
+
+    @classmethod
+    def current(cls) -> SessionContext:
+        """Return the context of the running request, websocket or ``db.scope()``."""
+        context = current_context.get()
+        if context is None:
+            raise NoSessionContextError(_NO_CONTEXT)
+        return context
+
+    @contextmanager
+    def bind(self) -> Iterator[SessionContext]:
+        """Make this the current context for the duration of the ``with`` block."""
+        token = current_context.set(self)
+        try:
+            yield self
+        finally:
+            current_context.reset(token)
+
+    @property
+    def state(self) -> State:
+        """The unit of work's state (see the module's table)."""
+        return self._state
+
+    @property
+    def ended(self) -> bool:
+        """True once the request (or scope) is over and no new session can open."""
+        return self._state is State.CLOSED
+
+    @property
+    def has_sessions(self) -> bool:
+        """True when at least one session is open in this context."""
+        return bool(self._sessions)
+
+    def _transition(self, event: Event) -> None:
+        state = _TRANSITIONS.get((self._state, event))
+        if state is None:
+            raise _IllegalTransitionError(
+                f"A unit of work that is {self._state.value} cannot take the event "
+                f"{event.value!r}; this is a bug in asgi_sqla or an adapter: please report it."
+            )
+        self._state = state
+
+    def _check_open(self, db: ManagedDatabase) -> None:
+        state = self._state
+        if state is not State.OPEN:
+            if state is State.CLOSED:
+                raise SessionEndedError(self._ended or REQUEST_FINISHED)
+            raise SessionEndedError(_BEING_ENDED)
+        if db not in self._databases:
+            names = ", ".join(repr(d) for d in (*self._databases, db))
+            raise NoSessionContextError(_NOT_MANAGED.format(db=db, names=names))
+
+    def session(self, db: ManagedDatabase) -> GuardedSession:
+        """Return ``db``'s session in this context, creating it on first use."""
+        session = self._sessions.get(db)
+        if session is not None:
+            return session
+        self._check_open(db)
+        session = db._make_session(twophase=True) if self.two_phase else db._make_session()
+        if self.read_only:
+            make_read_only(session)
+        self._sessions[db] = session
+        return session
+
+    def read_session(self, db: ManagedDatabase) -> GuardedSession:
+        """``db``'s read session: on a replica, or the primary session (``_replicas``)."""
+        replicas = db._replicas
+        written = self._written
+        if replicas is None or (written is not None and db in written):
+            return self.session(db)
+        session = self._sessions.get(replicas.slot)
+        if session is not None:
+            return session
+        self._check_open(db)
+        engine = replicas.pick(db.replica_engines)
+        if engine is None:  # every replica is down: read on the primary
+            return self.session(db)
+        session = db._make_replica_session(engine)
+        if session is None:  # the sessions' factory keeps reads on the primary
+            return self.session(db)
+        ReadRoute(session, replicas, db.replica_engines, self._primary_for(db))
+        self._sessions[replicas.slot] = session
+        return session
+
+    def _primary_for(self, db: ManagedDatabase) -> Callable[[bool], GuardedSession | None]:
+        def primary(force: bool) -> GuardedSession | None:
+            # The primary session when the statement needs it (``force``) or once the
+            # request has written there; None: the replica serves it.
+            written = self._written
+            if force or (written is not None and db in written):
+                return self.session(db)
+            return None
+
+        return primary
+
+    def note_write(self, db: Hashable) -> None:
+        """Reads of ``db`` go to its primary from now on (read-your-writes)."""
+        written = self._written
+        if written is None:
+            self._written = {db}
+        else:
+            written.add(db)
+
+    def stats(self, db: ManagedDatabase) -> RequestStats:
+        """``db``'s statistics for this context, created on first use."""
+        all_stats = self._stats
+        if all_stats is None:
+            all_stats = self._stats = {}
+        stats = all_stats.get(db)
+        if stats is None:
+            stats = all_stats[db] = RequestStats()
+        return stats
+
+    def all_stats(self) -> Mapping[ManagedDatabase, RequestStats]:
+        """The statistics of every database this context tracked."""
+        return self._stats or {}
+
+    def existing(self, db: ManagedDatabase) -> GuardedSession | None:
+        """Return ``db``'s session if one is open in this context."""
+        return self._sessions.get(db)
+
+    @property
+    def pool_exhausted(self) -> bool:
+        """True when an open session failed to get a connection: the pool timed out."""
+        return any(s._asgi_sqla_pool_exhausted for s in self._sessions.values())
+
+    @property
+    def conflicted(self) -> bool:
+        """True when an open session hit a serialization failure or a deadlock."""
+        return any(s._asgi_sqla_conflict for s in self._sessions.values())
+
+    def decide(self, status: int | None, *, failed: bool = False) -> Decider:
+        """The rule that ends this unit's transactions for ``status`` (None: success)."""
+        return Decider(status, failed=failed, manual=self.manual)
+
+    async def end(self, status: int | None = None, *, reason: str, failed: bool = False) -> Outcome:
+        """End this round's sessions and return the outcome; the unit stays open.
+
+        ``status`` is what each database's ``commit_on`` decides on (None: success
+        without a status); ``failed`` rolls everything back.  A cancellation that
+        arrives meanwhile is re-raised once every session has ended.
+        """
+        self._transition(Event.END_ROUND)
+        return await self._end_sessions(self.decide(status, failed=failed), reason)
+
+    async def close(
+        self, status: int | None = None, *, reason: str, failed: bool = False
+    ) -> Outcome:
+        """End every open session and refuse new ones from now on; return the outcome."""
+        if self._state is State.CLOSED:
+            return NOTHING_ENDED
+        self._ended = reason
+        self._transition(Event.CLOSE)
+        return await self._end_sessions(self.decide(status, failed=failed), reason)
+
+    @asynccontextmanager
+    async def closing(self, reason: str) -> AsyncIterator[None]:
+        """Close at the end of the block: commit on success, roll back if it raises.
+
+        A failed commit is raised from the block, as ``db.scope()`` promises.
+        """
+        try:
+            yield
+        except BaseException:
+            await self.close(reason=reason, failed=True)
+            raise
+        outcome = await self.close(reason=reason)
+        if outcome.error is not None:
+            raise outcome.error
+
+    def would_commit(self, status: int) -> bool:
+        """Whether a response with ``status`` lets every database commit by its policy.
+
+        For adapters deciding about work that follows a commit when no session was
+        open to end; a database whose ``commit_on`` is None commits only by hand and
+        holds nothing back.
+        """
+        return all(db.commit_on is None or db.commit_on(status) for db in self._databases)
+
+    def close_unused(self, reason: str) -> None:
+        """Close a unit that has no session open, without awaiting (most requests end so)."""
+        if self._state is State.OPEN:
+            self._ended = reason
+            self._transition(Event.CLOSE)
+            self._transition(Event.DONE)  # nothing to end
+
+    async def release(self, db: ManagedDatabase, *, commit: bool) -> Outcome:
+        """End ``db``'s sessions now, if it has any; a later read opens a new one.
+
+        Only these sessions end, so the unit stays as it is (sessions of other
+        databases, and new ones, are unaffected).  Returns their outcome.
+        """
+        sessions: dict[Hashable, GuardedSession] = {}
+        replicas = db._replicas
+        if replicas is not None and replicas.slot in self._sessions:
+            sessions[replicas.slot] = self._sessions.pop(replicas.slot)
+        if db in self._sessions:
+            sessions[db] = self._sessions.pop(db)
+        if not sessions:
+            return NOTHING_ENDED
+        decider = Decider(None, failed=False, manual=False, release=commit)
+        outcome, cancelled = await end_sessions(
+            sessions, decider, reason=RELEASED, engine_of=_engine_of
+        )
+        return self._record(outcome, cancelled)
+
+    async def _end_sessions(self, decider: Decider, reason: str) -> Outcome:
+        sessions, self._sessions = self._sessions, {}
+        try:
+            if not sessions:
+                return self._record(NOTHING_ENDED, None)
+            two_phase = self.two_phase and all(db._can_prepare() for db in self._databases)
+            outcome, cancelled = await end_sessions(
+                sessions, decider, reason=reason, two_phase=two_phase, engine_of=_engine_of
+            )
+            return self._record(outcome, cancelled)
+        finally:
+            self._transition(Event.DONE)
+
+    def _record(self, outcome: Outcome, cancelled: BaseException | None) -> Outcome:
+        """Keep ``outcome`` for every reader; feed statistics; re-raise a cancellation."""
+        self.outcome = outcome
+        if outcome.committed:
+            self.committed_any = True
+        all_stats = self._stats
+        if all_stats is not None:
+            for db, result in outcome.results.items():
+                stats = all_stats.get(db)  # type: ignore[call-overload]
+                if stats is not None:
+                    stats.outcome = _STATS_OUTCOME[result]
+        if cancelled is not None:
+            raise cancelled from outcome.error  # the cause tells whether it all ended as decided
+        return outcome
+
+
+_STATS_OUTCOME = {
+    Result.COMMITTED: "committed",
+    Result.COMMITTED_WHILE_ANOTHER_FAILED: "committed",
+    Result.ROLLED_BACK: "rolled back",
+    Result.FAILED: "commit failed",
+}
+
+
+class Decider:
+    """Decides, per database, whether an ending commits, and says why.
+
+    The order of the rules is the order of precedence: the app failed; the session is
+    read-only or rollback-only; the route commits by hand; the database never commits
+    automatically; its ``commit_on`` policy for the status.
+    """
+
+    __slots__ = ("failed", "manual", "release", "status")
+
+    def __init__(
+        self, status: int | None, *, failed: bool, manual: bool, release: bool | None = None
+    ) -> None:
+        self.status = status
+        self.failed = failed
+        self.manual = manual
+        self.release = release  # db.release(commit=...): the app decided
+
+    def __call__(self, db: ManagedDatabase, session: GuardedSession) -> tuple[bool, str]:
+        if self.failed:
+            return False, "rolled back: the request failed or was cut short"
+        marked = session._asgi_sqla_rollback_only
+        if marked is not None:
+            return False, "rolled back: " + marked
+        if self.release is not None:
+            if self.release:
+                return True, "committed: db.release()"
+            return False, "rolled back: db.release(commit=False)"
+        if self.manual:
+            return False, "rolled back: a manual_commit route commits only by hand"
+        commit_on = db.commit_on
+        if commit_on is None:
+            return False, "rolled back: commit_on is None"
+        status = self.status
+        if status is None:
+            return True, "committed: success"
+        if commit_on(status):
+            return True, f"committed: status {status}"
+        return False, f"rolled back: status {status}"
+
+
+def _engine_of(db: ManagedDatabase) -> AsyncEngine:
+    return db.engine
