@@ -345,7 +345,6 @@ class _HTTPRelay(SessionContext):
             body is not None
             and not self.started
             and body.replayable
-            and body.complete
             and (exc is None or is_conflict(exc))
         )
 

@@ -88,44 +88,68 @@ async def backoff(attempt: int, base: float) -> None:
     await asyncio.sleep(random.uniform(0, base * 2**attempt))
 
 
+# What a recorded request body allows (the states of ``ReplayableBody``).
+_READING = "reading"  # more body may come: a re-run would get only part of it
+_WHOLE = "whole"  # the whole body was read and kept, or provably there is none
+_LOST = "lost"  # over the limit, or the client is gone: no re-run, for good
+
+
 class ReplayableBody:
     """Records the request body as the app reads it, so the request can be re-run.
 
-    ``replayable`` stays true only while the body read so far is within ``limit`` and,
-    once the app is done, only if the body was read to its end (or the request has
-    none).
+    A request is re-run only with its whole body: ``replayable`` turns true with the
+    ``http.request`` message whose ``more_body`` is false (from the start, when the
+    request provably has no body), and false for good when the body outgrows
+    ``limit`` or the client disconnects.
     """
 
-    __slots__ = ("_chunks", "_limit", "_receive", "_size", "complete", "replayable")
+    __slots__ = ("_chunks", "_limit", "_receive", "_size", "_state")
 
     def __init__(self, scope: Scope, receive: Receive, limit: int) -> None:
         self._receive = receive
         self._limit = limit
         self._chunks: list[bytes] = []
         self._size = 0
-        self.replayable = True
-        self.complete = not _has_body(scope)
+        self._state = _WHOLE if _provably_empty(scope) else _READING
+
+    @property
+    def replayable(self) -> bool:
+        """Whether a re-run would get the whole body the client sent."""
+        return self._state is _WHOLE
 
     async def receive(self) -> Message:
         message = await self._receive()
-        if message["type"] == "http.request" and self.replayable:
+        if self._state is not _LOST:
+            self._record(message)
+        return message
+
+    def _record(self, message: Message) -> None:
+        if message["type"] == "http.disconnect":
+            # Nobody is left to answer: a re-run would only write for no one.
+            self._lose()
+        elif message["type"] == "http.request":
             body = message.get("body", b"")
             self._size += len(body)
             if self._size > self._limit:
-                self.replayable = False
-                self._chunks.clear()
+                self._lose()
             else:
                 self._chunks.append(body)
-                if not message.get("more_body", False):
-                    self.complete = True
-        return message
+                self._state = _READING if message.get("more_body", False) else _WHOLE
+
+    def _lose(self) -> None:
+        self._state = _LOST
+        self._chunks.clear()
 
     def replay(self) -> Receive:
-        """A ``receive`` that gives the recorded body once, then the server's messages."""
+        """A ``receive`` that gives the recorded body once, then the server's messages.
+
+        The server's messages are recorded as before, so a client that disconnects
+        during a re-run stops the next one.
+        """
         pending: list[Message] = [
             {"type": "http.request", "body": b"".join(self._chunks), "more_body": False}
         ]
-        receive = self._receive
+        receive = self.receive
 
         async def replayed() -> Message:
             if pending:
@@ -135,9 +159,22 @@ class ReplayableBody:
         return replayed
 
 
-def _has_body(scope: Scope) -> bool:
+def _provably_empty(scope: Scope) -> bool:
+    """Whether the request's headers prove it has no body, before any of it is read."""
+    lengths: list[bytes] = []
     for name, value in scope.get("headers", ()):
         name = name.lower()
-        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
-            return True
-    return False
+        if name == b"transfer-encoding":
+            # Overrides Content-Length (RFC 9112, section 6.3): only the last chunk ends it.
+            return False
+        if name == b"content-length":
+            lengths.append(value.strip())
+    if lengths:
+        # Over HTTP/2 and 3 too: a Content-Length must equal the body's DATA frames
+        # (RFC 9113, section 8.1.1; RFC 9114, section 4.1.2).
+        return all(length.isdigit() and int(length) == 0 for length in lengths)
+    # RFC 9112, section 6.3: an HTTP/1.x request with neither header has no body.  An
+    # HTTP/2 or 3 request needs neither for a body (its DATA frames end with
+    # END_STREAM, which ASGI servers pass on as more_body false), so there, and when
+    # the scope does not say which version, only that final message proves the end.
+    return scope.get("http_version") in ("1.0", "1.1")
