@@ -63,7 +63,11 @@ class SQLAlchemyMiddleware:
         ``Retry-After`` instead of a 500, whether the exception reaches the middleware
         or the app's framework turned it into a 5xx response.
     :param read_only: Path patterns (``/reports/*``) whose transactions are read-only
-        and never commit (``READ ONLY`` on PostgreSQL and MySQL).
+        and never commit (``READ ONLY`` on PostgreSQL and MySQL).  These patterns, like
+        those of ``manual_commit`` and ``retry``, match every spelling of a path that
+        frameworks route alike: repeated slashes merged, a trailing slash ignored, with
+        and without ``root_path``.  A request without a ``path`` is read-only (and
+        manual-commit) when such patterns are given, and never retried.
     :param manual_commit: Path patterns whose transactions never commit automatically:
         the handler calls ``db.commit()``; the rest is rolled back.
     :param retry: Path patterns whose requests are re-run from the start, up to
@@ -138,7 +142,7 @@ class SQLAlchemyMiddleware:
         scope_type = scope["type"]
         relay: _HTTPRelay | _WebSocketRelay
         if scope_type == "http":
-            if self._has_routes and self._retry.match(scope["path"]):
+            if self._has_routes and self._retry.match(scope):
                 await self._serve_retrying(scope, receive, send)
                 return
             relay = _HTTPRelay(self.databases, receive, send, self._retry_after_header)
@@ -156,9 +160,8 @@ class SQLAlchemyMiddleware:
         await self._serve(scope, relay)
 
     def _apply_routes(self, scope: Scope, relay: SessionContext) -> None:
-        path = scope["path"]
-        relay._read_only = self._read_only.match(path)
-        relay._manual = self._manual_commit.match(path)
+        relay._read_only = self._read_only.match(scope)
+        relay._manual = self._manual_commit.match(scope)
 
     async def _serve(self, scope: Scope, relay: _HTTPRelay | _WebSocketRelay) -> None:
         """Run the app for one connection with its context bound, then end what is open.

@@ -25,10 +25,31 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
-class PathPatterns:
-    """Shell-style path patterns (``/reports/*``, ``/orders/*/pay``) compiled into one regex."""
+#: Whether a scope without ``path`` falls under each option's patterns.  The ASGI spec
+#: requires ``path``, but a middleware in front may have dropped it, and then the route
+#: is unknown.  Guess in the direction that does no harm: a route that might be
+#: read-only or manual-commit is treated as one (at worst a write is not committed,
+#: where a wrong guess the other way commits writes the route forbids), while only
+#: routes known to be safe to run twice are retried.
+_MATCHES_WITHOUT_PATH = {"read_only": True, "manual_commit": True, "retry": False}
 
-    __slots__ = ("_regex", "patterns")
+_REPEATED_SLASHES = re.compile("/{2,}")
+
+
+class PathPatterns:
+    """Shell-style path patterns (``/reports/*``, ``/orders/*/pay``) compiled into one regex.
+
+    A request matches when its path matches as frameworks route it: repeated slashes
+    merged, a trailing slash ignored (patterns are normalised the same way), taken both
+    as it is and without ``root_path``.  So every spelling of a covered route is
+    covered: a policy must not be escaped by writing ``//reports/1``.  A path with a
+    trailing slash also matches as sent (``/reports/*`` covers ``/reports/``, not
+    ``/reports``), as it did before paths were normalised: matching more is the safe
+    direction.  A scope without ``path`` matches as ``_MATCHES_WITHOUT_PATH`` says:
+    ``read_only`` and ``manual_commit`` patterns yes, ``retry`` patterns no.
+    """
+
+    __slots__ = ("_regex", "_without_path", "patterns")
 
     def __init__(self, option: str, patterns: Iterable[str]) -> None:
         if isinstance(patterns, str):
@@ -42,14 +63,55 @@ class PathPatterns:
                     f"{option} patterns are paths starting with '/', like '/reports/*'; "
                     f"got {pattern!r}."
                 )
-        translated = "|".join(fnmatch.translate(p) for p in self.patterns)
+        translated = "|".join(fnmatch.translate(_route_path(p)) for p in self.patterns)
         self._regex = re.compile(translated) if self.patterns else None
+        self._without_path = _MATCHES_WITHOUT_PATH[option]
 
     def __bool__(self) -> bool:
         return self._regex is not None
 
-    def match(self, path: str) -> bool:
-        return self._regex is not None and self._regex.match(path) is not None
+    def match(self, scope: Scope) -> bool:
+        """Whether the request of ``scope`` is on a route the patterns cover."""
+        regex = self._regex
+        if regex is None:
+            return False
+        path = scope.get("path")
+        if not isinstance(path, str):
+            return self._without_path
+        for sent in _paths_sent(path, scope.get("root_path") or ""):
+            route_path = sent.rstrip("/") or "/"
+            if regex.match(route_path) or (sent != route_path and regex.match(sent)):
+                return True
+        return False
+
+
+def _paths_sent(path: str, root_path: str) -> tuple[str, ...]:
+    """``path``, and what follows ``root_path`` in it, each with repeated slashes merged."""
+    if root_path and root_path in path:
+        # Servers disagree on whether path includes root_path (django/asgiref#229,
+        # #424): uvicorn puts it in front since Kludex/uvicorn#2213, hypercorn does
+        # not.  Starlette (``_utils.get_route_path``) and Quart take it off the front;
+        # Litestar cuts the path after its first occurrence anywhere
+        # (``path.split(root_path, maxsplit=1)[-1]`` in ``_asgi/asgi_router.py``, from
+        # litestar-org/litestar#3039), which covers both.  What the app does is
+        # unknown here, so both paths count.
+        return _merged(path), _merged(path.partition(root_path)[2])
+    return (_merged(path),)
+
+
+def _merged(path: str) -> str:
+    """``path`` with one slash in front and none repeated.
+
+    Litestar routes the path so, and without a trailing slash
+    (``litestar.utils.path.normalize_path``); Werkzeug, under Quart, merges repeated
+    slashes too (``Map(merge_slashes=True)``).
+    """
+    return "/" + _REPEATED_SLASHES.sub("/", path).lstrip("/")
+
+
+def _route_path(pattern: str) -> str:
+    """``pattern`` normalised like a path: one slash in front, none repeated, none at the end."""
+    return _merged(pattern).rstrip("/") or "/"
 
 
 def read_only(handler: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]]:
