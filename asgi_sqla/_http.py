@@ -180,7 +180,6 @@ class HTTPResponder:
             body is not None
             and not self.started
             and body.replayable
-            and body.complete
             and not self.unit.committed_any
             and (exc is None or is_conflict(exc))
         )

@@ -45,7 +45,11 @@ class SQLAlchemyMiddleware:
         ``Retry-After`` instead of a 500, whether the exception reaches the middleware
         or the app's framework turned it into a 5xx response.
     :param read_only: Path patterns (``/reports/*``) whose transactions are read-only
-        and never commit (``READ ONLY`` on PostgreSQL and MySQL).
+        and never commit (``READ ONLY`` on PostgreSQL and MySQL).  These patterns, like
+        those of ``manual_commit`` and ``retry``, match every spelling of a path that
+        frameworks route alike: repeated slashes merged, a trailing slash ignored, with
+        and without ``root_path``.  A request without a ``path`` is read-only (and
+        manual-commit) when such patterns are given, and never retried.
     :param manual_commit: Path patterns whose transactions never commit automatically:
         the handler calls ``db.commit()``; the rest is rolled back.
     :param retry: Path patterns whose requests are re-run from the start, up to
