@@ -22,6 +22,7 @@ from ._context import SCOPE_EXITED, SessionContext, _current_context
 from ._errors import ConfigurationError, DatabaseStartupError
 from ._multidb import commit_one_phase
 from ._replicas import ReplicaSet, read_session, replica_class, track_writes
+from ._secrets import mask_text, mask_url
 from ._session import (
     ROLLBACK_ONLY,
     GuardedSession,
@@ -153,9 +154,9 @@ class Database:
 
     def __repr__(self) -> str:
         if self._url is not None:
-            target = self._url.render_as_string(hide_password=True)
+            target = mask_url(self._url)
         elif self._engine is not None:
-            target = self._engine.url.render_as_string(hide_password=True)
+            target = mask_url(self._engine.url)
         else:
             target = "engine factory"
         return f"Database({target!r})"
@@ -399,7 +400,6 @@ class Database:
         return self._engine_for(url)
 
     def _engine_for(self, url: URL) -> AsyncEngine:
-        shown = url.render_as_string(hide_password=True)
         try:
             return _create_async_engine(url, **self._engine_options)
         except ImportError as exc:
@@ -411,7 +411,8 @@ class Database:
                 else f"install the {driver!r} driver, or use an async one"
             )
             raise ConfigurationError(
-                f"The driver for {shown} could not be loaded ({_hide(str(exc), url)}): {fix}."
+                f"The driver for {mask_url(url)} could not be loaded "
+                f"({mask_text(str(exc), url)}): {fix}."
             ) from None
 
     async def _start(self) -> None:
@@ -424,7 +425,7 @@ class Database:
         except Exception as exc:
             raise DatabaseStartupError(
                 f"{self!r} did not answer at startup: "
-                f"{type(exc).__name__}: {_hide(str(exc), engine.url)}"
+                f"{type(exc).__name__}: {mask_text(str(exc), engine.url)}"
             ) from None
         if self._two_phase_check:
             await _check_two_phase(self, engine)
@@ -482,7 +483,7 @@ def _parse_url(url: str | URL | None) -> URL:
 
 def _check_async_driver(url: URL) -> URL:
     """Refuse a synchronous or unknown driver now, before any driver is imported."""
-    shown = url.render_as_string(hide_password=True)
+    shown = mask_url(url)
     try:
         dialect = url.get_dialect()
     except NoSuchModuleError:
@@ -548,15 +549,7 @@ def _require_asyncio() -> None:
 
 def _sync_engine_message(engine: Engine) -> str:
     return (
-        f"{engine.url.render_as_string(hide_password=True)!r} is a synchronous Engine; "
+        f"{mask_url(engine.url)!r} is a synchronous Engine; "
         "asgi_sqla needs an AsyncEngine: use sqlalchemy.ext.asyncio.create_async_engine() "
         "with an async driver."
     )
-
-
-def _hide(text: str, url: URL) -> str:
-    """Remove ``url``'s password from ``text`` (drivers may echo connection strings)."""
-    password = url.password
-    if password:
-        text = text.replace(str(password), "***")
-    return text
