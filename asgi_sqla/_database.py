@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 from ._context import SCOPE_EXITED, SessionContext, _current_context
 from ._errors import ConfigurationError, DatabaseStartupError
 from ._multidb import commit_one_phase
+from ._options import check_bool, check_engine_options, check_number, check_session_options
 from ._replicas import ReplicaSet, read_session, replica_class, track_writes
 from ._secrets import mask_text, mask_url
 from ._session import (
@@ -89,7 +90,16 @@ class Database:
         startup is logged at WARNING and skipped, not a startup failure.
     :param replica_cooldown: Seconds a replica that failed (no connection, or a dropped
         one) is left out before reads try it again.
-    :param engine_options: Passed unchanged to ``create_async_engine``.
+    :param engine_options: Passed to ``create_async_engine``, with ``hide_parameters=True``
+        unless given: a failed statement's exception (logged when a commit fails)
+        then shows the SQL but not its parameters, which are row data (personal data,
+        tokens).  ``Database(url, hide_parameters=False)`` shows them again, for
+        debugging.  Options SQLAlchemy would refuse, unknown or of the wrong type
+        (``pool_size="5"``), are refused here with a ``ConfigurationError``, without
+        connecting.
+
+    ``session_options``, and the numbers and flags above, are checked here too, so
+    that a mistake fails at import rather than at startup in every worker.
     """
 
     def __init__(
@@ -106,8 +116,18 @@ class Database:
         replica_cooldown: float = 30.0,
         **engine_options: Any,
     ) -> None:
-        self._warn_held = _optional_limit("warn_held_over", warn_held_over)
-        self._warn_statements = _optional_limit("warn_statements_over", warn_statements_over)
+        self._warn_held = check_number(
+            "warn_held_over", warn_held_over, "seconds", example=1.0, optional=True
+        )
+        self._warn_statements = check_number(
+            "warn_statements_over",
+            warn_statements_over,
+            "statements",
+            example=50,
+            integer=True,
+            optional=True,
+        )
+        check_bool("stats", stats)
         self._stats = stats or warn_held_over is not None or warn_statements_over is not None
         self._instrumented: AsyncEngine | None = None
         self._url: URL | None = None
@@ -133,6 +153,7 @@ class Database:
                 )
         else:
             self._url = _check_async_driver(_parse_url(url))
+            engine_options = check_engine_options(self._url, engine_options)
         if commit_on is not None and not callable(commit_on):
             raise ConfigurationError(
                 "commit_on must be a function (status_code) -> bool, or None to never "
@@ -140,7 +161,7 @@ class Database:
             )
         self._commit_on = commit_on
         self._engine_options = engine_options
-        options: dict[str, Any] = {"expire_on_commit": False, **(session_options or {})}
+        options = {"expire_on_commit": False, **check_session_options(session_options)}
         options["class_"] = guarded_class(options.get("class_", AsyncSession))
         self._session_options = options
         self._sessionmaker: async_sessionmaker[GuardedSession] | None = None
@@ -500,15 +521,10 @@ def _check_async_driver(url: URL) -> URL:
     return url
 
 
-def _optional_limit(option: str, value: float | None) -> float | None:
-    if value is not None and (isinstance(value, bool) or not value >= 0):
-        raise ConfigurationError(f"{option} is a number >= 0 or None, not {value!r}.")
-    return value
-
-
 def _replica_set(
     db: Database, replicas: Iterable[str | URL] | None, cooldown: float
 ) -> ReplicaSet | None:
+    check_number("replica_cooldown", cooldown, "seconds", example=30.0)
     if replicas is None:
         return None
     if isinstance(replicas, (str, URL)):
@@ -516,8 +532,6 @@ def _replica_set(
             "replicas= takes a list of URLs, e.g. replicas=['postgresql+asyncpg://replica/db']."
         )
     urls = tuple(_check_async_driver(_parse_url(url)) for url in replicas)
-    if isinstance(cooldown, bool) or not isinstance(cooldown, (int, float)) or cooldown < 0:
-        raise ConfigurationError(f"replica_cooldown is a number of seconds >= 0, not {cooldown!r}.")
     return ReplicaSet(db, urls, float(cooldown)) if urls else None
 
 

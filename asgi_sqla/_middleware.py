@@ -20,6 +20,7 @@ from ._context import (
 from ._database import Database
 from ._errors import CommitFailedError, ConfigurationError, ResponseCutShortError
 from ._lifespan import LifespanRelay
+from ._options import check_bool, check_number
 from ._routes import PathPatterns, ReplayableBody, backoff
 from ._session import is_conflict, run_to_completion
 from ._stats import report, server_timing
@@ -110,11 +111,14 @@ class SQLAlchemyMiddleware:
             raise ConfigurationError(
                 "The same Database was passed to SQLAlchemyMiddleware twice; pass each once."
             )
-        _check_number("retry_after", retry_after, "seconds a client should wait after a 503")
-        _check_number("retry_attempts", retry_attempts, "re-runs after the first attempt")
-        _check_number("retry_body_limit", retry_body_limit, "bytes of request body kept")
-        if not isinstance(retry_backoff, (int, float)) or retry_backoff < 0:
-            raise ConfigurationError(f"retry_backoff is seconds >= 0, not {retry_backoff!r}.")
+        # Retry-After takes whole seconds (RFC 9110, section 10.2.3).
+        check_number("retry_after", retry_after, "seconds", example=1, integer=True)
+        check_number(
+            "retry_attempts", retry_attempts, "re-runs after the first", example=3, integer=True
+        )
+        check_number("retry_body_limit", retry_body_limit, "bytes", example=64 * 1024, integer=True)
+        check_number("retry_backoff", retry_backoff, "seconds", example=0.01)
+        check_bool("server_timing", server_timing)
         self.app = app
         self.databases = databases
         self.retry_after = retry_after
@@ -465,10 +469,8 @@ class _RetryRequest(Exception):
     """Raised by one attempt of a ``retry`` route to have the request run again."""
 
 
-def _check_two_phase(two_phase: object, databases: tuple[Database, ...]) -> bool:
-    if not isinstance(two_phase, bool):
-        raise ConfigurationError(f"two_phase is True or False, not {two_phase!r}.")
-    if two_phase:
+def _check_two_phase(two_phase: bool, databases: tuple[Database, ...]) -> bool:
+    if check_bool("two_phase", two_phase):
         for db in databases:
             url = db._url
             if url is not None and url.get_backend_name() != "postgresql":
@@ -478,11 +480,6 @@ def _check_two_phase(two_phase: object, databases: tuple[Database, ...]) -> bool
                 )
             db._two_phase_check = True  # startup checks max_prepared_transactions
     return two_phase
-
-
-def _check_number(option: str, value: object, meaning: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigurationError(f"{option} is the number of {meaning}, >= 0, not {value!r}.")
 
 
 def _with_server_timing(start: Message, context: SessionContext) -> Message:
