@@ -14,10 +14,13 @@ import socket
 from typing import Any
 
 import pytest
-from sqlalchemy import URL, create_engine, make_url
+from sqlalchemy import URL, Column, Integer, MetaData, String, Table, create_engine, make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.orm import registry
 
 from asgi_sqla import (
+    CommitFailedError,
     ConfigurationError,
     Database,
     DatabaseStartupError,
@@ -26,7 +29,7 @@ from asgi_sqla import (
 from asgi_sqla._secrets import is_secret_key, mask_text, mask_url
 from asgi_sqla.types import Receive, Scope, Send
 
-from _helpers import ASGIRecorder, plain_response
+from _helpers import ASGIRecorder, call_http, plain_response
 
 pytestmark = pytest.mark.anyio
 
@@ -253,3 +256,91 @@ async def test_a_replica_that_is_down_is_logged_without_its_query_password(
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("Read replica" in w and "password=***" in w for w in warnings), warnings
     assert PASSWORD not in shown_in_logs(caplog)
+
+
+# --- SQL parameters ---------------------------------------------------------------------
+
+secrets_metadata = MetaData()
+
+#: ``code`` is unique and the failure names only it; ``note`` is the row data to hide.
+cards = Table(
+    "cards",
+    secrets_metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("code", String(16), nullable=False, unique=True),
+    Column("note", String(64), nullable=False),
+)
+
+
+class Card:
+    code: str
+    note: str
+
+    def __init__(self, code: str, note: str) -> None:
+        self.code = code
+        self.note = note
+
+
+registry().map_imperatively(Card, cards)
+
+
+async def create_cards(db: Database) -> None:
+    async with db.engine.begin() as connection:
+        await connection.run_sync(secrets_metadata.create_all)
+        await connection.execute(cards.insert().values(code="taken", note="first"))
+
+
+def exception_chain(exc: BaseException | None) -> str:
+    """``str`` of ``exc`` and of every exception it was raised from or during."""
+    shown = []
+    while exc is not None:
+        shown.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(shown)
+
+
+async def test_a_failed_commit_shows_no_sql_parameters(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = Database(database_url)
+    await create_cards(db)
+    raised: list[BaseException] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        # Flushed at the commit, before the response starts: the duplicate code fails.
+        db.session.add(Card("taken", ROW_SECRET))
+        try:
+            await plain_response(send, 201)
+        except CommitFailedError as exc:
+            raised.append(exc)
+            raise
+
+    caplog.set_level(logging.DEBUG, logger="asgi_sqla")
+    try:
+        recorder = await call_http(SQLAlchemyMiddleware(app, db))
+    finally:
+        await db.dispose()
+
+    assert recorder.status == 500
+
+    [exc] = raised
+    chain = exception_chain(exc)
+    assert "cards" in chain  # the database's own message is kept
+    assert ROW_SECRET not in chain
+    assert any(r.levelno == logging.ERROR for r in caplog.records)
+    assert ROW_SECRET not in shown_in_logs(caplog)
+
+
+async def test_sql_parameters_can_be_shown_again_with_hide_parameters_false(
+    tmp_path: Any,
+) -> None:
+    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}", hide_parameters=False)
+    await create_cards(db)
+    try:
+        with pytest.raises(IntegrityError) as raised:
+            async with db.scope() as session:
+                await session.execute(cards.insert().values(code="taken", note=ROW_SECRET))
+    finally:
+        await db.dispose()
+
+    assert ROW_SECRET in str(raised.value)
