@@ -90,7 +90,8 @@ class Database:
         startup is logged at WARNING and skipped, not a startup failure.
     :param replica_cooldown: Seconds a replica that failed (no connection, or a dropped
         one) is left out before reads try it again.
-    :param engine_options: Passed to ``create_async_engine``, with ``hide_parameters=True``
+    :param engine_options: Passed to ``create_async_engine`` for the engines the
+        ``Database`` creates (the URL's and the replicas'), with ``hide_parameters=True``
         unless given: a failed statement's exception (logged when a commit fails)
         then shows the SQL but not its parameters, which are row data (personal data,
         tokens).  ``Database(url, hide_parameters=False)`` shows them again, for
@@ -421,8 +422,12 @@ class Database:
         return self._engine_for(url)
 
     def _engine_for(self, url: URL) -> AsyncEngine:
+        """An engine the package owns, for ``url`` (the primary's or a replica's)."""
+        # A failed statement's exception shows its parameters, row data, and it is
+        # logged when a commit fails: hidden unless the app asks for them.
+        options = {"hide_parameters": True, **self._engine_options}
         try:
-            return _create_async_engine(url, **self._engine_options)
+            return _create_async_engine(url, **options)
         except ImportError as exc:
             driver = url.get_driver_name()
             extra = _DRIVER_EXTRAS.get(driver)

@@ -105,18 +105,16 @@ def check_bool(
 
 
 def check_engine_options(url: URL, options: Mapping[str, Any]) -> dict[str, Any]:
-    """``options`` for ``create_async_engine(url, ...)``, checked, with the package's defaults.
+    """``options`` for ``create_async_engine(url, ...)``, checked; a copy.
 
-    ``hide_parameters=True`` unless given: a failed statement's exception then names
-    the statement but not its parameters, the row data that would otherwise reach
-    the logs with it.  Unknown options, and options the dialect and pool of ``url``
+    Unknown options, and options the dialect and pool of ``url``
     do not take (``pool_size`` with SQLite's in-memory ``StaticPool``), are found by
     building an engine and dropping it: SQLAlchemy checks every keyword when an engine
     is made, and opening a connection is left to the first checkout, so none is
     opened.  That costs about 0.1 ms, plus importing the driver (which startup would
     import anyway).
     """
-    checked = {"hide_parameters": True, **options}
+    checked = dict(options)
     for option, value in checked.items():
         if option in _ENGINE_NUMBERS:
             unit, integer, minimum, example = _ENGINE_NUMBERS[option]

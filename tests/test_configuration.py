@@ -543,8 +543,9 @@ def test_an_engine_option_sqlalchemy_does_not_take_is_refused_at_construction(
     ],
 )
 def test_an_ill_typed_engine_option_is_refused_at_construction(option: str, value: object) -> None:
+    options: dict[str, Any] = {option: value}
     with pytest.raises(ConfigurationError) as info:
-        Database(PG_URL, **{option: value})
+        Database(PG_URL, **options)
 
     message = str(info.value)
     assert f"{option} must be" in message
@@ -659,8 +660,9 @@ def test_an_unknown_option_of_a_custom_session_class_is_accepted() -> None:
     ],
 )
 def test_a_bad_database_option_is_refused_at_construction(option: str, value: object) -> None:
+    options: dict[str, Any] = {option: value}
     with pytest.raises(ConfigurationError) as info:
-        Database(PG_URL, **{option: value})
+        Database(PG_URL, **options)
 
     assert f"{option} must be" in str(info.value)
     assert repr(value) in str(info.value)
@@ -692,8 +694,9 @@ def test_replica_cooldown_is_checked_with_replicas_too() -> None:
     ],
 )
 def test_a_bad_middleware_option_is_refused_at_construction(option: str, value: object) -> None:
+    options: dict[str, Any] = {option: value}
     with pytest.raises(ConfigurationError) as info:
-        SQLAlchemyMiddleware(no_lifespan_app, Database(PG_URL), **{option: value})
+        SQLAlchemyMiddleware(no_lifespan_app, Database(PG_URL), **options)
 
     assert f"{option} must be" in str(info.value)
     assert repr(value) in str(info.value)

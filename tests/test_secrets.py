@@ -344,3 +344,20 @@ async def test_sql_parameters_can_be_shown_again_with_hide_parameters_false(
         await db.dispose()
 
     assert ROW_SECRET in str(raised.value)
+
+
+async def test_every_engine_the_database_creates_hides_sql_parameters(tmp_path: Any) -> None:
+    primary = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'primary.db'}")
+    by_url = Database(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}")
+    by_factory = Database(
+        engine=lambda: primary, replicas=[f"sqlite+aiosqlite:///{tmp_path / 'replica.db'}"]
+    )
+    try:
+        assert by_url.engine.sync_engine.hide_parameters
+        [replica] = by_factory.replica_engines
+        assert replica.sync_engine.hide_parameters
+        assert not primary.sync_engine.hide_parameters  # the app's own engine is its own
+    finally:
+        await by_url.dispose()
+        await by_factory.dispose()
+        await primary.dispose()
