@@ -107,12 +107,12 @@ def check_bool(
 def check_engine_options(url: URL, options: Mapping[str, Any]) -> dict[str, Any]:
     """``options`` for ``create_async_engine(url, ...)``, checked; a copy.
 
-    Unknown options, and options the dialect and pool of ``url``
-    do not take (``pool_size`` with SQLite's in-memory ``StaticPool``), are found by
-    building an engine and dropping it: SQLAlchemy checks every keyword when an engine
-    is made, and opening a connection is left to the first checkout, so none is
-    opened.  That costs about 0.1 ms, plus importing the driver (which startup would
-    import anyway).
+    The common options' types are checked from a table.  Unknown options, and
+    options the dialect and pool of ``url`` do not take (``pool_size`` with SQLite's
+    in-memory ``StaticPool``), are found by building an engine and dropping it:
+    SQLAlchemy checks every keyword when an engine is made, and leaves connecting to
+    the first checkout, so no connection is opened.  That costs about 0.1 ms, plus
+    importing the driver, which startup imports anyway.
     """
     checked = dict(options)
     for option, value in checked.items():
