@@ -19,8 +19,10 @@ from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 
 from ._errors import ConfigurationError, DatabaseStartupError
 from ._multidb import commit_one_phase
+from ._options import check_bool, check_engine_options, check_number, check_session_options
 from ._outcome import Outcome
 from ._replicas import ReplicaSet, replica_class, track_writes
+from ._secrets import mask_text, mask_url
 from ._session import (
     ROLLBACK_ONLY,
     GuardedSession,
@@ -87,7 +89,17 @@ class Database:
         startup is logged at WARNING and skipped, not a startup failure.
     :param replica_cooldown: Seconds a replica that failed (no connection, or a dropped
         one) is left out before reads try it again.
-    :param engine_options: Passed unchanged to ``create_async_engine``.
+    :param engine_options: Passed to ``create_async_engine`` for the engines the
+        ``Database`` creates (the URL's and the replicas'), with ``hide_parameters=True``
+        unless given: a failed statement's exception (logged when a commit fails)
+        then shows the SQL but not its parameters, which are row data (personal data,
+        tokens).  ``Database(url, hide_parameters=False)`` shows them again, for
+        debugging.  Options SQLAlchemy would refuse, unknown or of the wrong type
+        (``pool_size="5"``), are refused here with a ``ConfigurationError``, without
+        connecting.
+
+    ``session_options``, and the numbers and flags above, are checked here too, so
+    that a mistake fails at import rather than at startup in every worker.
     """
 
     def __init__(
@@ -104,8 +116,18 @@ class Database:
         replica_cooldown: float = 30.0,
         **engine_options: Any,
     ) -> None:
-        self._warn_held = _optional_limit("warn_held_over", warn_held_over)
-        self._warn_statements = _optional_limit("warn_statements_over", warn_statements_over)
+        self._warn_held = check_number(
+            "warn_held_over", warn_held_over, "seconds", example=1.0, optional=True
+        )
+        self._warn_statements = check_number(
+            "warn_statements_over",
+            warn_statements_over,
+            "statements",
+            example=50,
+            integer=True,
+            optional=True,
+        )
+        check_bool("stats", stats)
         self._stats = stats or warn_held_over is not None or warn_statements_over is not None
         self._instrumented: AsyncEngine | None = None
         self._url: URL | None = None
@@ -131,6 +153,7 @@ class Database:
                 )
         else:
             self._url = _check_async_driver(_parse_url(url))
+            engine_options = check_engine_options(self._url, engine_options)
         if commit_on is not None and not callable(commit_on):
             raise ConfigurationError(
                 "commit_on must be a function (status_code) -> bool, or None to never "
@@ -138,7 +161,7 @@ class Database:
             )
         self._commit_on = commit_on
         self._engine_options = engine_options
-        options: dict[str, Any] = {"expire_on_commit": False, **(session_options or {})}
+        options = {"expire_on_commit": False, **check_session_options(session_options)}
         options["class_"] = guarded_class(options.get("class_", AsyncSession))
         self._session_options = options
         #: Where sessions come from: the engine's pool, or a test's connection (the
@@ -155,9 +178,9 @@ class Database:
 
     def __repr__(self) -> str:
         if self._url is not None:
-            target = self._url.render_as_string(hide_password=True)
+            target = mask_url(self._url)
         elif self._engine is not None:
-            target = self._engine.url.render_as_string(hide_password=True)
+            target = mask_url(self._engine.url)
         else:
             target = "engine factory"
         return f"Database({target!r})"
@@ -397,9 +420,12 @@ class Database:
         return self._engine_for(url)
 
     def _engine_for(self, url: URL) -> AsyncEngine:
-        shown = url.render_as_string(hide_password=True)
+        """An engine the package owns, for ``url`` (the primary's or a replica's)."""
+        # A failed statement's exception shows its parameters, row data, and it is
+        # logged when a commit fails: hidden unless the app asks for them.
+        options = {"hide_parameters": True, **self._engine_options}
         try:
-            return _create_async_engine(url, **self._engine_options)
+            return _create_async_engine(url, **options)
         except ImportError as exc:
             driver = url.get_driver_name()
             extra = _DRIVER_EXTRAS.get(driver)
@@ -409,7 +435,8 @@ class Database:
                 else f"install the {driver!r} driver, or use an async one"
             )
             raise ConfigurationError(
-                f"The driver for {shown} could not be loaded ({_hide(str(exc), url)}): {fix}."
+                f"The driver for {mask_url(url)} could not be loaded "
+                f"({mask_text(str(exc), url)}): {fix}."
             ) from None
 
     async def _start(self) -> None:
@@ -422,7 +449,7 @@ class Database:
         except Exception as exc:
             raise DatabaseStartupError(
                 f"{self!r} did not answer at startup: "
-                f"{type(exc).__name__}: {_hide(str(exc), engine.url)}"
+                f"{type(exc).__name__}: {mask_text(str(exc), engine.url)}"
             ) from None
         if self._two_phase_check:
             await _check_two_phase(self, engine)
@@ -541,7 +568,7 @@ def _parse_url(url: str | URL | None) -> URL:
 
 def _check_async_driver(url: URL) -> URL:
     """Refuse a synchronous or unknown driver now, before any driver is imported."""
-    shown = url.render_as_string(hide_password=True)
+    shown = mask_url(url)
     try:
         dialect = url.get_dialect()
     except NoSuchModuleError:
@@ -558,15 +585,10 @@ def _check_async_driver(url: URL) -> URL:
     return url
 
 
-def _optional_limit(option: str, value: float | None) -> float | None:
-    if value is not None and (isinstance(value, bool) or not value >= 0):
-        raise ConfigurationError(f"{option} is a number >= 0 or None, not {value!r}.")
-    return value
-
-
 def _replica_set(
     db: Database, replicas: Iterable[str | URL] | None, cooldown: float
 ) -> ReplicaSet | None:
+    check_number("replica_cooldown", cooldown, "seconds", example=30.0)
     if replicas is None:
         return None
     if isinstance(replicas, (str, URL)):
@@ -574,8 +596,6 @@ def _replica_set(
             "replicas= takes a list of URLs, e.g. replicas=['postgresql+asyncpg://replica/db']."
         )
     urls = tuple(_check_async_driver(_parse_url(url)) for url in replicas)
-    if isinstance(cooldown, bool) or not isinstance(cooldown, (int, float)) or cooldown < 0:
-        raise ConfigurationError(f"replica_cooldown is a number of seconds >= 0, not {cooldown!r}.")
     return ReplicaSet(db, urls, float(cooldown)) if urls else None
 
 
@@ -607,15 +627,7 @@ def _require_asyncio() -> None:
 
 def _sync_engine_message(engine: Engine) -> str:
     return (
-        f"{engine.url.render_as_string(hide_password=True)!r} is a synchronous Engine; "
+        f"{mask_url(engine.url)!r} is a synchronous Engine; "
         "asgi_sqla needs an AsyncEngine: use sqlalchemy.ext.asyncio.create_async_engine() "
         "with an async driver."
     )
-
-
-def _hide(text: str, url: URL) -> str:
-    """Remove ``url``'s password from ``text`` (drivers may echo connection strings)."""
-    password = url.password
-    if password:
-        text = text.replace(str(password), "***")
-    return text

@@ -16,6 +16,7 @@ from ._database import Database
 from ._errors import ConfigurationError
 from ._http import HTTPOptions, HTTPResponder
 from ._lifespan import LifespanRelay
+from ._options import check_bool, check_number
 from ._retry import RetryPolicy, serve_retrying
 from ._routes import PathPatterns
 from ._stats import report
@@ -96,11 +97,14 @@ class SQLAlchemyMiddleware:
             raise ConfigurationError(
                 "The same Database was passed to SQLAlchemyMiddleware twice; pass each once."
             )
-        _check_number("retry_after", retry_after, "seconds a client should wait after a 503")
-        _check_number("retry_attempts", retry_attempts, "re-runs after the first attempt")
-        _check_number("retry_body_limit", retry_body_limit, "bytes of request body kept")
-        if not isinstance(retry_backoff, (int, float)) or retry_backoff < 0:
-            raise ConfigurationError(f"retry_backoff is seconds >= 0, not {retry_backoff!r}.")
+        # Retry-After takes whole seconds (RFC 9110, section 10.2.3).
+        check_number("retry_after", retry_after, "seconds", example=1, integer=True)
+        check_number(
+            "retry_attempts", retry_attempts, "re-runs after the first", example=3, integer=True
+        )
+        check_number("retry_body_limit", retry_body_limit, "bytes", example=64 * 1024, integer=True)
+        check_number("retry_backoff", retry_backoff, "seconds", example=0.01)
+        check_bool("server_timing", server_timing)
         # An ASGI 2 (double-callable) app is adapted once here, not per request.
         self.app = cast(ASGIApp, guarantee_single_callable(app))  # type: ignore[no-untyped-call]
         self.databases = databases
@@ -183,10 +187,8 @@ class SQLAlchemyMiddleware:
                 report(scope, [(db, db.limits, stats) for db, stats in unit.all_stats().items()])
 
 
-def _check_two_phase(two_phase: object, databases: tuple[Database, ...]) -> bool:
-    if not isinstance(two_phase, bool):
-        raise ConfigurationError(f"two_phase is True or False, not {two_phase!r}.")
-    if two_phase:
+def _check_two_phase(two_phase: bool, databases: tuple[Database, ...]) -> bool:
+    if check_bool("two_phase", two_phase):
         for db in databases:
             url = db._url
             if url is not None and url.get_backend_name() != "postgresql":
@@ -196,8 +198,3 @@ def _check_two_phase(two_phase: object, databases: tuple[Database, ...]) -> bool
                 )
             db._two_phase_check = True  # startup checks max_prepared_transactions
     return two_phase
-
-
-def _check_number(option: str, value: object, meaning: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigurationError(f"{option} is the number of {meaning}, >= 0, not {value!r}.")

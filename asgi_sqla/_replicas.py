@@ -44,6 +44,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from ._errors import SessionEndedError
+from ._secrets import mask_text, mask_url
 from ._session import GuardedSession, end_session
 
 __all__ = ["ReadRoute", "ReplicaSet", "ReplicaSlot", "end_read_session", "track_writes"]
@@ -109,7 +110,7 @@ class ReplicaSet:
         logger.warning(
             "Read replica %s failed (%s); reads skip it for %g s and go to another "
             "replica, or to the primary.",
-            engine.url.render_as_string(hide_password=True),
+            mask_url(engine.url),
             _describe(exc, engine.url),
             self.cooldown,
         )
@@ -121,9 +122,8 @@ class ReplicaSet:
 
 
 def _describe(exc: BaseException, url: URL) -> str:
-    text = f"{type(exc).__name__}: {exc}".splitlines()[0]
-    password = url.password
-    return text.replace(str(password), "***") if password else text
+    """The first line of ``exc``'s message, without ``url``'s secrets."""
+    return mask_text(f"{type(exc).__name__}: {exc}".splitlines()[0], url)
 
 
 class ReadRoute:

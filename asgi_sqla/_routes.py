@@ -15,8 +15,8 @@ import re
 from collections.abc import Awaitable, Callable, Iterable
 from typing import ParamSpec, TypeVar
 
-from ._unit import SessionContext
 from ._errors import ConfigurationError
+from ._unit import SessionContext
 from .types import Message, Receive, Scope
 
 __all__ = ["manual_commit", "read_only"]

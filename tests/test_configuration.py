@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 from sqlalchemy import create_engine, inspect, make_url, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import registry
+from sqlalchemy.pool import NullPool
 
 from asgi_sqla import (
     ConcurrentSessionUseError,
@@ -481,3 +483,233 @@ def test_an_unknown_dialect_is_refused_at_construction_without_the_password() ->
     message = str(info.value)
     assert "nosuchdb+nosuchdriver" in message
     assert PASSWORD not in message
+
+
+# --- mistakes found at construction, not at startup -------------------------------------
+#
+# An option SQLAlchemy would only refuse when the engine or the first session is made
+# (at lifespan startup, or at the first request without lifespan) is refused by
+# Database() itself, with a ConfigurationError naming the option, not a bare TypeError
+# from deep inside a worker.
+
+PG_URL = f"postgresql+asyncpg://user:{PASSWORD}@db.invalid/app"
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "named"),
+    [
+        (PG_URL, {"bogus": 1}, "bogus"),
+        (PG_URL, {"pool_sise": 5, "pool_size": 5}, "pool_sise"),
+        ("sqlite+aiosqlite://", {"pool_size": 5}, "pool_size"),  # StaticPool has no size
+        (PG_URL, {"poolclass": NullPool, "max_overflow": 2}, "max_overflow"),
+    ],
+    ids=["unknown", "misspelt", "not-for-this-pool", "not-for-nullpool"],
+)
+def test_an_engine_option_sqlalchemy_does_not_take_is_refused_at_construction(
+    url: str, options: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Database(url, **options)
+
+    message = str(info.value)
+    assert repr(named) in message
+    assert "create_async_engine" in message
+    assert PASSWORD not in message
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("pool_size", "5"),
+        ("pool_size", -1),
+        ("pool_size", 2.5),
+        ("pool_size", True),
+        ("max_overflow", "x"),
+        ("max_overflow", -2),
+        ("pool_timeout", "1"),
+        ("pool_timeout", float("nan")),
+        ("pool_timeout", float("inf")),
+        ("pool_recycle", "3600"),
+        ("pool_pre_ping", "yes"),
+        ("pool_pre_ping", 1),
+        ("pool_use_lifo", "no"),
+        ("echo", "yes"),
+        ("echo_pool", 1),
+        ("hide_parameters", "no"),
+        ("query_cache_size", 1.5),
+        ("isolation_level", 3),
+        ("connect_args", "timeout=3"),
+        ("execution_options", ["isolation_level"]),
+    ],
+)
+def test_an_ill_typed_engine_option_is_refused_at_construction(option: str, value: object) -> None:
+    options: dict[str, Any] = {option: value}
+    with pytest.raises(ConfigurationError) as info:
+        Database(PG_URL, **options)
+
+    message = str(info.value)
+    assert f"{option} must be" in message
+    assert repr(value) in message
+    assert PASSWORD not in message
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"max_overflow": -1, "pool_recycle": -1},  # SQLAlchemy's "no limit" / "never"
+        {"pool_timeout": 0.5, "pool_size": 0},
+        {"echo": "debug", "echo_pool": "debug"},
+        {"echo": None},
+        {"isolation_level": "AUTOCOMMIT", "connect_args": {}, "execution_options": {}},
+    ],
+    ids=["minus-one", "numbers", "debug", "none", "mappings"],
+)
+async def test_engine_options_sqlalchemy_takes_are_accepted(options: dict[str, Any]) -> None:
+    db = Database(PG_URL, **options)
+    engine = db.engine
+    try:
+        for option, value in options.items():
+            if option == "echo_pool":
+                assert engine.sync_engine.pool.echo == value
+            elif option == "echo":
+                assert engine.echo == value
+    finally:
+        await db.dispose()
+
+
+def test_validating_engine_options_opens_no_connection() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        port = listener.getsockname()[1]
+        db = Database(
+            f"postgresql+asyncpg://user:{PASSWORD}@127.0.0.1:{port}/app",
+            pool_size=1,
+            pool_pre_ping=True,
+        )
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody knocked
+    assert db._engine is None  # the engine itself is made at startup
+
+
+@pytest.mark.parametrize(
+    ("session_options", "named"),
+    [
+        ({"bogus": 1}, "'bogus'"),
+        ({"expire_on_commit": "no"}, "expire_on_commit must be"),
+        ({"autoflush": 1}, "autoflush must be"),
+        ({"autobegin": None}, "autobegin must be"),
+        ({"join_transaction_mode": "savepoint"}, "join_transaction_mode must be"),
+        ({"class_": "AsyncSession"}, "class_ must be"),
+        ({"class_": Item}, "class_ must be"),
+        ({"bind": None}, "'bind'"),
+        ({"info": "x"}, "info must be"),
+    ],
+    ids=[
+        "unknown",
+        "expire_on_commit",
+        "autoflush",
+        "autobegin",
+        "join_transaction_mode",
+        "class-name",
+        "not-a-session-class",
+        "bind",
+        "info",
+    ],
+)
+def test_a_bad_session_option_is_refused_at_construction(
+    session_options: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Database(PG_URL, session_options=session_options)
+
+    assert named in str(info.value)
+    assert "session_options" in str(info.value)
+
+
+def test_session_options_must_be_a_mapping() -> None:
+    with pytest.raises(ConfigurationError, match="session_options"):
+        Database(PG_URL, session_options=[("expire_on_commit", True)])  # type: ignore[arg-type]
+
+
+def test_an_unknown_option_of_a_custom_session_class_is_accepted() -> None:
+    class TenantSession(AsyncSession):
+        def __init__(self, *args: Any, tenant: str = "", **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.tenant = tenant
+
+    Database(PG_URL, session_options={"class_": TenantSession, "tenant": "acme"})
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("warn_held_over", "1"),
+        ("warn_held_over", float("nan")),
+        ("warn_held_over", -1),
+        ("warn_held_over", True),
+        ("warn_statements_over", "3"),
+        ("warn_statements_over", 2.5),
+        ("warn_statements_over", float("inf")),
+        ("replica_cooldown", float("nan")),
+        ("replica_cooldown", float("inf")),
+        ("replica_cooldown", "30"),
+        ("stats", "no"),
+        ("stats", 1),
+    ],
+)
+def test_a_bad_database_option_is_refused_at_construction(option: str, value: object) -> None:
+    options: dict[str, Any] = {option: value}
+    with pytest.raises(ConfigurationError) as info:
+        Database(PG_URL, **options)
+
+    assert f"{option} must be" in str(info.value)
+    assert repr(value) in str(info.value)
+
+
+def test_replica_cooldown_is_checked_with_replicas_too() -> None:
+    with pytest.raises(ConfigurationError, match="replica_cooldown must be"):
+        Database(PG_URL, replicas=[PG_URL], replica_cooldown=float("nan"))
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("retry_backoff", float("inf")),
+        ("retry_backoff", float("nan")),
+        ("retry_backoff", "0.1"),
+        ("retry_backoff", -0.5),
+        ("retry_backoff", True),
+        ("retry_after", float("nan")),
+        ("retry_attempts", 1.5),
+        ("retry_attempts", "3"),
+        ("retry_attempts", False),
+        ("retry_body_limit", -1),
+        ("retry_body_limit", float("inf")),
+        ("server_timing", "no"),
+        ("server_timing", 1),
+        ("two_phase", "yes"),
+        ("two_phase", 0),
+    ],
+)
+def test_a_bad_middleware_option_is_refused_at_construction(option: str, value: object) -> None:
+    options: dict[str, Any] = {option: value}
+    with pytest.raises(ConfigurationError) as info:
+        SQLAlchemyMiddleware(no_lifespan_app, Database(PG_URL), **options)
+
+    assert f"{option} must be" in str(info.value)
+    assert repr(value) in str(info.value)
+
+
+def test_every_middleware_number_takes_zero() -> None:
+    SQLAlchemyMiddleware(
+        no_lifespan_app,
+        Database(PG_URL),
+        retry_after=0,
+        retry_attempts=0,
+        retry_body_limit=0,
+        retry_backoff=0,
+        server_timing=False,
+        two_phase=False,
+    )
