@@ -39,6 +39,10 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "postgresql: needs a PostgreSQL server (started by the test run, or TEST_DATABASE_URL)",
     )
+    config.addinivalue_line(
+        "markers",
+        "frameworks(*names): run a tests/test_frameworks.py test for these example apps only",
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -164,12 +168,25 @@ def pg_admin(postgres_database: URL) -> Iterator[psycopg.Connection[TupleRow]]:
         conn.close()  # unlike leaving a `with` block, fine if the test killed its backend
 
 
+@pytest.fixture(scope="module")
+def module_database_owner() -> str:
+    """What ``module_database_url``'s database belongs to: by default, the module.
+
+    A module whose tests need a new database for each value of one of its parameters
+    (``tests/test_frameworks.py``: each example app makes tables of its own) overrides
+    this fixture to request that parameter: a new value then tears the database down.
+    """
+    return ""
+
+
 @pytest.fixture(
     scope="module",
     params=["sqlite", pytest.param("asyncpg", marks=pytest.mark.postgresql, id="asyncpg")],
 )
 def module_database_url(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    module_database_owner: str,
 ) -> Iterator[str]:
     """Like ``database_url``, but one database for a whole module (ids ``sqlite``, ``asyncpg``).
 
