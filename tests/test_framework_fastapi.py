@@ -33,7 +33,6 @@ from _helpers import (
     add_key,
     call_http,
     checked_out,
-    create_tables,
     items,
     keys,
     websocket_scope,
@@ -44,14 +43,6 @@ pytestmark = pytest.mark.anyio
 
 
 # --- The dependency, in-process --------------------------------------------------------
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url)
-    await create_tables(database)
-    yield database
-    await database.dispose()
 
 
 def fastapi_app(db: Database) -> FastAPI:

@@ -7,8 +7,6 @@ what a synchronous ``def`` endpoint (run in Starlette's thread pool) meets.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import anyio
 import anyio.from_thread
 import pytest
@@ -21,17 +19,9 @@ from starlette.routing import Route
 from asgi_sqla import ConfigurationError, Database, SQLAlchemyMiddleware
 from asgi_sqla.types import Message
 
-from _helpers import add_key, call_http, checked_out, create_tables, keys
+from _helpers import add_key, call_http, checked_out, keys
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url)
-    await create_tables(database)
-    yield database
-    await database.dispose()
 
 
 def sync_app(db: Database) -> Starlette:
