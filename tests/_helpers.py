@@ -7,6 +7,8 @@ from typing import Any
 
 import anyio
 from sqlalchemy import Column, Integer, MetaData, String, Table, event, func, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import QueuePool
 
 from asgi_sqla import Database
 from asgi_sqla.types import ASGIApp, Message, Scope
@@ -40,9 +42,23 @@ async def count_items(db: Database) -> int:
         return int((await connection.scalar(select(func.count()).select_from(items))) or 0)
 
 
+def started_engine(db: Database) -> AsyncEngine | None:
+    """``db``'s engine if it has one now (started, not yet disposed), else ``None``.
+
+    Unlike ``db.engine``, never creates one.  No public API tells this yet, so this is
+    the one place the tests read the private ``Database._engine``.
+    """
+    return db._engine
+
+
 def checked_out(db: Database) -> int:
-    """Connections of ``db``'s pool currently checked out."""
-    return int(db.engine.sync_engine.pool.checkedout())  # type: ignore[attr-defined]
+    """Connections of ``db``'s pool currently checked out.
+
+    The tests' databases (SQLite files, PostgreSQL) have a ``QueuePool``, which counts
+    them; ``pool_status()`` would say 0 for a pool that does not.
+    """
+    assert isinstance(db.engine.sync_engine.pool, QueuePool), db.engine.sync_engine.pool
+    return db.pool_status().checked_out
 
 
 def http_scope(path: str = "/", method: str = "GET", **extra: Any) -> Scope:

@@ -10,8 +10,6 @@ middleware.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -21,7 +19,6 @@ from litestar.background_tasks import BackgroundTask
 from litestar.di import NamedDependency
 from litestar.exceptions import NotFoundException
 from litestar.params import FromPath
-from sqlalchemy import URL
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from asgi_sqla import Database, SQLAlchemyMiddleware
@@ -35,8 +32,8 @@ from _helpers import (
     checked_out,
     items,
     keys,
-    open_database,
     orphan_child,
+    started_engine,
 )
 
 pytestmark = pytest.mark.anyio
@@ -45,24 +42,10 @@ pytestmark = pytest.mark.anyio
 # --- The dependency and Litestar's own handling, in-process -------------------------
 
 
-@pytest.fixture(params=["sqlite", pytest.param("asyncpg", marks=pytest.mark.postgresql)])
-def in_process_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh database per test, SQLite or PostgreSQL through asyncpg.
-
-    What is under test here is the framework's way of calling the app, not the driver:
-    two backends are enough (``database_url`` would add psycopg).
-    """
-    if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
-    database: URL = request.getfixturevalue("postgres_database")
-    return database.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
-
-
 @pytest.fixture
-async def db(in_process_url: str) -> AsyncIterator[Database]:
-    database = await open_database(in_process_url)
-    yield database
-    await database.dispose()
+def database_url(sqlite_or_asyncpg_url: str) -> str:
+    """What is under test here is the framework's way of calling the app, not the driver."""
+    return sqlite_or_asyncpg_url
 
 
 async def test_the_provided_session_is_db_session_of_the_same_request(db: Database) -> None:
@@ -199,11 +182,11 @@ async def test_as_a_litestar_middleware_it_never_sees_lifespan(db: Database) -> 
             tasks.start_soon(app, lifespan, incoming.get, send)
             incoming.put_nowait({"type": "lifespan.startup"})
             assert await answered.get() == "lifespan.startup.complete"
-            engine_after_startup = db._engine
+            engine_after_startup = started_engine(db)
             assert (await call_http(app, "/")).status == 200  # the engine starts here
             incoming.put_nowait({"type": "lifespan.shutdown"})
             assert await answered.get() == "lifespan.shutdown.complete"
-            engine_after_shutdown = db._engine
+            engine_after_shutdown = started_engine(db)
 
     assert engine_after_startup is None
     assert engine_after_shutdown is not None  # left for someone else to dispose

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 from quart import Quart, websocket
-from sqlalchemy import URL, event, text
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from asgi_sqla import ConfigurationError, Database, SQLAlchemyMiddleware
@@ -35,9 +34,9 @@ from _helpers import (
     call_http,
     checked_out,
     keys,
-    open_database,
     orphan_child,
     server_logging_env,
+    started_engine,
     websocket_scope,
 )
 from _servers import SERVERS, serve, server_available
@@ -84,24 +83,10 @@ def test_when_quarts_own_startup_fails_the_server_exits_although_quart_keeps_wai
 # --- Quart's habits, in-process --------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", pytest.param("asyncpg", marks=pytest.mark.postgresql)])
-def in_process_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh database per test, SQLite or PostgreSQL through asyncpg.
-
-    What is under test here is the framework's way of calling the app, not the driver:
-    two backends are enough (``database_url`` would add psycopg).
-    """
-    if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
-    database: URL = request.getfixturevalue("postgres_database")
-    return database.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
-
-
 @pytest.fixture
-async def db(in_process_url: str) -> AsyncIterator[Database]:
-    database = await open_database(in_process_url)
-    yield database
-    await database.dispose()
+def database_url(sqlite_or_asyncpg_url: str) -> str:
+    """What is under test here is the framework's way of calling the app, not the driver."""
+    return sqlite_or_asyncpg_url
 
 
 async def wait_for_background_tasks(app: Quart) -> None:
@@ -393,7 +378,7 @@ async def test_quarts_failed_startup_reaches_the_server_once_and_disposes_the_en
     answered = anyio.Event()
 
     async def send(message: Message) -> None:
-        engine_at_failure.append(db._engine)
+        engine_at_failure.append(started_engine(db))
         sent.append(message)
         answered.set()
 
