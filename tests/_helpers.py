@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, cast
 
 import anyio
 from sqlalchemy import Column, Integer, MetaData, String, Table, event, func, select, text
@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool
 
 from asgi_sqla import Database
-from asgi_sqla.types import ASGIApp, Message, Scope
+from asgi_sqla.types import ASGIApp, Message, Receive, Scope, Send
 
 metadata = MetaData()
 
@@ -160,6 +160,15 @@ async def call_http(
     return recorder
 
 
+def as_asgi_app(app: object) -> Callable[[Scope, Receive, Send], Coroutine[Any, Any, None]]:
+    """A framework's app, typed as the ASGI app it is (an ``ASGIApp`` whose calls are coroutines).
+
+    Quart and Litestar type their scopes and messages as ``TypedDict`` unions, which
+    mypy does not accept where ``asgi_sqla.types`` says ``MutableMapping``.
+    """
+    return cast(Callable[[Scope, Receive, Send], Coroutine[Any, Any, None]], app)
+
+
 async def plain_response(
     send: Callable[[Message], Awaitable[None]], status: int, body: bytes = b""
 ) -> None:
@@ -287,7 +296,7 @@ def query(url: str, statement: str) -> list[tuple[Any, ...]]:
         with contextlib.closing(sqlite3.connect(parsed.database)) as connection:
             return list(connection.execute(statement))
     with _postgres.connect(parsed) as connection:
-        return list(connection.execute(statement))  # type: ignore[arg-type]
+        return list(connection.execute(statement))
 
 
 def server_backends(url: str) -> list[tuple[int, str | None, str]]:

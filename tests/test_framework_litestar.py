@@ -23,11 +23,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from asgi_sqla import Database, SQLAlchemyMiddleware
 from asgi_sqla.litestar import provide_session
-from asgi_sqla.types import Message
+from asgi_sqla.types import Message, Scope
 
 from _helpers import (
     PoolEvents,
     add_key,
+    as_asgi_app,
     call_http,
     checked_out,
     items,
@@ -176,14 +177,14 @@ async def test_as_a_litestar_middleware_it_never_sees_lifespan(db: Database) -> 
     async def send(message: Message) -> None:
         answered.put_nowait(message["type"])
 
-    lifespan = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    lifespan: Scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(app, lifespan, incoming.get, send)
+            tasks.start_soon(as_asgi_app(app), lifespan, incoming.get, send)
             incoming.put_nowait({"type": "lifespan.startup"})
             assert await answered.get() == "lifespan.startup.complete"
             engine_after_startup = started_engine(db)
-            assert (await call_http(app, "/")).status == 200  # the engine starts here
+            assert (await call_http(as_asgi_app(app), "/")).status == 200  # the engine starts here
             incoming.put_nowait({"type": "lifespan.shutdown"})
             assert await answered.get() == "lifespan.shutdown.complete"
             engine_after_shutdown = started_engine(db)

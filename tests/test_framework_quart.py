@@ -31,6 +31,7 @@ from _framework import (
 )
 from _helpers import (
     add_key,
+    as_asgi_app,
     call_http,
     checked_out,
     keys,
@@ -118,7 +119,7 @@ async def test_quarts_own_background_task_starts_at_once_and_shares_the_requests
 
     app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, db)  # type: ignore[method-assign]
 
-    recorder = await call_http(app, "/", method="POST")
+    recorder = await call_http(as_asgi_app(app), "/", method="POST")
     await wait_for_background_tasks(app)
 
     assert recorder.status == 409
@@ -150,7 +151,7 @@ async def test_add_background_task_runs_after_the_response_with_a_session_of_its
     app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, db)  # type: ignore[method-assign]
     init_app(app)
 
-    recorder = await call_http(app, "/", method="POST", on_send=sent.append)
+    recorder = await call_http(as_asgi_app(app), "/", method="POST", on_send=sent.append)
     await wait_for_background_tasks(app)
 
     assert recorder.status == 201
@@ -180,7 +181,7 @@ async def test_add_background_task_never_runs_after_a_failed_commit(db: Database
     app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, db)  # type: ignore[method-assign]
     init_app(app)
 
-    recorder = await call_http(app, "/", method="POST")
+    recorder = await call_http(as_asgi_app(app), "/", method="POST")
     await wait_for_background_tasks(app)
 
     assert recorder.status == 500
@@ -205,7 +206,7 @@ async def test_add_background_task_without_init_app_says_to_call_it() -> None:
 
     app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, db)  # type: ignore[method-assign]
 
-    assert (await call_http(app, "/")).status == 200
+    assert (await call_http(as_asgi_app(app), "/")).status == 200
     assert "asgi_sqla.quart.init_app(app)" in str(errors[0])
 
 
@@ -382,9 +383,10 @@ async def test_quarts_failed_startup_reaches_the_server_once_and_disposes_the_en
         sent.append(message)
         answered.set()
 
+    lifespan: Scope = {"type": "lifespan", "asgi": {"version": "3.0"}}
     incoming.put_nowait({"type": "lifespan.startup"})
     async with anyio.create_task_group() as tasks:
-        tasks.start_soon(app, {"type": "lifespan", "asgi": {"version": "3.0"}}, incoming.get, send)
+        tasks.start_soon(as_asgi_app(app), lifespan, incoming.get, send)
         with anyio.fail_after(10):
             await answered.wait()
         # Quart is waiting in receive() again; a server cancels it when it exits.

@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 import pytest
-from httpx_ws import WebSocketDisconnect, WebSocketUpgradeError, connect_ws
+from httpx_ws import WebSocketDisconnect, WebSocketSession, WebSocketUpgradeError, connect_ws
 
 from _framework import (
     COMMIT_FAILED,
@@ -344,6 +344,7 @@ def test_a_websocket_commits_each_message_while_it_waits_for_the_next(
     def message(text: str) -> str:
         return json.dumps({"text": text}) if framework.websocket_takes_json else text
 
+    websocket: WebSocketSession
     with connect_ws(f"{server.url}/ws", client) as websocket:
         websocket.send_text(message(first))
         assert json.loads(websocket.receive_text())["text"] == first
@@ -401,6 +402,7 @@ def test_a_websocket_message_whose_commit_fails_closes_the_socket_with_1011(
     orphan = unique("ws-orphan")
     log_start = len(server.log)
 
+    socket: WebSocketSession
     with connect_ws(f"{server.url}/ws", client) as socket:
         socket.send_json({"text": orphan, "parent_id": 999_999_999})
         assert socket.receive_json()["text"] == orphan  # the INSERT passed
