@@ -1,35 +1,27 @@
-"""What the ``test_framework_*.py`` modules share: the example app in a real server.
+"""What the framework tests share: the example apps' tables, log lines and exit codes.
 
-Each of those modules runs one ``examples/<framework>_app.py`` once per (database,
-server) pair, talks to it over HTTP and websockets and reads the committed rows
-through a connection of its own.  The fixtures that start the server and the client,
-and the helpers that read the example's ``notes`` and ``events`` tables, are the same
-for every framework, so they live here; what a framework does differently stays in
-its module.
+``tests/test_frameworks.py`` runs every ``examples/<framework>_app.py`` in real servers
+and reads the committed rows of the examples' ``notes`` and ``events`` tables through
+a connection of its own; ``test_framework_<name>.py`` start servers of their own for
+a failed startup.  The helpers for both live here.
 
-A module declares its fixtures by assigning what the factories return::
-
-    TARGET = "examples.starlette_app:app"
+A module declares the ``server_name`` fixture by assigning what the factory returns::
 
     server_name = server_name_fixture()
-    server = example_server_fixture(TARGET)
-    client = client_fixture()
 
-(Factories rather than imported fixtures: a test argument named like an imported
+(A factory rather than an imported fixture: a test argument named like an imported
 fixture reads to ruff as a redefinition of an unused import.)
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 
-from _helpers import eventually, query, server_backends, server_logging_env
-from _servers import SERVERS, Server, serve, server_available
+from _helpers import eventually, query, server_backends
+from _servers import SERVERS, server_available
 
 #: What asgi_sqla logs when the commit after a successful response fails.
 COMMIT_FAILED = "ERROR asgi_sqla: The transaction failed to commit"
@@ -47,8 +39,8 @@ Fixture = Any
 def server_name_fixture() -> Fixture:
     """A module-scoped ``server_name`` fixture: each of ``SERVERS`` that is installed.
 
-    Module-scoped so that ``server`` (which depends on it) starts one process per
-    server for the whole module; a server that is not installed skips its tests.
+    Module-scoped so that a module-scoped ``server`` that depends on it starts one
+    process per server; a server that is not installed skips its tests.
     """
 
     @pytest.fixture(scope="module", params=SERVERS, name="server_name")
@@ -59,45 +51,6 @@ def server_name_fixture() -> Fixture:
         return name
 
     return server_name
-
-
-def example_server_fixture(target: str) -> Fixture:
-    """A module-scoped ``server`` fixture running ``target`` under ``server_name``.
-
-    The app reads its database from ``DATABASE_URL`` (``module_database_url``), and
-    the server logs ``asgi_sqla`` and ``sqlalchemy.pool`` lines (``server_logging_env``)
-    for the tests to read in ``Server.log``.  One process serves the whole module, so
-    the tests share its database; the module's last server test may stop it.
-    """
-    app_module = target.partition(":")[0].rpartition(".")[2]
-
-    @pytest.fixture(scope="module", name="server")
-    def server(
-        server_name: str, module_database_url: str, tmp_path_factory: pytest.TempPathFactory
-    ) -> Iterator[Server]:
-        env = {
-            "DATABASE_URL": module_database_url,
-            **server_logging_env(tmp_path_factory.mktemp(f"{app_module}-{server_name}")),
-        }
-        with serve(target, server_name, env=env, ready_path="/notes") as running:
-            yield running
-
-    return server
-
-
-def client_fixture() -> Fixture:
-    """A ``client`` fixture: an ``httpx.Client`` for the module's ``server``.
-
-    Function-scoped so that no connection or cookie carries over between tests; the
-    timeout bounds a test whose server stopped answering.
-    """
-
-    @pytest.fixture(name="client")
-    def client(server: Server) -> Iterator[httpx.Client]:
-        with httpx.Client(base_url=server.url, timeout=10) as client:
-            yield client
-
-    return client
 
 
 def unique(label: str) -> str:

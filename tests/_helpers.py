@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, cast
 
 import anyio
 from sqlalchemy import Column, Integer, MetaData, String, Table, event, func, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import QueuePool
 
 from asgi_sqla import Database
-from asgi_sqla.types import ASGIApp, Message, Scope
+from asgi_sqla.types import ASGIApp, Message, Receive, Scope, Send
 
 metadata = MetaData()
 
@@ -40,9 +42,23 @@ async def count_items(db: Database) -> int:
         return int((await connection.scalar(select(func.count()).select_from(items))) or 0)
 
 
+def started_engine(db: Database) -> AsyncEngine | None:
+    """``db``'s engine if it has one now (started, not yet disposed), else ``None``.
+
+    Unlike ``db.engine``, never creates one.  No public API tells this yet, so this is
+    the one place the tests read the private ``Database._engine``.
+    """
+    return db._engine
+
+
 def checked_out(db: Database) -> int:
-    """Connections of ``db``'s pool currently checked out."""
-    return int(db.engine.sync_engine.pool.checkedout())  # type: ignore[attr-defined]
+    """Connections of ``db``'s pool currently checked out.
+
+    The tests' databases (SQLite files, PostgreSQL) have a ``QueuePool``, which counts
+    them; ``pool_status()`` would say 0 for a pool that does not.
+    """
+    assert isinstance(db.engine.sync_engine.pool, QueuePool), db.engine.sync_engine.pool
+    return db.pool_status().checked_out
 
 
 def http_scope(path: str = "/", method: str = "GET", **extra: Any) -> Scope:
@@ -142,6 +158,15 @@ async def call_http(
     )
     await recorder(app, http_scope(path, method=method))
     return recorder
+
+
+def as_asgi_app(app: object) -> Callable[[Scope, Receive, Send], Coroutine[Any, Any, None]]:
+    """A framework's app, typed as the ASGI app it is (an ``ASGIApp`` whose calls are coroutines).
+
+    Quart and Litestar type their scopes and messages as ``TypedDict`` unions, which
+    mypy does not accept where ``asgi_sqla.types`` says ``MutableMapping``.
+    """
+    return cast(Callable[[Scope, Receive, Send], Coroutine[Any, Any, None]], app)
 
 
 async def plain_response(
@@ -271,7 +296,7 @@ def query(url: str, statement: str) -> list[tuple[Any, ...]]:
         with contextlib.closing(sqlite3.connect(parsed.database)) as connection:
             return list(connection.execute(statement))
     with _postgres.connect(parsed) as connection:
-        return list(connection.execute(statement))  # type: ignore[arg-type]
+        return list(connection.execute(statement))
 
 
 def server_backends(url: str) -> list[tuple[int, str | None, str]]:

@@ -14,16 +14,19 @@ deselects them).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import psycopg
 import pytest
 from psycopg.rows import TupleRow
 from sqlalchemy import URL
 
+from asgi_sqla import Database
+
 import _postgres
+from _helpers import open_database
 
 pytest_plugins = ["pytester"]
 
@@ -38,6 +41,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "postgresql: needs a PostgreSQL server (started by the test run, or TEST_DATABASE_URL)",
+    )
+    config.addinivalue_line(
+        "markers",
+        "frameworks(*names): run a tests/test_frameworks.py test for these example apps only",
     )
 
 
@@ -138,6 +145,20 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return _async_url(database, driver)
 
 
+@pytest.fixture(params=["sqlite", _POSTGRES_PARAMS[0]])
+def sqlite_or_asyncpg_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Like ``database_url`` without psycopg (ids ``sqlite``, ``asyncpg``).
+
+    For tests of how a framework calls the app, where two backends are enough: a
+    module overrides ``database_url`` with this one.
+    """
+    driver: str = request.param
+    if driver == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
+    database: URL = request.getfixturevalue("postgres_database")
+    return _async_url(database, driver)
+
+
 @pytest.fixture(params=_POSTGRES_PARAMS)
 def postgresql_url(request: pytest.FixtureRequest, postgres_database: URL) -> str:
     """Like ``database_url`` but PostgreSQL only (ids ``asyncpg``, ``psycopg``).
@@ -164,12 +185,25 @@ def pg_admin(postgres_database: URL) -> Iterator[psycopg.Connection[TupleRow]]:
         conn.close()  # unlike leaving a `with` block, fine if the test killed its backend
 
 
+@pytest.fixture(scope="module")
+def module_database_owner() -> str:
+    """What ``module_database_url``'s database belongs to: by default, the module.
+
+    A module whose tests need a new database for each value of one of its parameters
+    (``tests/test_frameworks.py``: each example app makes tables of its own) overrides
+    this fixture to request that parameter: a new value then tears the database down.
+    """
+    return ""
+
+
 @pytest.fixture(
     scope="module",
     params=["sqlite", pytest.param("asyncpg", marks=pytest.mark.postgresql, id="asyncpg")],
 )
 def module_database_url(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    module_database_owner: str,
 ) -> Iterator[str]:
     """Like ``database_url``, but one database for a whole module (ids ``sqlite``, ``asyncpg``).
 
@@ -188,3 +222,27 @@ def module_database_url(
         yield _async_url(database, driver)
     finally:
         factory.drop(database)
+
+
+@pytest.fixture
+def db_options() -> dict[str, Any]:
+    """Keyword arguments for ``db``'s ``Database``: none, unless a module overrides this.
+
+    E.g. ``{"stats": True}``, or pool sizes that depend on ``database_url``.
+    """
+    return {}
+
+
+@pytest.fixture
+async def db(database_url: str, db_options: dict[str, Any]) -> AsyncIterator[Database]:
+    """A ``Database`` on ``database_url`` (``db_options`` passed on), disposed after the test.
+
+    Its database has the ``items`` table of ``tests/_helpers.py`` and a deferred foreign
+    key to break at COMMIT (``_helpers.open_database``).  A module that needs another
+    backend overrides ``database_url``; one that needs other options, ``db_options``.
+    """
+    database = await open_database(database_url, **db_options)
+    try:
+        yield database
+    finally:
+        await database.dispose()

@@ -8,8 +8,6 @@ returns and rolled back when it raises.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -22,7 +20,6 @@ from _helpers import (
     add_key,
     call_http,
     checked_out,
-    create_tables,
     http_scope,
     keys,
 )
@@ -31,16 +28,6 @@ pytestmark = pytest.mark.anyio
 
 START = "http.response.start"
 BODY = "http.response.body"
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url)
-    try:
-        await create_tables(database)
-        yield database
-    finally:
-        await database.dispose()
 
 
 def chunk(body: bytes, *, more: bool) -> Message:

@@ -44,16 +44,6 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url)
-    await create_tables(database)
-    try:
-        yield database
-    finally:
-        await database.dispose()
-
-
-@pytest.fixture
 async def sqlite_db(tmp_path: Path) -> AsyncIterator[Database]:
     """For behaviour that does not depend on the backend."""
     database = Database(f"sqlite+aiosqlite:///{tmp_path / 'context.db'}")

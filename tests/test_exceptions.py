@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import httpx
 import pytest
 from starlette.applications import Starlette
@@ -15,19 +13,9 @@ from starlette.routing import Route
 from asgi_sqla import Database, SQLAlchemyMiddleware
 from asgi_sqla.types import Receive, Scope, Send
 
-from _helpers import ASGIRecorder, add_key, checked_out, create_tables, http_scope, keys
+from _helpers import ASGIRecorder, add_key, checked_out, http_scope, keys
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url)
-    try:
-        await create_tables(database)
-        yield database
-    finally:
-        await database.dispose()
 
 
 class AppError(Exception):

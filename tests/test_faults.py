@@ -462,7 +462,7 @@ async def fill_pool(db: Database, size: int) -> None:
         async with anyio.create_task_group() as group:
             for _ in range(size):
                 group.start_soon(call_http, SQLAlchemyMiddleware(app, db))
-    assert db.engine.sync_engine.pool.checkedin() == size  # type: ignore[attr-defined]
+    assert db.pool_status().checked_in == size
 
 
 async def test_a_request_in_flight_during_a_restart_answers_500_and_commits_nothing(

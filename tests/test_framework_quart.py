@@ -1,33 +1,24 @@
-"""Quart: ``examples/quart_app.py`` in real servers, and Quart's own habits in-process.
+"""Quart: a failed startup in real servers, and Quart's own habits in-process.
 
-The example runs once per (database, server) pair: ``module_database_url`` (SQLite,
-PostgreSQL through asyncpg) times uvicorn, hypercorn and granian, in a process started
-by ``tests/_servers.py``.  The tests talk to it over HTTP and websockets and read the
-committed rows through a connection of their own.  They share the database, so each
-writes texts no other test writes.  The last server test stops the server.
-
-The in-process tests pin down what Quart does differently from Starlette (background
-tasks that start at once, websocket messages read ahead, errors and disconnects that
-end a websocket "normally", a lifespan that keeps waiting after ``startup.failed``)
-and check that ``asgi_sqla.quart`` keeps the package's promises there.
+``examples/quart_app.py``'s API in real servers is tested with the other examples in
+``tests/test_frameworks.py``.  The tests here pin down what Quart does differently
+from Starlette (background tasks that start at once, websocket messages read ahead,
+errors and disconnects that end a websocket "normally", a lifespan that keeps waiting
+after ``startup.failed``) and check that ``asgi_sqla.quart`` keeps the package's
+promises there.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import re
-import signal
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 import pytest
-from httpx_ws import WebSocketDisconnect, connect_ws
 from quart import Quart, websocket
-from sqlalchemy import URL, event, text
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from asgi_sqla import ConfigurationError, Database, SQLAlchemyMiddleware
@@ -35,214 +26,25 @@ from asgi_sqla.quart import add_background_task, init_app
 from asgi_sqla.types import Message, Scope
 
 from _framework import (
-    COMMIT_FAILED,
     POOL_DISPOSED,
     STARTUP_FAILURE_EXIT_CODES,
-    client_fixture,
-    event_mentions,
-    events,
-    example_server_fixture,
-    no_transaction_left_open,
-    notes_with_text,
-    server_name_fixture,
-    unique,
 )
 from _helpers import (
     add_key,
+    as_asgi_app,
     call_http,
     checked_out,
-    eventually,
     keys,
-    open_database,
     orphan_child,
-    server_backends,
     server_logging_env,
-    server_reported_an_app_error,
+    started_engine,
     websocket_scope,
 )
-from _servers import SERVERS, Server, serve, server_available
+from _servers import SERVERS, serve, server_available
 
 pytestmark = pytest.mark.anyio
 
 TARGET = "examples.quart_app:app"
-
-
-server_name = server_name_fixture()
-server = example_server_fixture(TARGET)
-client = client_fixture()
-
-
-# --- The example in real servers -------------------------------------------------------
-
-
-def test_a_created_note_is_committed_before_its_201_arrives(
-    client: httpx.Client, module_database_url: str
-) -> None:
-    text = unique("created")
-
-    response = client.post("/notes", json={"text": text})
-
-    assert response.status_code == 201, response.text
-    assert response.json()["text"] == text
-    # Read as soon as the status arrived: the commit happened before it was sent.
-    assert notes_with_text(module_database_url, text) == 1
-    assert no_transaction_left_open(module_database_url)
-
-
-def test_the_background_task_records_the_note_after_the_commit_with_its_own_session(
-    client: httpx.Client, module_database_url: str
-) -> None:
-    text = unique("background")
-
-    response = client.post("/notes", json={"text": text})
-
-    assert response.status_code == 201
-    expected = f"created note {response.json()['id']}: {text}"
-    assert eventually(lambda: expected in events(module_database_url))
-    assert no_transaction_left_open(module_database_url)
-
-
-def test_abort_400_rolls_back_the_note_and_its_background_task_never_runs(
-    client: httpx.Client, module_database_url: str
-) -> None:
-    after = unique("after-blank")
-
-    response = client.post("/notes", json={"text": "   "})
-
-    assert response.status_code == 400
-    assert "text must not be empty" in response.text
-    assert notes_with_text(module_database_url, "   ") == 0
-    # A later note's task runs; the aborted request's task was dropped, not delayed.
-    assert client.post("/notes", json={"text": after}).status_code == 201
-    assert eventually(lambda: event_mentions(module_database_url, after))
-    blank_events = [
-        m for m in events(module_database_url) if re.fullmatch(r"created note \d+: *", m)
-    ]
-    assert blank_events == []
-    assert no_transaction_left_open(module_database_url)
-
-
-def test_a_reply_to_a_missing_note_fails_at_commit_and_the_client_gets_500_not_201(
-    client: httpx.Client, server: Server, module_database_url: str
-) -> None:
-    failed, after = unique("orphan"), unique("after-orphan")
-    log_start = len(server.log)
-
-    response = client.post("/notes", json={"text": failed, "parent_id": 999_999_999})
-
-    assert response.status_code == 500
-    assert response.text == "Internal Server Error"
-    assert notes_with_text(module_database_url, failed) == 0
-    log = server.log[log_start:]
-    assert COMMIT_FAILED in log
-    assert "instead of the app's 201 response" in log
-    assert "IntegrityError" in log or "ForeignKeyViolation" in log
-    # The server carries on; the next note's background task runs, the failed one's
-    # never does (it was dropped when the commit failed, before this request).
-    assert client.post("/notes", json={"text": after}).status_code == 201
-    assert eventually(lambda: event_mentions(module_database_url, after))
-    assert not event_mentions(module_database_url, failed)
-    # The server saw a valid message sequence and no exception: it reports nothing.
-    assert not server_reported_an_app_error(server.log[log_start:]), server.log[log_start:]
-    assert no_transaction_left_open(module_database_url)
-
-
-def test_an_error_raised_halfway_through_a_batch_rolls_back_the_notes_before_it(
-    client: httpx.Client, server: Server, module_database_url: str
-) -> None:
-    first, after = unique("batch-first"), unique("after-batch")
-    log_start = len(server.log)
-
-    response = client.post("/notes/batch", json=[{"text": first}, {"text": "x" * 501}])
-
-    # Quart's error handling logs the IntegrityError and answers 500: the status rolls back.
-    assert response.status_code == 500
-    assert notes_with_text(module_database_url, first) == 0
-    assert "Exception on request POST /notes/batch" in server.log[log_start:]
-    assert client.post("/notes", json={"text": after}).status_code == 201
-    assert eventually(lambda: event_mentions(module_database_url, after))
-    assert not event_mentions(module_database_url, first)
-    assert no_transaction_left_open(module_database_url)
-
-
-def test_abort_404_answers_a_missing_note(client: httpx.Client) -> None:
-    response = client.get("/notes/999999999")
-
-    assert response.status_code == 404
-    assert "note 999999999 does not exist" in response.text
-
-
-def test_the_streamed_export_reads_and_writes_with_a_session_opened_after_the_start(
-    client: httpx.Client, module_database_url: str
-) -> None:
-    text = unique("exported")
-    assert client.post("/notes", json={"text": text}).status_code == 201
-
-    with client.stream("GET", "/notes/export") as response:
-        assert response.status_code == 200
-        assert response.headers["content-type"] == "application/x-ndjson"
-        lines = [json.loads(line) for line in response.iter_lines() if line]
-
-    assert text in [line["text"] for line in lines]
-    # The export's own session commits its event when the app returns.
-    expected = f"exported {len(lines)} notes"
-    assert eventually(lambda: expected in events(module_database_url))
-    assert no_transaction_left_open(module_database_url)
-
-
-def test_a_websocket_commits_each_message_while_the_handler_waits_for_the_next(
-    client: httpx.Client, server: Server, module_database_url: str
-) -> None:
-    first, second = unique("ws-1"), unique("ws-2")
-
-    with connect_ws(f"{server.url}/ws", client) as socket:
-        socket.send_json({"text": first})
-        assert socket.receive_json()["text"] == first
-        # No next message: Quart's reader is already waiting for one, but the handler's
-        # receive() commits first, so the idle socket holds no transaction.
-        assert eventually(lambda: notes_with_text(module_database_url, first) == 1)
-        assert no_transaction_left_open(module_database_url)
-        # The note's background task was held back until that commit.
-        assert eventually(lambda: event_mentions(module_database_url, first))
-        socket.send_json({"text": second})
-        assert socket.receive_json()["text"] == second
-        assert eventually(lambda: notes_with_text(module_database_url, second) == 1)
-
-
-def test_a_websocket_message_whose_commit_fails_closes_the_socket_with_1011(
-    client: httpx.Client, server: Server, module_database_url: str
-) -> None:
-    orphan = unique("ws-orphan")
-    log_start = len(server.log)
-
-    with connect_ws(f"{server.url}/ws", client) as socket:
-        socket.send_json({"text": orphan, "parent_id": 999_999_999})
-        assert socket.receive_json()["text"] == orphan  # the INSERT passed
-        # The handler's next receive() commits; the deferred foreign key fails it.
-        with pytest.raises(WebSocketDisconnect) as closed:
-            socket.receive_json()
-
-    assert closed.value.code == 1011
-    assert notes_with_text(module_database_url, orphan) == 0
-    assert eventually(lambda: COMMIT_FAILED in server.log[log_start:])
-    assert "closed with 1011" in server.log[log_start:]
-    assert not event_mentions(module_database_url, orphan)
-    assert no_transaction_left_open(module_database_url)
-
-
-def test_sigint_stops_the_server_cleanly_after_disposing_the_engine(
-    server: Server, module_database_url: str
-) -> None:
-    # Keep this test last among the server tests: it stops the module's server.
-    server.process.send_signal(signal.SIGINT)
-    returncode = server.process.wait(timeout=20)
-    log = server.log
-
-    assert returncode == 0, log
-    # Logged by the pool itself (see server_logging_env): disposed, not merely dropped.
-    assert POOL_DISPOSED in log, log
-    if module_database_url.startswith("postgresql"):
-        assert eventually(lambda: server_backends(module_database_url) == [])
 
 
 # --- A failed startup in real servers -------------------------------------------------
@@ -282,24 +84,10 @@ def test_when_quarts_own_startup_fails_the_server_exits_although_quart_keeps_wai
 # --- Quart's habits, in-process --------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", pytest.param("asyncpg", marks=pytest.mark.postgresql)])
-def in_process_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh database per test, SQLite or PostgreSQL through asyncpg.
-
-    What is under test here is the framework's way of calling the app, not the driver:
-    two backends are enough (``database_url`` would add psycopg).
-    """
-    if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
-    database: URL = request.getfixturevalue("postgres_database")
-    return database.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
-
-
 @pytest.fixture
-async def db(in_process_url: str) -> AsyncIterator[Database]:
-    database = await open_database(in_process_url)
-    yield database
-    await database.dispose()
+def database_url(sqlite_or_asyncpg_url: str) -> str:
+    """What is under test here is the framework's way of calling the app, not the driver."""
+    return sqlite_or_asyncpg_url
 
 
 async def wait_for_background_tasks(app: Quart) -> None:
@@ -331,7 +119,7 @@ async def test_quarts_own_background_task_starts_at_once_and_shares_the_requests
 
     app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, db)  # type: ignore[method-assign]
 
-    recorder = await call_http(app, "/", method="POST")
+    recorder = await call_http(as_asgi_app(app), "/", method="POST")
     await wait_for_background_tasks(app)
 
     assert recorder.status == 409
@@ -363,7 +151,7 @@ async def test_add_background_task_runs_after_the_response_with_a_session_of_its
     app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, db)  # type: ignore[method-assign]
     init_app(app)
 
-    recorder = await call_http(app, "/", method="POST", on_send=sent.append)
+    recorder = await call_http(as_asgi_app(app), "/", method="POST", on_send=sent.append)
     await wait_for_background_tasks(app)
 
     assert recorder.status == 201
@@ -393,7 +181,7 @@ async def test_add_background_task_never_runs_after_a_failed_commit(db: Database
     app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, db)  # type: ignore[method-assign]
     init_app(app)
 
-    recorder = await call_http(app, "/", method="POST")
+    recorder = await call_http(as_asgi_app(app), "/", method="POST")
     await wait_for_background_tasks(app)
 
     assert recorder.status == 500
@@ -418,7 +206,7 @@ async def test_add_background_task_without_init_app_says_to_call_it() -> None:
 
     app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, db)  # type: ignore[method-assign]
 
-    assert (await call_http(app, "/")).status == 200
+    assert (await call_http(as_asgi_app(app), "/")).status == 200
     assert "asgi_sqla.quart.init_app(app)" in str(errors[0])
 
 
@@ -594,13 +382,14 @@ async def test_quarts_failed_startup_reaches_the_server_once_and_disposes_the_en
     answered = anyio.Event()
 
     async def send(message: Message) -> None:
-        engine_at_failure.append(db._engine)
+        engine_at_failure.append(started_engine(db))
         sent.append(message)
         answered.set()
 
+    lifespan: Scope = {"type": "lifespan", "asgi": {"version": "3.0"}}
     incoming.put_nowait({"type": "lifespan.startup"})
     async with anyio.create_task_group() as tasks:
-        tasks.start_soon(app, {"type": "lifespan", "asgi": {"version": "3.0"}}, incoming.get, send)
+        tasks.start_soon(as_asgi_app(app), lifespan, incoming.get, send)
         with anyio.fail_after(10):
             await answered.wait()
         # Quart is waiting in receive() again; a server cancels it when it exits.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import httpx
@@ -29,16 +29,11 @@ SQLITE_REQUESTS = 20
 
 
 @pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
+def db_options(database_url: str) -> dict[str, Any]:
+    """On PostgreSQL, a pool just large enough for the concurrent requests."""
     if database_url.startswith("sqlite"):
-        database = Database(database_url)
-    else:
-        database = Database(database_url, pool_size=POSTGRESQL_REQUESTS, max_overflow=0)
-    try:
-        await create_tables(database)
-        yield database
-    finally:
-        await database.dispose()
+        return {}
+    return {"pool_size": POSTGRESQL_REQUESTS, "max_overflow": 0}
 
 
 async def count_where(session: AsyncSession, *criteria: ColumnElement[bool]) -> int:

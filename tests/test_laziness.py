@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -23,16 +22,6 @@ from _helpers import (
 )
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url)
-    try:
-        await create_tables(database)
-        yield database
-    finally:
-        await database.dispose()
 
 
 async def test_a_request_that_never_reads_the_session_checks_out_no_connection(

@@ -25,7 +25,7 @@ from starlette.applications import Starlette
 from asgi_sqla import STATE_KEY, AsgiSqlaError, Database, DatabaseStartupError, SQLAlchemyMiddleware
 from asgi_sqla.types import ASGIApp, Message, Receive, Scope, Send
 
-from _helpers import call_http, items, metadata, plain_response
+from _helpers import call_http, items, metadata, plain_response, started_engine
 
 pytestmark = pytest.mark.anyio
 
@@ -166,8 +166,8 @@ async def committed(url: str) -> set[str]:
 
 
 def pool_of(db: Database) -> QueuePool:
-    assert db._engine is not None, f"{db!r} has no engine"
-    pool = db._engine.sync_engine.pool
+    assert started_engine(db) is not None, f"{db!r} has no engine"
+    pool = db.engine.sync_engine.pool
     assert isinstance(pool, QueuePool), pool  # file SQLite and PostgreSQL alike
     return pool
 
@@ -206,7 +206,7 @@ async def test_the_engine_is_created_at_startup_and_disposed_before_shutdown_com
     database_url: str,
 ) -> None:
     db = Database(database_url)
-    assert db._engine is None
+    assert started_engine(db) is None
     pools: list[QueuePool] = []
     observed: list[tuple[str, Any]] = []
 
@@ -216,7 +216,7 @@ async def test_the_engine_is_created_at_startup_and_disposed_before_shutdown_com
             # The database answered: the startup check's connection is in the pool.
             observed.append(("startup", (pools[0].checkedin(), pools[0].checkedout())))
         elif message["type"] == "lifespan.shutdown.complete":
-            observed.append(("shutdown", (db._engine, pools[0].checkedin())))
+            observed.append(("shutdown", (started_engine(db), pools[0].checkedin())))
 
     async def while_up() -> None:
         recorder = await call_http(SQLAlchemyMiddleware(lifespan_app, db))
@@ -229,7 +229,7 @@ async def test_the_engine_is_created_at_startup_and_disposed_before_shutdown_com
     assert server.sent == [STARTUP_COMPLETE, SHUTDOWN_COMPLETE]
     assert server.exception is None
     assert observed == [("startup", (1, 0)), ("shutdown", (None, 0))]
-    assert db._engine is None
+    assert started_engine(db) is None
 
 
 async def test_several_databases_start_together_and_are_disposed_together(
@@ -240,7 +240,9 @@ async def test_several_databases_start_together_and_are_disposed_together(
     observed: list[tuple[str, bool, bool]] = []
 
     def on_send(message: Message) -> None:
-        observed.append((message["type"], first._engine is None, second._engine is None))
+        observed.append(
+            (message["type"], started_engine(first) is None, started_engine(second) is None)
+        )
 
     server = LifespanServer(SQLAlchemyMiddleware(lifespan_app, first, second), on_send=on_send)
     await server.serve()
@@ -285,13 +287,13 @@ async def test_the_inner_apps_lifespan_runs_inside_and_its_writes_are_committed(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        engine_up.append(("startup", db._engine is not None))
+        engine_up.append(("startup", started_engine(db) is not None))
         async with db.scope():
             await db.session.execute(insert(items).values(key="at startup"))
         yield
         async with db.scope():
             await db.session.execute(insert(items).values(key="at shutdown"))
-        engine_up.append(("shutdown", db._engine is not None))
+        engine_up.append(("shutdown", started_engine(db) is not None))
 
     while_up_keys: list[set[str]] = []
 
@@ -302,7 +304,7 @@ async def test_the_inner_apps_lifespan_runs_inside_and_its_writes_are_committed(
 
     def on_send(message: Message) -> None:
         if message["type"] == "lifespan.shutdown.complete":
-            disposed_at_complete.append(db._engine is None)
+            disposed_at_complete.append(started_engine(db) is None)
 
     server = LifespanServer(SQLAlchemyMiddleware(Starlette(lifespan=lifespan), db), on_send=on_send)
     await server.serve(while_up)
@@ -336,7 +338,7 @@ async def test_an_app_without_lifespan_support_still_gets_its_engines_managed(
     observed: list[tuple[str, bool]] = []
 
     def on_send(message: Message) -> None:
-        observed.append((message["type"], db._engine is None))
+        observed.append((message["type"], started_engine(db) is None))
 
     async def while_up() -> None:
         recorder = await call_http(SQLAlchemyMiddleware(app, db))
@@ -365,7 +367,7 @@ async def test_an_app_raising_after_reading_startup_fails_startup_and_the_error_
         raise error
 
     def on_send(message: Message) -> None:
-        disposed_at_failed.append(db._engine is None)
+        disposed_at_failed.append(started_engine(db) is None)
 
     server = LifespanServer(SQLAlchemyMiddleware(app, db), on_send=on_send)
     await server.serve()
@@ -392,7 +394,7 @@ async def test_an_app_raising_after_startup_complete_disposes_the_engines_and_re
 
     assert server.sent == [STARTUP_COMPLETE]
     assert server.exception is error
-    assert db._engine is None
+    assert started_engine(db) is None
 
 
 async def test_an_app_returning_right_after_startup_complete_keeps_its_engines_until_shutdown(
@@ -406,10 +408,10 @@ async def test_an_app_returning_right_after_startup_complete_keeps_its_engines_u
         await send(STARTUP_COMPLETE)
 
     def on_send(message: Message) -> None:
-        observed.append((message["type"], db._engine is None))
+        observed.append((message["type"], started_engine(db) is None))
 
     async def while_up() -> None:
-        observed.append(("while up", db._engine is None))
+        observed.append(("while up", started_engine(db) is None))
 
     server = LifespanServer(SQLAlchemyMiddleware(app, db), on_send=on_send)
     await server.serve(while_up)
@@ -437,7 +439,7 @@ async def test_an_app_raising_during_shutdown_gets_shutdown_failed_sent_once(
 
     def on_send(message: Message) -> None:
         if message["type"] == "lifespan.shutdown.failed":
-            disposed_at_failed.append(db._engine is None)
+            disposed_at_failed.append(started_engine(db) is None)
 
     server = LifespanServer(SQLAlchemyMiddleware(app, db), on_send=on_send)
     await server.serve()
@@ -465,7 +467,7 @@ async def test_an_app_that_reports_startup_failed_and_keeps_waiting_gets_the_eng
             await receive()
 
     def on_send(message: Message) -> None:
-        disposed_at_failed.append(db._engine is None)
+        disposed_at_failed.append(started_engine(db) is None)
 
     server = LifespanServer(SQLAlchemyMiddleware(app, db), on_send=on_send)
     await server.serve()
@@ -474,7 +476,7 @@ async def test_an_app_that_reports_startup_failed_and_keeps_waiting_gets_the_eng
     assert disposed_at_failed == [True]
     assert server.cancelled_app
     assert server.exception is None
-    assert db._engine is None
+    assert started_engine(db) is None
 
 
 async def test_a_starlette_lifespan_that_raises_at_startup_reaches_the_server_once(
@@ -490,7 +492,7 @@ async def test_a_starlette_lifespan_that_raises_at_startup_reaches_the_server_on
     disposed_at_failed: list[bool] = []
 
     def on_send(message: Message) -> None:
-        disposed_at_failed.append(db._engine is None)
+        disposed_at_failed.append(started_engine(db) is None)
 
     server = LifespanServer(SQLAlchemyMiddleware(Starlette(lifespan=lifespan), db), on_send=on_send)
     await server.serve()
@@ -515,7 +517,7 @@ async def test_a_starlette_lifespan_that_raises_at_shutdown_reaches_the_server_o
 
     def on_send(message: Message) -> None:
         if message["type"] == "lifespan.shutdown.failed":
-            disposed_at_failed.append(db._engine is None)
+            disposed_at_failed.append(started_engine(db) is None)
 
     server = LifespanServer(SQLAlchemyMiddleware(Starlette(lifespan=lifespan), db), on_send=on_send)
     await server.serve()
@@ -534,7 +536,7 @@ async def test_a_server_that_clears_the_state_before_shutdown_still_gets_the_eng
 
     def on_send(message: Message) -> None:
         if message["type"] == "lifespan.shutdown.complete":
-            disposed_at_complete.append(db._engine is None)
+            disposed_at_complete.append(started_engine(db) is None)
 
     server = LifespanServer(
         SQLAlchemyMiddleware(lifespan_app, db), on_send=on_send, clear_state_before_shutdown=True
@@ -553,7 +555,7 @@ async def test_a_server_without_lifespan_state_still_gets_the_engines_managed(
     observed: list[tuple[str, bool]] = []
 
     def on_send(message: Message) -> None:
-        observed.append((message["type"], db._engine is None))
+        observed.append((message["type"], started_engine(db) is None))
 
     server = LifespanServer(
         SQLAlchemyMiddleware(lifespan_app, db), on_send=on_send, with_state=False
@@ -583,7 +585,7 @@ async def test_a_send_that_raises_on_startup_failed_propagates_and_the_engines_a
 
     def on_send(message: Message) -> None:
         if message["type"] == "lifespan.startup.failed":
-            disposed_at_failed.append(good._engine is None)
+            disposed_at_failed.append(started_engine(good) is None)
             raise LifespanFailureError(message["message"])
 
     server = LifespanServer(SQLAlchemyMiddleware(app, *databases), on_send=on_send)
@@ -595,7 +597,7 @@ async def test_a_send_that_raises_on_startup_failed_propagates_and_the_engines_a
     assert server.types() == ["lifespan.startup.failed"]
     assert isinstance(server.exception, LifespanFailureError)
     assert disposed_at_failed == [True]
-    assert good._engine is None
+    assert started_engine(good) is None
 
 
 # --- a database that does not answer --------------------------------------------------
@@ -618,7 +620,7 @@ async def test_a_database_that_does_not_answer_fails_startup_without_showing_its
     disposed_at_failed: list[bool] = []
 
     def on_send(message: Message) -> None:
-        disposed_at_failed.append(good._engine is None)
+        disposed_at_failed.append(started_engine(good) is None)
 
     caplog.set_level(logging.DEBUG, logger="asgi_sqla")
     server = LifespanServer(
@@ -674,11 +676,11 @@ async def test_an_app_that_reports_the_database_failure_itself_does_not_double_t
 async def test_without_lifespan_the_first_request_creates_the_engine(sqlite_url: str) -> None:
     await prepare(sqlite_url)
     db = Database(sqlite_url)
-    assert db._engine is None
+    assert started_engine(db) is None
     try:
         recorder = await call_http(SQLAlchemyMiddleware(writer_app(db, "lazy"), db))
         assert recorder.status == 200
-        assert db._engine is not None
+        assert started_engine(db) is not None
         assert pool_of(db).checkedout() == 0
     finally:
         await db.dispose()
@@ -701,4 +703,4 @@ async def test_under_trio_startup_fails_with_a_message_about_asyncio(sqlite_url:
     # The app's own error is the same explanation, raised from its receive().
     assert isinstance(server.exception, AsgiSqlaError)
     assert str(server.exception) == message
-    assert db._engine is None  # refused before any engine was made
+    assert started_engine(db) is None  # refused before any engine was made

@@ -6,8 +6,6 @@ request's own.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -33,16 +31,6 @@ from _helpers import (
 )
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url)
-    try:
-        await create_tables(database)
-        yield database
-    finally:
-        await database.dispose()
 
 
 class ScopeError(Exception):

@@ -6,7 +6,7 @@ Statistics are off by default and cost nothing then: no engine event is register
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -22,7 +22,6 @@ from _helpers import (
     ASGIRecorder,
     add_key,
     call_http,
-    open_database,
     orphan_child,
     plain_response,
 )
@@ -33,12 +32,8 @@ PASSWORD_LIKE = "s3cret-parameter"
 
 
 @pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = await open_database(database_url, stats=True)
-    try:
-        yield database
-    finally:
-        await database.dispose()
+def db_options() -> dict[str, Any]:
+    return {"stats": True}
 
 
 def header(recorder: ASGIRecorder, name: bytes) -> list[bytes]:

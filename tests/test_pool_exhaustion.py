@@ -7,7 +7,8 @@ the connection while a second one asks for it.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import anyio
 import pytest
@@ -27,12 +28,9 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url, pool_size=1, max_overflow=0, pool_timeout=0.2)
-    try:
-        yield database
-    finally:
-        await database.dispose()
+def db_options() -> dict[str, Any]:
+    """One connection, no overflow and a short wait: the pool runs out at once."""
+    return {"pool_size": 1, "max_overflow": 0, "pool_timeout": 0.2}
 
 
 async def while_the_pool_is_held(db: Database, request: Callable[[], Awaitable[None]]) -> None:

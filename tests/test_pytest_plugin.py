@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from asgi_sqla import AsgiSqlaError, ConfigurationError, Database, SQLAlchemyMid
 from asgi_sqla.pytest_plugin import ConnectionTurnTimeout, rolled_back
 
 import _postgres
-from _helpers import create_tables, items, keys, open_database, orphan_child, query
+from _helpers import create_tables, items, keys, open_database, orphan_child, query, started_engine
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 GUIDE = Path(__file__).resolve().parent.parent / "README.md"  # its "Testing your app" section
@@ -514,16 +514,6 @@ def test_the_testing_guide_examples_pass_and_leave_no_rows(
 # -- the machinery, through rolled_back() -------------------------------------------------
 
 
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url)
-    await create_tables(database)
-    try:
-        yield database
-    finally:
-        await database.dispose()
-
-
 def items_app(db: Database, **options: Any) -> SQLAlchemyMiddleware:
     """POST /items/{key} inserts (400 for keys starting with "bad"), GET /items lists."""
 
@@ -696,7 +686,7 @@ async def test_a_lifespan_driven_in_the_test_leaves_the_engine_to_the_plugin(
         assert db.engine is engine
         assert await listed(client) == ["a"]
         assert (await outer.connection().execute(select(items.c.key))).scalars().all() == ["a"]
-    assert db._engine is None  # disposed by the plugin once the test's transaction ended
+    assert started_engine(db) is None  # disposed by the plugin once the test's transaction ended
     assert await keys(db) == set()
 
 

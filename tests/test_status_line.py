@@ -43,15 +43,6 @@ from _helpers import (
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = await open_database(database_url)
-    try:
-        yield database
-    finally:
-        await database.dispose()
-
-
 def assert_valid_http_response(messages: Sequence[Message]) -> None:
     """Exactly one start, then body messages only, the last with more_body False."""
     types = [m["type"] for m in messages]

@@ -36,7 +36,7 @@ from asgi_sqla import (
 )
 from asgi_sqla.types import ASGIApp, Message, Receive, Scope, Send
 
-from _helpers import checked_out, create_tables, items, keys, websocket_scope
+from _helpers import checked_out, create_tables, items, keys, started_engine, websocket_scope
 
 pytestmark = pytest.mark.anyio
 
@@ -157,14 +157,6 @@ class WebSocketServer:
 
 
 @pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url)
-    await create_tables(database)
-    yield database
-    await database.dispose()
-
-
-@pytest.fixture
 async def pg_db(postgresql_url: str) -> AsyncIterator[Database]:
     database = Database(postgresql_url)
     await create_tables(database)
@@ -224,7 +216,7 @@ async def test_a_websocket_that_never_reads_db_session_opens_nothing(database_ur
 
     async def on_send(message: Message) -> None:
         assert not seen_contexts[0].has_sessions
-        assert db._engine is None
+        assert started_engine(db) is None
 
     server = WebSocketServer(SQLAlchemyMiddleware(app, db), on_send=on_send)
     server.push(CONNECT, text("hi"), DISCONNECT)
@@ -235,7 +227,7 @@ async def test_a_websocket_that_never_reads_db_session_opens_nothing(database_ur
     assert not seen_contexts[0].has_sessions
     assert seen_contexts[0].ended
     # Not even an engine was created, so certainly no connection was checked out.
-    assert db._engine is None
+    assert started_engine(db) is None
 
 
 # --- one transaction per message ------------------------------------------------------
