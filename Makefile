@@ -41,7 +41,7 @@ with open("pyproject.toml", "rb") as f:
 endef
 export PRINT_DEV_GROUP
 
-.PHONY: help venv run test pytest check lint typecheck format bench-overhead bench clean distclean
+.PHONY: help venv run test pytest check lint typecheck imports format bench-overhead bench clean distclean
 
 help: ## list the targets
 	@echo "usage: make TARGET [VARIABLE=value ...]   (variables: see the top of the Makefile)"
@@ -69,21 +69,24 @@ run: $(VENV_STAMP) ## uvicorn examples.FRAMEWORK_app:app on HOST:PORT with DATAB
 		{ echo "examples/$(FRAMEWORK)_app.py does not exist (FRAMEWORK=$(FRAMEWORK))" >&2; exit 1; }
 	$(BIN)/uvicorn --app-dir . examples.$(FRAMEWORK)_app:app --host $(HOST) --port $(PORT) $(UVICORN_ARGS)
 
-test: lint typecheck ## lint, typecheck, then the test suite under branch coverage
+test: lint typecheck imports ## lint, typecheck, import contracts, then the tests under branch coverage
 	$(BIN)/coverage run -m pytest $(PYTEST_ARGS)
 	$(BIN)/coverage report
 
 pytest: $(VENV_STAMP) ## only the test suite (no lint, no typecheck, no coverage)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-check: lint typecheck ## lint and typecheck, changing nothing
+check: lint typecheck imports ## lint, typecheck and import contracts, changing nothing
 
 lint: $(VENV_STAMP) ## ruff check and ruff format --check, changing nothing
 	$(BIN)/ruff check $(SOURCES)
 	$(BIN)/ruff format --check $(SOURCES)
 
-typecheck: $(VENV_STAMP) ## mypy --strict on the package and the examples (each framework wraps it)
-	$(BIN)/mypy --strict asgi_sqla examples
+typecheck: $(VENV_STAMP) ## mypy --strict on the package, the examples and the tests
+	$(BIN)/mypy --strict asgi_sqla examples tests
+
+imports: $(VENV_STAMP) ## import-linter: modules import one way, the core imports no framework
+	$(BIN)/lint-imports
 
 format: $(VENV_STAMP) ## rewrite files: ruff check --fix (imports, upgrades...), then ruff format
 	$(BIN)/ruff check --fix --exit-zero $(SOURCES)
