@@ -6,7 +6,7 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy import URL, Engine, event, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
@@ -116,44 +116,13 @@ class Database:
         replica_cooldown: float = 30.0,
         **engine_options: Any,
     ) -> None:
-        self._warn_held = check_number(
-            "warn_held_over", warn_held_over, "seconds", example=1.0, optional=True
-        )
-        self._warn_statements = check_number(
-            "warn_statements_over",
-            warn_statements_over,
-            "statements",
-            example=50,
-            integer=True,
-            optional=True,
-        )
+        self._warn_held, self._warn_statements = _limits(warn_held_over, warn_statements_over)
         check_bool("stats", stats)
         self._stats = stats or warn_held_over is not None or warn_statements_over is not None
         self._instrumented: AsyncEngine | None = None
-        self._url: URL | None = None
-        self._engine: AsyncEngine | None = None
-        self._engine_factory: Callable[[], AsyncEngine] | None = None
-        self._owns_engine = True
-        if engine is not None:
-            if url is not None or engine_options:
-                raise ConfigurationError(
-                    "Pass either a URL (with engine options) or engine=, not both."
-                )
-            if isinstance(engine, AsyncEngine):
-                self._engine = engine
-                self._owns_engine = False
-            elif isinstance(engine, Engine):
-                raise ConfigurationError(_sync_engine_message(engine))
-            elif callable(engine):
-                self._engine_factory = engine
-            else:
-                raise ConfigurationError(
-                    f"engine= must be an AsyncEngine or a function returning one, not "
-                    f"{type(engine).__name__}."
-                )
-        else:
-            self._url = _check_async_driver(_parse_url(url))
-            engine_options = check_engine_options(self._url, engine_options)
+        source = _engine_source(url, engine, engine_options)
+        self._url, self._engine, self._engine_factory, engine_options = source
+        self._owns_engine = self._engine is None
         if commit_on is not None and not callable(commit_on):
             raise ConfigurationError(
                 "commit_on must be a function (status_code) -> bool, or None to never "
@@ -483,6 +452,52 @@ class Database:
         self._engine = None
         self._default_factory.reset()
         await run_to_completion(engine.dispose())
+
+
+class _EngineSource(NamedTuple):
+    """Where a ``Database``'s engine comes from: exactly one of the first three."""
+
+    url: URL | None
+    engine: AsyncEngine | None  # the app's own: never disposed by the package
+    factory: Callable[[], AsyncEngine] | None
+    options: dict[str, Any]
+
+
+def _engine_source(
+    url: str | URL | None,
+    engine: AsyncEngine | Callable[[], AsyncEngine] | None,
+    options: dict[str, Any],
+) -> _EngineSource:
+    """Check ``Database``'s ``url``, ``engine`` and engine options; say where the engine is."""
+    if engine is None:
+        checked = _check_async_driver(_parse_url(url))
+        return _EngineSource(checked, None, None, check_engine_options(checked, options))
+    if url is not None or options:
+        raise ConfigurationError("Pass either a URL (with engine options) or engine=, not both.")
+    if isinstance(engine, AsyncEngine):
+        return _EngineSource(None, engine, None, {})
+    if isinstance(engine, Engine):
+        raise ConfigurationError(_sync_engine_message(engine))
+    if callable(engine):
+        return _EngineSource(None, None, engine, {})
+    raise ConfigurationError(
+        f"engine= must be an AsyncEngine or a function returning one, not {type(engine).__name__}."
+    )
+
+
+def _limits(held: float | None, statements: int | None) -> tuple[float | None, int | None]:
+    """Check the ``warn_*`` thresholds."""
+    return (
+        check_number("warn_held_over", held, "seconds", example=1.0, optional=True),
+        check_number(
+            "warn_statements_over",
+            statements,
+            "statements",
+            example=50,
+            integer=True,
+            optional=True,
+        ),
+    )
 
 
 class SessionFactory(Protocol):

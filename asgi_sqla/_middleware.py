@@ -82,28 +82,10 @@ class SQLAlchemyMiddleware:
         server_timing: bool = False,
         two_phase: bool = False,
     ) -> None:
-        if not databases:
-            raise ConfigurationError(
-                "SQLAlchemyMiddleware needs at least one Database: "
-                "SQLAlchemyMiddleware(app, Database(url))."
-            )
-        for db in databases:
-            if not isinstance(db, Database):
-                raise ConfigurationError(
-                    f"SQLAlchemyMiddleware takes Database objects after the app, not "
-                    f"{type(db).__name__}: SQLAlchemyMiddleware(app, Database(url))."
-                )
-        if len(set(map(id, databases))) != len(databases):
-            raise ConfigurationError(
-                "The same Database was passed to SQLAlchemyMiddleware twice; pass each once."
-            )
+        _check_databases(databases)
         # Retry-After takes whole seconds (RFC 9110, section 10.2.3).
         check_number("retry_after", retry_after, "seconds", example=1, integer=True)
-        check_number(
-            "retry_attempts", retry_attempts, "re-runs after the first", example=3, integer=True
-        )
-        check_number("retry_body_limit", retry_body_limit, "bytes", example=64 * 1024, integer=True)
-        check_number("retry_backoff", retry_backoff, "seconds", example=0.01)
+        self._retry_policy = RetryPolicy.checked(retry_attempts, retry_body_limit, retry_backoff)
         check_bool("server_timing", server_timing)
         # An ASGI 2 (double-callable) app is adapted once here, not per request.
         self.app = cast(ASGIApp, guarantee_single_callable(app))  # type: ignore[no-untyped-call]
@@ -114,7 +96,6 @@ class SQLAlchemyMiddleware:
         self._manual_commit = PathPatterns("manual_commit", manual_commit)
         self._retry = PathPatterns("retry", retry)
         self._has_routes = bool(self._read_only or self._manual_commit or self._retry)
-        self._retry_policy = RetryPolicy(retry_attempts, retry_body_limit, float(retry_backoff))
         if server_timing:
             for db in databases:
                 db._track_stats()
@@ -185,6 +166,24 @@ class SQLAlchemyMiddleware:
             current_context.reset(token)
             if unit._stats is not None:
                 report(scope, [(db, db.limits, stats) for db, stats in unit.all_stats().items()])
+
+
+def _check_databases(databases: tuple[object, ...]) -> None:
+    if not databases:
+        raise ConfigurationError(
+            "SQLAlchemyMiddleware needs at least one Database: "
+            "SQLAlchemyMiddleware(app, Database(url))."
+        )
+    for db in databases:
+        if not isinstance(db, Database):
+            raise ConfigurationError(
+                f"SQLAlchemyMiddleware takes Database objects after the app, not "
+                f"{type(db).__name__}: SQLAlchemyMiddleware(app, Database(url))."
+            )
+    if len(set(map(id, databases))) != len(databases):
+        raise ConfigurationError(
+            "The same Database was passed to SQLAlchemyMiddleware twice; pass each once."
+        )
 
 
 def _check_two_phase(two_phase: bool, databases: tuple[Database, ...]) -> bool:

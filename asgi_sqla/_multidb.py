@@ -109,28 +109,7 @@ async def prepare_writers(
 ) -> TwoPhase:
     """Prepare every session that wrote, when at least two did (see the module doc)."""
     outcome = TwoPhase()
-    candidates = [
-        (db, session)
-        for db, session in sessions.items()
-        if wants_commit(db)
-        and session._asgi_sqla_rollback_only is None
-        and session.sync_session.in_transaction()
-    ]
-    writers: list[tuple[Database, GuardedSession, Written]] = []
-    if len(candidates) >= 2:
-        probes: dict[Database, Written | None] = {}
-        for db, session in candidates:
-            retire(session, reason)  # nothing new may start on it from now on
-            try:
-                await run_to_completion(_probe(session, db, probes))
-            except asyncio.CancelledError as exc:  # the probe finished (run_to_completion)
-                outcome.cancelled = exc
-            except BaseException as exc:  # a flush failed: nothing commits
-                outcome.error, outcome.failed = exc, db
-                break
-            written = probes.get(db)
-            if written is not None:
-                writers.append((db, session, written))
+    writers = await _find_writers(sessions, wants_commit, reason, outcome)
     for session in sessions.values():
         session.sync_session.twophase = False  # a one-phase commit, unless prepared below
     if len(writers) < 2 or outcome.error is not None:
@@ -143,15 +122,46 @@ async def prepare_writers(
             outcome.cancelled = exc  # the prepare finished (run_to_completion)
         except BaseException as exc:
             outcome.error, outcome.failed = exc, db
-            logger.error(
-                "Two-phase commit: %r failed to prepare, so nothing is committed: %s are "
-                "rolled back.",
-                db,
-                _names(d for d, _, _ in writers),
-            )
+            logger.error(_PREPARE_FAILED, db, _names(d for d, _, _ in writers))
             return outcome
         outcome.prepared[db] = written
     return outcome
+
+
+_PREPARE_FAILED = (
+    "Two-phase commit: %r failed to prepare, so nothing is committed: %s are rolled back."
+)
+
+
+async def _find_writers(
+    sessions: Mapping[Database, GuardedSession],
+    wants_commit: Callable[[Database], bool],
+    reason: str,
+    outcome: TwoPhase,
+) -> list[tuple[Database, GuardedSession, Written]]:
+    """The sessions to commit that wrote, probed only when two or more may have."""
+    candidates = [
+        (db, session)
+        for db, session in sessions.items()
+        if wants_commit(db) and session.sync_session.in_transaction()
+    ]
+    writers: list[tuple[Database, GuardedSession, Written]] = []
+    if len(candidates) < 2:
+        return writers
+    probes: dict[Database, Written | None] = {}
+    for db, session in candidates:
+        retire(session, reason)  # nothing new may start on it from now on
+        try:
+            await run_to_completion(_probe(session, db, probes))
+        except asyncio.CancelledError as exc:  # the probe finished (run_to_completion)
+            outcome.cancelled = exc
+        except BaseException as exc:  # a flush failed: nothing commits
+            outcome.error, outcome.failed = exc, db
+            break
+        written = probes.get(db)
+        if written is not None:
+            writers.append((db, session, written))
+    return writers
 
 
 async def _probe(
@@ -195,6 +205,22 @@ async def commit_one_phase(session: GuardedSession) -> None:
         sync_session.twophase = True
 
 
+_UNSETTLED = (
+    "Two-phase commit: %r prepared its transaction as %r but could not commit it, nor "
+    "find out on a new connection whether it committed. If SELECT gid FROM "
+    "pg_prepared_xacts lists it, it still holds its locks: finish it with COMMIT "
+    "PREPARED '%s'."
+)
+_SETTLED = (
+    "Two-phase commit: %r's COMMIT PREPARED %r failed on the request's connection; the "
+    "transaction is committed (checked on a new connection)."
+)
+_ROLLED_BACK_ELSEWHERE = (
+    "Two-phase commit: %r's prepared transaction %r was rolled back by someone else "
+    "(txid_status: %s); it is not committed."
+)
+
+
 async def commit_prepared_again(db: Hashable, engine: AsyncEngine, written: Written) -> bool:
     """Settle a prepared transaction whose ``COMMIT PREPARED`` failed; True if committed.
 
@@ -213,32 +239,12 @@ async def commit_prepared_again(db: Hashable, engine: AsyncEngine, written: Writ
                 await connection.exec_driver_sql(f"COMMIT PREPARED '{xid}'")
                 status = "committed"
     except Exception:
-        logger.error(
-            "Two-phase commit: %r prepared its transaction as %r but could not commit it, "
-            "nor find out on a new connection whether it committed. If SELECT gid FROM "
-            "pg_prepared_xacts lists it, it still holds its locks: finish it with "
-            "COMMIT PREPARED '%s'.",
-            db,
-            written.xid,
-            xid,
-            exc_info=True,
-        )
+        logger.error(_UNSETTLED, db, written.xid, xid, exc_info=True)
         return False
     if status == "committed":
-        logger.warning(
-            "Two-phase commit: %r's COMMIT PREPARED %r failed on the request's connection; "
-            "the transaction is committed (checked on a new connection).",
-            db,
-            written.xid,
-        )
+        logger.warning(_SETTLED, db, written.xid)
         return True
-    logger.error(
-        "Two-phase commit: %r's prepared transaction %r was rolled back by someone else "
-        "(txid_status: %s); it is not committed.",
-        db,
-        written.xid,
-        status,
-    )
+    logger.error(_ROLLED_BACK_ELSEWHERE, db, written.xid, status)
     return False
 
 

@@ -249,22 +249,10 @@ async def _first_read(
     tried: list[Any] = []
     while True:
         engine = session.sync_session.bind
-        try:
-            await guarded.connection()
-        except PoolTimeoutError:
-            raise
-        except Exception as exc:  # no connection: refused, timed out, starting up...
-            failure: BaseException = exc
-        else:
-            try:
-                result = await replica_method(*args, **kwargs)
-            except DBAPIError as exc:
-                if not exc.connection_invalidated:
-                    raise
-                failure = exc  # a pooled connection to a replica that went away
-            else:
-                session._asgi_sqla_connected = True
-                return result
+        result, failure = await _on_replica(guarded, replica_method, args, kwargs)
+        if failure is None:
+            session._asgi_sqla_connected = True
+            return result
         await guarded.rollback()  # forget the failed connection; nothing was read
         async_engine = route.engine_of(engine)
         if async_engine is not None:
@@ -277,6 +265,24 @@ async def _first_read(
             assert primary is not None  # forced: always the primary session
             return await getattr(primary, name)(*args, **kwargs)
         session.sync_session.bind = following.sync_engine
+
+
+async def _on_replica(
+    guarded: AsyncSession, method: _Method, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Any, BaseException | None]:
+    """Run a statement on the session's replica: ``(result, None)``, or why to fail over."""
+    try:
+        await guarded.connection()
+    except PoolTimeoutError:
+        raise
+    except Exception as exc:  # no connection: refused, timed out, starting up...
+        return None, exc
+    try:
+        return await method(*args, **kwargs), None
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        return None, exc  # a pooled connection to a replica that went away
 
 
 def _statement_needs_primary(statement: Any, *args: Any, **kwargs: Any) -> bool:

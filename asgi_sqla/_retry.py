@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 
 from ._http import HTTPResponder, RetryRequest
 from ._log import logger, printable
+from ._options import check_number
 from ._routes import ReplayableBody, backoff
 from .types import Receive, Scope
 
@@ -31,6 +32,14 @@ class RetryPolicy:
         self.attempts = attempts
         self.body_limit = body_limit
         self.backoff = backoff
+
+    @classmethod
+    def checked(cls, attempts: int, body_limit: int, backoff: float) -> RetryPolicy:
+        """The policy, once the middleware's ``retry_*`` options are checked."""
+        check_number("retry_attempts", attempts, "re-runs after the first", example=3, integer=True)
+        check_number("retry_body_limit", body_limit, "bytes", example=64 * 1024, integer=True)
+        check_number("retry_backoff", backoff, "seconds", example=0.01)
+        return cls(attempts, body_limit, float(backoff))
 
 
 async def serve_retrying(

@@ -65,46 +65,50 @@ def instrument(engine: AsyncEngine, current: Callable[[], RequestStats | None]) 
     ``current()`` gives the running request's statistics for this engine's database,
     or None outside a request.
     """
+    events = _Events(current)
     sync_engine = engine.sync_engine
+    event.listen(sync_engine, "before_cursor_execute", events.before_cursor_execute)
+    event.listen(sync_engine, "after_cursor_execute", events.after_cursor_execute)
+    event.listen(sync_engine, "handle_error", events.handle_error)
+    event.listen(sync_engine.pool, "checkout", events.checkout)
+    event.listen(sync_engine.pool, "checkin", events.checkin)
 
-    def before_cursor_execute(conn: Any, *args: Any) -> None:
+
+class _Events:
+    """The engine and pool event handlers of one instrumented engine."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, current: Callable[[], RequestStats | None]) -> None:
+        self.current = current
+
+    def before_cursor_execute(self, conn: Any, *args: Any) -> None:
         conn.info[_STARTED] = perf_counter()
 
-    def after_cursor_execute(conn: Any, *args: Any) -> None:
-        _count(conn.info.pop(_STARTED, None))
+    def after_cursor_execute(self, conn: Any, *args: Any) -> None:
+        self._count(conn.info.pop(_STARTED, None))
 
-    def handle_error(exception_context: Any) -> None:
+    def handle_error(self, exception_context: Any) -> None:
         connection = exception_context.connection
         if connection is not None:
-            _count(connection.info.pop(_STARTED, None))
+            self._count(connection.info.pop(_STARTED, None))
 
-    def _count(started: float | None) -> None:
-        if started is None:
-            return
-        stats = current()
-        if stats is None:
-            return
-        stats.statements += 1
-        stats.duration += perf_counter() - started
+    def _count(self, started: float | None) -> None:
+        stats = self.current() if started is not None else None
+        if stats is not None and started is not None:
+            stats.statements += 1
+            stats.duration += perf_counter() - started
 
-    def checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
-        stats = current()
+    def checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        stats = self.current()
         if stats is not None:
             record.info[_CHECKED_OUT] = (perf_counter(), stats)
 
-    def checkin(dbapi_connection: Any, record: Any) -> None:
-        if record is None:
-            return
-        checked_out = record.info.pop(_CHECKED_OUT, None)
+    def checkin(self, dbapi_connection: Any, record: Any) -> None:
+        checked_out = record.info.pop(_CHECKED_OUT, None) if record is not None else None
         if checked_out is not None:
             started, stats = checked_out
             stats.held += perf_counter() - started
-
-    event.listen(sync_engine, "before_cursor_execute", before_cursor_execute)
-    event.listen(sync_engine, "after_cursor_execute", after_cursor_execute)
-    event.listen(sync_engine, "handle_error", handle_error)
-    event.listen(sync_engine.pool, "checkout", checkout)
-    event.listen(sync_engine.pool, "checkin", checkin)
 
 
 def pool_status(engine: AsyncEngine) -> PoolStatus:
@@ -136,61 +140,57 @@ class Limits:
     statements: float | None
 
 
+_HELD_TOO_LONG = (
+    "%s %s held a connection of %r for %.3f s (more than %.3f s). A handler that reads "
+    "a slow request body after its first query holds the connection meanwhile: read "
+    "the body first."
+)
+_TOO_MANY = "%s %s sent %d statements to %r (more than %d): an N+1 query pattern?"
+_SUMMARY = "%s %s: %d statements, %.1f ms in %r, connection held %.1f ms, %s."
+
+
 def report(scope: Scope, all_stats: Iterable[tuple[Any, Limits, RequestStats]]) -> None:
     """Log what the request did: warnings past a database's thresholds, and a DEBUG record.
 
     ``all_stats`` gives each database, its limits and its statistics.  The records
     carry the route, the method and the figures as ``extra`` fields for structured
-    logging; never statements or their parameters.
+    logging; never statements or their parameters.  Paths are escaped: a newline
+    decoded from ``%0A`` cannot forge a log line.
     """
     route = _route(scope)
     method = printable(str(scope.get("method", "WEBSOCKET")))
     for db, limits, stats in all_stats:
-        fields = {
-            "route": route,
-            "method": method,
-            "database": repr(db),
-            "statements": stats.statements,
-            "db_seconds": round(stats.duration, 6),
-            "held_seconds": round(stats.held, 6),
-            "outcome": stats.outcome,
-        }
-        held_limit = limits.held
-        if held_limit is not None and stats.held > held_limit:
-            logger.warning(
-                "%s %s held a connection of %r for %.3f s (more than %.3f s). A handler "
-                "that reads a slow request body after its first query holds the "
-                "connection meanwhile: read the body first.",
-                method,
-                route,
-                db,
-                stats.held,
-                held_limit,
-                extra=fields,
-            )
-        statement_limit = limits.statements
-        if statement_limit is not None and stats.statements > statement_limit:
-            logger.warning(
-                "%s %s sent %d statements to %r (more than %d): an N+1 query pattern?",
-                method,
-                route,
-                stats.statements,
-                db,
-                statement_limit,
-                extra=fields,
-            )
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
-                "%s %s: %d statements, %.1f ms in %r, connection held %.1f ms, %s.",
-                method,
-                route,
-                stats.statements,
-                stats.duration * 1000,
-                db,
-                stats.held * 1000,
-                stats.outcome,
-                extra=fields,
-            )
+        _report_one(method, route, db, limits, stats)
+
+
+def _report_one(method: str, route: str, db: Any, limits: Limits, stats: RequestStats) -> None:
+    fields = {
+        "route": route,
+        "method": method,
+        "database": repr(db),
+        "statements": stats.statements,
+        "db_seconds": round(stats.duration, 6),
+        "held_seconds": round(stats.held, 6),
+        "outcome": stats.outcome,
+    }
+    if limits.held is not None and stats.held > limits.held:
+        logger.warning(_HELD_TOO_LONG, method, route, db, stats.held, limits.held, extra=fields)
+    if limits.statements is not None and stats.statements > limits.statements:
+        logger.warning(
+            _TOO_MANY, method, route, stats.statements, db, limits.statements, extra=fields
+        )
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug(
+            _SUMMARY,
+            method,
+            route,
+            stats.statements,
+            stats.duration * 1000,
+            db,
+            stats.held * 1000,
+            stats.outcome,
+            extra=fields,
+        )
 
 
 def _route(scope: Scope) -> str:
