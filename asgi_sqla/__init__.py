@@ -49,3 +49,12 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# Public classes show (in tracebacks, reprs and docs) under the name users import them
+# by, asgi_sqla.CommitFailedError rather than asgi_sqla._errors.CommitFailedError; they
+# pickle by that name too.
+for _name in __all__:
+    _public = globals()[_name]
+    if isinstance(_public, type) and _public.__module__.startswith("asgi_sqla._"):
+        _public.__module__ = __name__
+del _name, _public

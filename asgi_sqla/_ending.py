@@ -67,10 +67,7 @@ class _Ending:
         return decisions
 
     async def prepare(
-        self,
-        sessions: Mapping[Any, GuardedSession],
-        decisions: Mapping[Any, bool],
-        engine_of: Callable[[Any], AsyncEngine],
+        self, sessions: Mapping[Any, GuardedSession], decisions: Mapping[Any, bool]
     ) -> None:
         two_phase = await prepare_writers(sessions, decisions.__getitem__, self.reason)
         self.prepared = two_phase.prepared
@@ -152,7 +149,7 @@ async def end_sessions(
     primaries, ending.cancelled = await end_read_sessions(sessions, reason)
     decisions = ending.decide(primaries, decide)
     if two_phase and ending.error is None:
-        await ending.prepare(primaries, decisions, engine_of)
+        await ending.prepare(primaries, decisions)
     else:
         for session in primaries.values():
             session.sync_session.twophase = False  # one database: a one-phase commit
