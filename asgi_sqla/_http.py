@@ -69,19 +69,15 @@ class RetryRequest(Exception):
 class HTTPResponder:
     """Relays one request's messages, ending its unit of work at response start."""
 
-    __slots__ = (
-        "_options",
-        "_send",
-        "body",
-        "complete",
-        "cut_short",
-        "failed",
-        "receive",
-        "retrying",
-        "started",
-        "unavailable",
-        "unit",
-    )
+    # Class-level defaults: one responder is made per request, and most requests
+    # change only ``started`` and ``_last_sent``.
+    started = False
+    _last_sent: Message | None = None  # after the start: see ``complete``
+    failed = False  # the app may send nothing more (see cut_short for why)
+    cut_short = False  # cancelled as the response started: only its start went out
+    unavailable = False  # a 503 was sent because the pool timed out
+    body: ReplayableBody | None = None  # set when this attempt may be re-run
+    retrying = False  # this attempt was stopped to be re-run
 
     def __init__(
         self, unit: SessionContext, receive: Receive, send: Send, options: HTTPOptions
@@ -90,13 +86,6 @@ class HTTPResponder:
         self.receive = receive
         self._send = send
         self._options = options
-        self.started = False
-        self.complete = False  # the response was sent to its end
-        self.failed = False  # the app may send nothing more (see cut_short for why)
-        self.cut_short = False  # cancelled as the response started: only its start went out
-        self.unavailable = False  # a 503 was sent because the pool timed out
-        self.body: ReplayableBody | None = None  # set when this attempt may be re-run
-        self.retrying = False  # this attempt was stopped to be re-run
 
     async def send(self, message: Message) -> None:
         if self.failed:
@@ -105,11 +94,10 @@ class HTTPResponder:
             raise CommitFailedError(DISCARDED)
         if self.started:
             await self._send(message)
-            if _ends_response(message):
-                self.complete = True
+            self._last_sent = message
             return
         if message["type"] == "http.response.start":
-            if self.unit.has_sessions:
+            if self.unit._sessions:
                 message = await self._end_at_start(message)
             if self._options.server_timing:
                 message = _with_server_timing(message, self.unit)
@@ -168,6 +156,12 @@ class HTTPResponder:
             start["status"],
         )
         await run_to_completion(self._send(start))
+
+    @property
+    def complete(self) -> bool:
+        """Whether the response was sent to its end (its last message went out)."""
+        last = self._last_sent
+        return last is not None and _ends_response(last)
 
     def may_retry(self, exc: BaseException | None) -> bool:
         """Whether this attempt can be re-run after ``exc`` (None: a recorded conflict).

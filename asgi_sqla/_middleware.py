@@ -122,7 +122,9 @@ class SQLAlchemyMiddleware:
                     self._serve,
                 )
             else:
-                await self._serve(scope, self._http_responder(scope, receive, send))
+                await self._serve(
+                    scope, HTTPResponder(self._unit(scope), receive, send, self._http)
+                )
         elif scope_type == "websocket":
             await self._serve(scope, WebSocketResponder(self._unit(scope), receive, send))
         else:
@@ -160,7 +162,8 @@ class SQLAlchemyMiddleware:
                 await unit.close(reason=REQUEST_FINISHED, failed=True)
             raise
         else:
-            await responder.app_returned()
+            if unit._sessions or responder.retrying:
+                await responder.app_returned()
         finally:
             unit.close_unused(REQUEST_FINISHED)
             current_context.reset(token)

@@ -116,6 +116,11 @@ class Event(enum.Enum):
     DONE = "the ending finished"
 
 
+# Module-level aliases for the hot path: an Enum member looked up on its class costs
+# more than the rest of a request's bookkeeping.
+_OPEN = State.OPEN
+_CLOSED = State.CLOSED
+
 _TRANSITIONS: Mapping[tuple[State, Event], State] = {
     (State.OPEN, Event.SESSION): State.OPEN,
     (State.OPEN, Event.END_ROUND): State.ENDING_ROUND,
@@ -159,44 +164,32 @@ class SessionContext:
     context was not copied, so that ``db.session`` works there too.
     """
 
-    __slots__ = (
-        "_databases",
-        "_ended",
-        "_sessions",
-        "_state",
-        "_stats",
-        "_written",
-        "committed_any",
-        "ends_on_receive",
-        "manual",
-        "outcome",
-        "read_only",
-        "two_phase",
-    )
+    # Class-level defaults, not __slots__: one is made for every request, and most
+    # requests change none of these, so __init__ sets only what every unit needs.
+    _ended: str | None = None  # why no session may open again, once CLOSED
+    _written: set[Hashable] | None = None  # wrote to these: read them there
+    _stats: dict[ManagedDatabase, RequestStats] | None = None  # only when tracked
+    #: Sessions opened from now on are read-only (a ``read_only`` route).
+    read_only = False
+    #: Nothing commits automatically (a ``manual_commit`` route).
+    manual = False
+    #: Commit several databases with two-phase commit.
+    two_phase = False
+    #: Something of this unit's work was committed (an ending, or a session's commit
+    #: when the middleware has ``retry`` routes): the request must not be re-run.
+    committed_any = False
+    #: The outcome of the last ending; None before the first.
+    outcome: Outcome | None = None
+    #: A websocket's transactions end when the app waits in ``receive()``.  An adapter
+    #: whose framework reads messages ahead (Quart) turns this off and ends them where
+    #: the handler waits instead.
+    ends_on_receive = True
 
     def __init__(self, databases: tuple[ManagedDatabase, ...]) -> None:
         self._databases = databases
         # Primary sessions under their Database, read sessions under its ReplicaSlot.
         self._sessions: dict[Hashable, GuardedSession] = {}
-        self._state = State.OPEN
-        self._ended: str | None = None  # why no session may open again, once CLOSED
-        self._written: set[Hashable] | None = None  # wrote to these: read them there
-        self._stats: dict[ManagedDatabase, RequestStats] | None = None  # only when tracked
-        #: Sessions opened from now on are read-only (a ``read_only`` route).
-        self.read_only = False
-        #: Nothing commits automatically (a ``manual_commit`` route).
-        self.manual = False
-        #: Commit several databases with two-phase commit.
-        self.two_phase = False
-        #: Something of this unit's work was committed (an ending, or any COMMIT seen
-        #: on a connection of a database that tracks commits): it must not be re-run.
-        self.committed_any = False
-        #: The outcome of the last ending; None before the first.
-        self.outcome: Outcome | None = None
-        #: A websocket's transactions end when the app waits in ``receive()``.  An
-        #: adapter whose framework reads messages ahead (Quart) turns this off and ends
-        #: them where the handler waits instead.
-        self.ends_on_receive = True
+        self._state = _OPEN
 
     @classmethod
     def from_scope(cls, scope: Scope) -> SessionContext:
@@ -231,7 +224,7 @@ class SessionContext:
     @property
     def ended(self) -> bool:
         """True once the request (or scope) is over and no new session can open."""
-        return self._state is State.CLOSED
+        return self._state is _CLOSED
 
     @property
     def has_sessions(self) -> bool:
@@ -249,8 +242,8 @@ class SessionContext:
 
     def _check_open(self, db: ManagedDatabase) -> None:
         state = self._state
-        if state is not State.OPEN:
-            if state is State.CLOSED:
+        if state is not _OPEN:
+            if state is _CLOSED:
                 raise SessionEndedError(self._ended or REQUEST_FINISHED)
             raise SessionEndedError(_BEING_ENDED)
         if db not in self._databases:
@@ -354,7 +347,7 @@ class SessionContext:
         self, status: int | None = None, *, reason: str, failed: bool = False
     ) -> Outcome:
         """End every open session and refuse new ones from now on; return the outcome."""
-        if self._state is State.CLOSED:
+        if self._state is _CLOSED:
             return NOTHING_ENDED
         self._ended = reason
         self._transition(Event.CLOSE)
@@ -386,10 +379,11 @@ class SessionContext:
 
     def close_unused(self, reason: str) -> None:
         """Close a unit that has no session open, without awaiting (most requests end so)."""
-        if self._state is State.OPEN:
+        if self._state is _OPEN:
+            # OPEN -CLOSE-> CLOSING -DONE-> CLOSED in one step: there is nothing to end,
+            # and this runs at the end of every request.
             self._ended = reason
-            self._transition(Event.CLOSE)
-            self._transition(Event.DONE)  # nothing to end
+            self._state = _CLOSED
 
     async def release(self, db: ManagedDatabase, *, commit: bool) -> Outcome:
         """End ``db``'s sessions now, if it has any; a later read opens a new one.

@@ -27,6 +27,9 @@ class WebSocketResponder:
 
     __slots__ = ("_receive", "_send", "accepted", "failed", "unit")
 
+    #: A websocket is never re-run (see ``HTTPResponder.retrying``).
+    retrying = False
+
     def __init__(self, unit: SessionContext, receive: Receive, send: Send) -> None:
         self.unit = unit
         self._receive = receive

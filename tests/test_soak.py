@@ -107,7 +107,7 @@ EXPECTED_EXCEPTIONS = re.compile(
       | (ConnectionError|ConnectionRefusedError|ConnectionResetError|OSError|TimeoutError)\b.*
       | asyncio\.exceptions\.CancelledError: \s Cancelled \s via \s cancel \s scope \s \w+;
             \s reason: \s deadline \s exceeded   # anyio.fail_after, in the Deadline middleware
-      | asgi_sqla\._errors\.\w+Error: .*   # the package's own, e.g. CommitFailedError
+      | asgi_sqla\.\w+Error: .*   # the package's own, e.g. asgi_sqla.CommitFailedError
     )$""",
     re.VERBOSE,
 )
