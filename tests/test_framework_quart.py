@@ -397,3 +397,53 @@ async def test_quarts_failed_startup_reaches_the_server_once_and_disposes_the_en
 
     assert sent == [{"type": "lifespan.startup.failed", "message": "no config"}]
     assert engine_at_failure == [None]  # disposed before the failure was forwarded
+
+
+async def test_a_message_read_ahead_does_not_split_the_work_of_the_one_before_it(
+    db: Database,
+) -> None:
+    # Quart reads websocket messages ahead, in a task of its own: the next message
+    # reaches the middleware's receive() while the handler still works on the current
+    # one.  With init_app the current message's work stays one transaction: here it
+    # rolls back whole when the handler fails after its second half (the middleware
+    # used to commit the first half as soon as the next message was read).
+    first_half_written, next_read, resume = anyio.Event(), anyio.Event(), anyio.Event()
+    app = Quart(__name__)
+
+    @app.websocket("/ws")
+    async def handler() -> None:
+        while True:
+            text = await websocket.receive()
+            assert isinstance(text, str)
+            await add_key(db, f"{text}-first-half")
+            first_half_written.set()
+            await resume.wait()
+            await add_key(db, f"{text}-second-half")
+            raise RuntimeError("the message fails after both halves")
+
+    app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, db)  # type: ignore[method-assign]
+    init_app(app)
+    incoming: asyncio.Queue[Message] = asyncio.Queue()
+    sent: asyncio.Queue[Message] = asyncio.Queue()
+
+    async def receive() -> Message:
+        message = await incoming.get()
+        if message.get("text") == "next":
+            next_read.set()  # Quart's reader task has taken it, ahead of the handler
+        return message
+
+    incoming.put_nowait({"type": "websocket.connect"})
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(app, websocket_scope(scheme="ws"), receive, sent.put)
+        with anyio.fail_after(10):
+            assert (await sent.get())["type"] == "websocket.accept"
+            incoming.put_nowait({"type": "websocket.receive", "text": "current"})
+            await first_half_written.wait()
+            incoming.put_nowait({"type": "websocket.receive", "text": "next"})
+            await next_read.wait()
+            resume.set()
+            assert await sent.get() == {"type": "websocket.close", "code": 1000}
+        incoming.put_nowait({"type": "websocket.disconnect", "code": 1001})
+
+    assert await keys(db) == set()
+    assert checked_out(db) == 0
