@@ -495,7 +495,11 @@ async def run_to_completion(coro: Awaitable[_T]) -> _T:
 
 
 def retire(session: GuardedSession, reason: str) -> None:
-    """Make every later database call on ``session`` raise ``SessionEndedError(reason)``."""
+    """Make every later database call on ``session`` raise ``SessionEndedError(reason)``.
+
+    Only the package's own calls through ``_unguarded(session)`` pass from then on;
+    ``close()``, ``reset()`` and ``invalidate()`` by anyone else do nothing.
+    """
     session._asgi_sqla_ended = reason
 
 
