@@ -1,15 +1,37 @@
 """The session class handed to applications, and how a session is ended.
 
-Sessions made by a ``Database`` are ``AsyncSession`` subclasses with a small guard
-on their async methods.  The guard does two things SQLAlchemy cannot do for us:
+Sessions made by a ``Database`` are ``AsyncSession`` subclasses (of the ``class_`` given
+in ``session_options``, if any) whose *synchronous* session carries a guard.  Every
+call that reaches the database passes there, whatever the async class calls it
+(SQLModel's ``exec()`` runs the synchronous session directly) and however the app
+gets there (``run_sync``, ``begin()`` blocks, lazy loads): a statement passes
+``Session._execute_internal``, a connection ``Session._connection_for_bind``, a flush
+``Session.flush``, a commit the ``before_commit`` event, and ``rollback``, ``begin``,
+``close``, ``reset`` and ``invalidate`` are guarded as they are.  The guard does what
+SQLAlchemy cannot do for us:
 
 * It turns concurrent use of one session by two tasks into a clear
   ``ConcurrentSessionUseError`` *before* SQLAlchemy starts the second operation.
   SQLAlchemy's own error for this arrives mid-operation and leaves the session in a
-  state its owner can no longer close cleanly.
-* It retires a session once the package has ended it, so a stale reference kept
-  past ``db.release()`` or past the end of the request cannot silently check out a
-  connection that nobody will give back.
+  state its owner can no longer close cleanly.  Each ``AsyncSession`` call runs its
+  synchronous code in a greenlet of its own (``greenlet_spawn``): the greenlet that
+  last used the session is still alive exactly while that call is under way.
+* It retires a session once the package has ended it: any later call that would reach
+  the database raises ``SessionEndedError`` before a connection is checked out, so a
+  stale reference kept past ``db.release()`` or past the end of the request cannot
+  take a connection that nobody will give back.  Calls that only release resources
+  (``close()``, ``reset()``, ``invalidate()``) do nothing on a retired session.
+* It keeps a rollback-only (or read-only) session from committing, by any API: see
+  :func:`make_read_only` for exactly what that covers.
+* It remembers a pool timeout (so that the response can say 503) and a serialization
+  failure or deadlock (so that a retrying route can run again) met by a statement, a
+  flush or ``commit()``, even when the app's framework turned the error into a 500.
+
+What it does not cover: in-memory bookkeeping that reaches no database (``add()``,
+``expunge()``, the identity-map part of ``get()`` or ``delete()``), and connections the
+app takes from the engine itself (``db.engine.connect()``) or statements it sends on
+the ``Connection`` a session lent it (``await session.connection()``, including its
+``commit()``).
 """
 
 from __future__ import annotations
@@ -18,13 +40,18 @@ import asyncio
 import functools
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar, cast
+import weakref
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from typing import Any, Generic, TypeVar, cast, overload
 
+from greenlet import getcurrent  # type: ignore[import-untyped,unused-ignore]
 from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session, SessionTransaction
+from sqlalchemy.util.concurrency import in_greenlet
 
 from ._errors import ConcurrentSessionUseError, RollbackOnlyError, SessionEndedError
 
@@ -32,8 +59,9 @@ logger = logging.getLogger("asgi_sqla")
 
 _T = TypeVar("_T")
 
-#: The ``AsyncSession`` coroutine methods that touch the database.  ``scalar()`` and
-#: ``scalars()`` call ``execute()`` internally, so the guard is re-entrant per task.
+#: The ``AsyncSession`` coroutine methods that reach the database.  The guard does not
+#: rely on this list (it runs on the synchronous session, which every path passes);
+#: the pytest plugin takes its turns on the test's connection in them.
 _GUARDED_METHODS = (
     "execute",
     "scalar",
@@ -53,10 +81,6 @@ _GUARDED_METHODS = (
     "commit",
     "rollback",
 )
-
-#: Methods that only release resources: calling them on a session the package has
-#: already ended is harmless, so they do nothing instead of raising.
-_CLEANUP_METHODS = ("close", "aclose", "reset", "invalidate")
 
 _CONCURRENT_USE = (
     "{task} used db.session while {owner} was still using it. An AsyncSession is not "
@@ -78,96 +102,216 @@ READ_ONLY = (
 #: failure and deadlock.
 _CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
 
+#: Seconds between two looks at a call still running on a session the package ends.
+_IDLE_CHECK_INTERVAL = 0.05
 
-class GuardedSession(AsyncSession):
-    """``AsyncSession`` that refuses concurrent use by two tasks and use after it ended."""
+#: The synchronous session the package is ending in this context: its own calls pass
+#: the ended mark (set by ``retire()`` before the package commits or closes).
+_ending: ContextVar[Session | None] = ContextVar("_ending", default=None)
 
-    # Class-level defaults keep session creation as cheap as AsyncSession's own: the
-    # instance attributes only appear once a guarded method runs.
-    _asgi_sqla_owner: asyncio.Task[Any] | None = None
-    _asgi_sqla_depth: int = 0
+
+class _GuardedSyncSession(Session):
+    """The guard, mixed in above the synchronous session class (see the module doc)."""
+
+    #: Why the package ended the session, once it has.
     _asgi_sqla_ended: str | None = None
-    _asgi_sqla_waiters: list[asyncio.Future[None]] | None = None
-    _asgi_sqla_pool_exhausted: bool = False
-    #: A statement or commit failed with a serialization failure or deadlock.
-    _asgi_sqla_conflict: bool = False
     #: Why this session's transactions must never commit, if they must not.
     _asgi_sqla_rollback_only: str | None = None
+    #: A statement, flush or commit failed because the pool timed out.
+    _asgi_sqla_pool_exhausted: bool = False
+    #: A statement, flush or commit failed with a serialization failure or deadlock.
+    _asgi_sqla_conflict: bool = False
+    #: The greenlet of the call that last reached the database, and its task (weakly:
+    #: a call that has finished keeps neither alive).
+    _asgi_sqla_operation: tuple[weakref.ref[Any], weakref.ref[asyncio.Task[Any]] | None] | None
+    _asgi_sqla_operation = None
+    #: The savepoint whose release a rollback-only session's ``before_commit`` let pass.
+    _asgi_sqla_releasing: SessionTransaction | None = None
+
+    def _execute_internal(self, *args: Any, **kwargs: Any) -> Any:
+        # Every statement: execute(), scalar(s)(), get(), refresh(), lazy loads, exec().
+        _enter(self)
+        try:
+            return super()._execute_internal(*args, **kwargs)
+        except Exception as exc:
+            _note_failure(self, exc)
+            raise
+
+    def _connection_for_bind(self, *args: Any, **kwargs: Any) -> Any:
+        _enter(self)
+        try:
+            return super()._connection_for_bind(*args, **kwargs)
+        except Exception as exc:
+            _note_failure(self, exc)
+            raise
+
+    def flush(self, objects: Any = None) -> None:
+        _enter(self)  # before the flush, or an autoflush, changes anything
+        try:
+            super().flush(objects)
+        except Exception as exc:
+            _note_failure(self, exc)
+            raise
+
+    def commit(self) -> None:
+        _enter(self)
+        try:
+            super().commit()
+        except Exception as exc:
+            _note_failure(self, exc)
+            raise
+
+    def rollback(self) -> None:
+        _enter(self)
+        super().rollback()
+
+    def begin(self, nested: bool = False) -> SessionTransaction:
+        _enter(self)
+        return super().begin(nested)
+
+    def close(self) -> None:
+        if _may_release(self):
+            super().close()
+
+    def reset(self) -> None:
+        if _may_release(self):
+            super().reset()
+
+    def invalidate(self) -> None:
+        if _may_release(self):
+            super().invalidate()
+
+
+@event.listens_for(_GuardedSyncSession, "before_commit")
+def _before_commit(session: _GuardedSyncSession) -> None:
+    # Every commit passes here: commit(), the end of a begin() block, run_sync, prepare().
+    _enter(session)
+    reason = session._asgi_sqla_rollback_only
+    if reason is None:
+        return
+    savepoint = session.get_nested_transaction()
+    if savepoint is None or session._asgi_sqla_releasing is savepoint:
+        raise RollbackOnlyError(reason)
+    # Releasing a savepoint commits nothing.  But SQLAlchemy also announces here, while
+    # a savepoint left open is still the current transaction, the commit of a begin()
+    # block that would release it and commit: the savepoint's own release, announced
+    # next, is then seen a second time and refused, before anything is released.
+    session._asgi_sqla_releasing = savepoint
+
+
+#: The guarded synchronous session class made for each class, made once.
+_guarded_sync_classes: dict[type[Session], type[_GuardedSyncSession]] = {}
+
+
+def _guarded_sync_class(cls: type[Session]) -> type[_GuardedSyncSession]:
+    """Return ``cls`` with the guard mixed in (``cls`` itself when it already has it)."""
+    if issubclass(cls, _GuardedSyncSession):
+        return cls
+    guarded = _guarded_sync_classes.get(cls)
+    if guarded is None:
+        guarded = _guarded_sync_classes[cls] = type(
+            f"Guarded{cls.__name__}", (_GuardedSyncSession, cls), {}
+        )
+    return guarded
+
+
+def _enter(session: _GuardedSyncSession) -> None:
+    """Refuse a call on an ended session, or one that overlaps another call on it."""
+    ended = session._asgi_sqla_ended
+    if ended is not None and _ending.get() is not session:
+        raise SessionEndedError(ended)
+    current = getcurrent()
+    operation = session._asgi_sqla_operation
+    if operation is not None:
+        running = operation[0]()
+        if running is current:
+            return
+        if running is not None and not running.dead:
+            owner = operation[1]() if operation[1] is not None else None
+            raise ConcurrentSessionUseError(
+                _CONCURRENT_USE.format(task=_task_name(_current_task()), owner=_task_name(owner))
+            )
+    if in_greenlet():  # an AsyncSession call: its greenlet lives as long as the call
+        task = asyncio.current_task()  # greenlet_spawn runs in the event loop's thread
+        session._asgi_sqla_operation = (
+            weakref.ref(current),
+            weakref.ref(task) if task is not None else None,
+        )
+
+
+def _may_release(session: _GuardedSyncSession) -> bool:
+    """Whether close(), reset() or invalidate() should run (on a retired session, no)."""
+    if session._asgi_sqla_ended is not None and _ending.get() is not session:
+        return False
+    _enter(session)
+    return True
+
+
+def _note_failure(session: _GuardedSyncSession, exc: Exception) -> None:
+    if isinstance(exc, PoolTimeoutError):
+        # Remembered so that the response can say 503, whatever the app made of it.
+        session._asgi_sqla_pool_exhausted = True
+    elif isinstance(exc, DBAPIError) and is_conflict(exc):
+        # Remembered so that a retrying route can re-run the request even when the
+        # app's framework turned the error into a 500 response.
+        session._asgi_sqla_conflict = True
+
+
+class _OnSyncSession(Generic[_T]):
+    """An attribute of the guard, kept on the synchronous session where the guard runs."""
+
+    def __set_name__(self, owner: type[Any], name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, session: None, owner: type[Any]) -> _OnSyncSession[_T]: ...
+    @overload
+    def __get__(self, session: GuardedSession, owner: type[Any]) -> _T: ...
+    def __get__(self, session: GuardedSession | None, owner: type[Any]) -> Any:
+        if session is None:
+            return self
+        return getattr(session.sync_session, self._name)
+
+    def __set__(self, session: GuardedSession, value: _T) -> None:
+        setattr(session.sync_session, self._name, value)
+
+
+class GuardedSession(AsyncSession):
+    """``AsyncSession`` that refuses concurrent use by two tasks and use after it ended.
+
+    The guard itself is on :attr:`sync_session` (see the module doc); the marks below
+    read and write it there.
+    """
+
+    _asgi_sqla_ended = _OnSyncSession[str | None]()
+    _asgi_sqla_pool_exhausted = _OnSyncSession[bool]()
+    #: A statement or commit failed with a serialization failure or deadlock.
+    _asgi_sqla_conflict = _OnSyncSession[bool]()
+    #: Why this session's transactions must never commit, if they must not.
+    _asgi_sqla_rollback_only = _OnSyncSession[str | None]()
     #: on_commit callbacks waiting for the root transaction to commit, and those whose
     #: transaction has committed, waiting to run.
     _asgi_sqla_on_commit: list[Callable[[], object]] | None = None
     _asgi_sqla_committed: list[Callable[[], object]] | None = None
 
+    def __init__(
+        self,
+        bind: Any = None,
+        *,
+        binds: Any = None,
+        sync_session_class: type[Session] | None = None,
+        **kw: Any,
+    ) -> None:
+        # The class given here (the pytest plugin gives one) or the class's own, SQLModel's
+        # Session for SQLModel's AsyncSession: either way, with the guard.
+        cls = sync_session_class or self.sync_session_class
+        if not issubclass(cls, _GuardedSyncSession):
+            cls = _guarded_sync_class(cls)
+        super().__init__(bind, binds=binds, sync_session_class=cls, **kw)
 
-def _guard(name: str) -> Callable[..., Coroutine[Any, Any, Any]]:
-    unguarded = getattr(AsyncSession, name)
-
-    @functools.wraps(unguarded)
-    async def guarded(self: GuardedSession, *args: Any, **kwargs: Any) -> Any:
-        if self._asgi_sqla_ended is not None:
-            raise SessionEndedError(self._asgi_sqla_ended)
-        task = asyncio.current_task()
-        owner = self._asgi_sqla_owner
-        if owner is None:
-            self._asgi_sqla_owner = task
-        elif owner is not task:
-            raise ConcurrentSessionUseError(
-                _CONCURRENT_USE.format(task=_task_name(task), owner=_task_name(owner))
-            )
-        self._asgi_sqla_depth += 1
-        try:
-            # super() rather than AsyncSession's function: a session class_ given in
-            # session_options keeps its own overrides.
-            return await getattr(super(GuardedSession, self), name)(*args, **kwargs)
-        except PoolTimeoutError:
-            # Remembered so that the response can say 503, whatever the app made of it.
-            self._asgi_sqla_pool_exhausted = True
-            raise
-        except DBAPIError as exc:
-            # Remembered so that a retrying route can re-run the request even when the
-            # app's framework turned the error into a 500 response.
-            if is_conflict(exc):
-                self._asgi_sqla_conflict = True
-            raise
-        finally:
-            self._asgi_sqla_depth -= 1
-            if not self._asgi_sqla_depth:
-                self._asgi_sqla_owner = None
-                _wake(self)
-
-    return guarded
-
-
-def _cleanup(name: str) -> Callable[..., Coroutine[Any, Any, None]]:
-    unguarded = getattr(AsyncSession, name)
-
-    @functools.wraps(unguarded)
-    async def cleanup(self: GuardedSession) -> None:
-        if self._asgi_sqla_ended is None:
-            await guarded(self)
-
-    guarded = _guard(name)
-    return cleanup
-
-
-for _name in _GUARDED_METHODS:
-    if hasattr(AsyncSession, _name):  # delete_all and merge_all are new in 2.1
-        setattr(GuardedSession, _name, _guard(_name))
-for _name in _CLEANUP_METHODS:
-    setattr(GuardedSession, _name, _cleanup(_name))
-
-_guarded_commit = _guard("commit")
-
-
-@functools.wraps(AsyncSession.commit)
-async def _commit(self: GuardedSession) -> None:
-    if self._asgi_sqla_rollback_only is not None:
-        raise RollbackOnlyError(self._asgi_sqla_rollback_only)
-    await _guarded_commit(self)
-    await run_committed_callbacks(self)
-
-
-GuardedSession.commit = _commit  # type: ignore[method-assign,assignment]
+    async def commit(self) -> None:
+        await super().commit()
+        await run_committed_callbacks(self)
 
 
 def add_on_commit(session: GuardedSession, callback: Callable[[], object]) -> None:
@@ -228,7 +372,19 @@ def make_read_only(session: GuardedSession) -> None:
     """Make every transaction of ``session`` read-only and never committed.
 
     On PostgreSQL and MySQL the transaction is declared ``READ ONLY``, so a write fails
-    at once; on every database the package rolls it back instead of committing.
+    at once.  On every database the session's transactions never commit: the package
+    rolls them back, and any commit raises ``RollbackOnlyError`` before anything is
+    flushed or committed, by whichever API it comes (``commit()``, the end of an
+    ``async with session.begin():`` block, which then rolls back and gives the
+    connection back, ``run_sync(lambda s: s.commit())``, ``db.commit()``, or a session
+    class's own methods).  Releasing a SAVEPOINT is allowed: it commits nothing.
+    ``db.set_rollback_only()`` puts the same mark with its own message.
+
+    It does not cover what does not go through the session's transaction: a
+    connection taken from the engine (``db.engine.connect()``), ``db.new_session()``, a
+    ``commit()`` on the ``Connection`` that ``session.connection()`` returns, or a
+    ``COMMIT`` sent as SQL text; on databases other than PostgreSQL and MySQL, writes
+    made through those are not refused either.
     """
     session._asgi_sqla_rollback_only = READ_ONLY
     bind = session.bind
@@ -255,32 +411,61 @@ def is_conflict(exc: BaseException | None) -> bool:
 
 
 def _unguarded(session: GuardedSession) -> AsyncSession:
-    """``session`` seen past the guard, for the package's own cleanup of a retired session."""
-    return cast(AsyncSession, super(GuardedSession, session))
+    """``session`` for the package's own ending of it: its calls pass the ended mark."""
+    return cast(AsyncSession, _PastTheGuard(session))
+
+
+class _PastTheGuard:
+    """Calls ``session``'s methods below ``GuardedSession``, as the package ending it."""
+
+    __slots__ = ("_session",)
+
+    def __init__(self, session: GuardedSession) -> None:
+        self._session = session
+
+    def __getattr__(self, name: str) -> Any:
+        session = self._session
+        method = getattr(super(GuardedSession, session), name)
+        if not inspect.iscoroutinefunction(method):
+            return method
+
+        @functools.wraps(method)
+        async def as_the_package(*args: Any, **kwargs: Any) -> Any:
+            # The greenlet that runs the call shares this context (SQLAlchemy's
+            # greenlet_spawn passes it on), so the guard sees who is calling.
+            token = _ending.set(session.sync_session)
+            try:
+                return await method(*args, **kwargs)
+            finally:
+                _ending.reset(token)
+
+        return as_the_package
 
 
 def _task_name(task: asyncio.Task[Any] | None) -> str:
     return f"task {task.get_name()!r}" if task is not None else "code outside any task"
 
 
-def _wake(session: GuardedSession) -> None:
-    waiters = session._asgi_sqla_waiters
-    if waiters:
-        session._asgi_sqla_waiters = None
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+def _current_task() -> asyncio.Task[Any] | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no event loop in this thread
+        return None
 
 
 async def _wait_until_idle(session: GuardedSession) -> None:
     # A child task the app did not wait for (asyncio.gather after a sibling failed)
     # may still be inside a statement; closing under it would break its connection.
-    while session._asgi_sqla_owner is not None:
-        waiter = asyncio.get_running_loop().create_future()
-        if session._asgi_sqla_waiters is None:
-            session._asgi_sqla_waiters = []
-        session._asgi_sqla_waiters.append(waiter)
-        await waiter
+    sync_session = cast(_GuardedSyncSession, session.sync_session)
+    while (operation := sync_session._asgi_sqla_operation) is not None:
+        running = operation[0]()
+        task = operation[1]() if operation[1] is not None else None
+        if running is None or running.dead or task is None or task.done():
+            return
+        if task is asyncio.current_task():  # cannot be inside a call while here
+            return
+        # A greenlet tells nobody when it finishes; its task usually finishes with it.
+        await asyncio.wait((task,), timeout=_IDLE_CHECK_INTERVAL)
 
 
 async def run_to_completion(coro: Awaitable[_T]) -> _T:
@@ -310,7 +495,11 @@ async def run_to_completion(coro: Awaitable[_T]) -> _T:
 
 
 def retire(session: GuardedSession, reason: str) -> None:
-    """Make every later database call on ``session`` raise ``SessionEndedError(reason)``."""
+    """Make every later database call on ``session`` raise ``SessionEndedError(reason)``.
+
+    Only the package's own calls through ``_unguarded(session)`` pass from then on;
+    ``close()``, ``reset()`` and ``invalidate()`` by anyone else do nothing.
+    """
     session._asgi_sqla_ended = reason
 
 

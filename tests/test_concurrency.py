@@ -11,6 +11,7 @@ import anyio
 import httpx
 import pytest
 from sqlalchemy import func, select, text
+from sqlmodel.ext.asyncio.session import AsyncSession as SQLModelSession
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -231,3 +232,35 @@ async def test_new_session_in_each_concurrent_child_task_has_its_own_connection_
         assert len(backend_pids) == tasks
     assert await keys(db) == {f"child-{number}" for number in range(tasks)}
     await assert_nothing_left_behind(db, admin)
+
+
+async def test_a_session_class_with_its_own_methods_meets_the_guard_too(
+    database_url: str, admin: Any
+) -> None:
+    # SQLModel's exec() runs the synchronous session directly, past AsyncSession's methods.
+    db = Database(database_url, session_options={"class_": SQLModelSession})
+    await create_tables(db)
+
+    async def exec_on_db_session(statement: Any) -> None:
+        await db.session.exec(statement)  # type: ignore[attr-defined]
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await exec_on_db_session(items.insert().values(key="before"))
+        count = select(func.count()).select_from(items)
+        await asyncio.gather(exec_on_db_session(count), exec_on_db_session(count))
+        await plain_response(send, 201)
+
+    async def next_app(scope: Scope, receive: Receive, send: Send) -> None:
+        await exec_on_db_session(items.insert().values(key="next"))
+        await plain_response(send, 201)
+
+    try:
+        with anyio.fail_after(10), pytest.raises(ConcurrentSessionUseError, match="new_session"):
+            await call_http(SQLAlchemyMiddleware(app, db))
+
+        await assert_nothing_left_behind(db, admin)
+        assert await keys(db) == set()
+        assert (await call_http(SQLAlchemyMiddleware(next_app, db))).status == 201
+        assert await keys(db) == {"next"}
+    finally:
+        await db.dispose()

@@ -12,12 +12,14 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from asgi_sqla import (
     Database,
     NoSessionContextError,
     RollbackOnlyError,
     SQLAlchemyMiddleware,
+    read_only,
 )
 from asgi_sqla.types import Receive, Scope, Send
 
@@ -300,3 +302,101 @@ async def test_rollback_only_without_a_statement_takes_no_connection(db: Databas
     assert await keys(db) == set()
     async with db.scope() as session:
         assert (await session.execute(text("SELECT 1"))).scalar() == 1
+
+
+# -- no way of committing walks around the mark --------------------------------------------
+
+
+async def test_begin_after_set_rollback_only_raises_and_commits_nothing(db: Database) -> None:
+    pool_in_app: list[int] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        db.set_rollback_only()
+        with pytest.raises(RollbackOnlyError, match="set_rollback_only"):
+            async with db.session.begin():
+                await add_key(db, "doomed")
+        # The block's transaction was rolled back and its connection given back.
+        assert not db.session.in_transaction()
+        pool_in_app.append(checked_out(db))
+        await plain_response(send, 200)
+
+    recorder = await call_http(SQLAlchemyMiddleware(app, db))
+
+    assert recorder.status == 200
+    assert pool_in_app == [0]
+    assert await keys(db) == set()
+    assert checked_out(db) == 0
+
+
+async def test_commit_through_run_sync_after_set_rollback_only_raises(db: Database) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await add_key(db, "doomed")
+        db.set_rollback_only()
+        with pytest.raises(RollbackOnlyError):
+            await db.session.run_sync(lambda session: session.commit())
+        await plain_response(send, 200)
+
+    recorder = await call_http(SQLAlchemyMiddleware(app, db))
+
+    assert recorder.status == 200
+    assert await keys(db) == set()
+    assert checked_out(db) == 0
+
+
+async def test_a_rollback_only_transaction_may_release_savepoints(db: Database) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        db.set_rollback_only()
+        await add_key(db, "outer")
+        async with db.session.begin_nested():
+            await add_key(db, "savepoint")
+        with pytest.raises(RollbackOnlyError):
+            await db.session.commit()
+        await plain_response(send, 200)
+
+    recorder = await call_http(SQLAlchemyMiddleware(app, db))
+
+    assert recorder.status == 200
+    assert await keys(db) == set()
+
+
+async def test_a_savepoint_left_open_does_not_carry_a_rollback_only_commit(db: Database) -> None:
+    async def write_with_a_savepoint_left_open() -> None:
+        async with db.session.begin():
+            await db.session.begin_nested()  # never closed: the commit would release it
+            await add_key(db, "doomed")
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        db.set_rollback_only()
+        with pytest.raises(RollbackOnlyError):
+            await write_with_a_savepoint_left_open()
+        await plain_response(send, 200)
+
+    recorder = await call_http(SQLAlchemyMiddleware(app, db))
+
+    assert recorder.status == 200
+    assert await keys(db) == set()
+    assert checked_out(db) == 0
+
+
+@pytest.mark.parametrize("how", ["decorator", "pattern"])
+async def test_a_read_only_route_that_writes_inside_begin_commits_nothing(
+    db: Database, how: str
+) -> None:
+    # PostgreSQL refuses the write itself (SET TRANSACTION READ ONLY); elsewhere, such as
+    # on SQLite, only the refused commit protects the data.
+    sqlite = db.engine.dialect.name == "sqlite"
+    expected: type[Exception] = RollbackOnlyError if sqlite else DBAPIError
+
+    async def write(scope: Scope, receive: Receive, send: Send) -> None:
+        with pytest.raises(expected):
+            async with db.session.begin():
+                await add_key(db, "written")
+        await plain_response(send, 200)
+
+    app = read_only(write) if how == "decorator" else write
+    patterns = ["/*"] if how == "pattern" else []
+    recorder = await call_http(SQLAlchemyMiddleware(app, db, read_only=patterns))
+
+    assert recorder.status == 200
+    assert await keys(db) == set()
+    assert checked_out(db) == 0
