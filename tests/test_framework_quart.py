@@ -434,7 +434,7 @@ async def test_a_message_read_ahead_does_not_split_the_work_of_the_one_before_it
 
     incoming.put_nowait({"type": "websocket.connect"})
     async with anyio.create_task_group() as tasks:
-        tasks.start_soon(app, websocket_scope(scheme="ws"), receive, sent.put)
+        tasks.start_soon(as_asgi_app(app), websocket_scope(scheme="ws"), receive, sent.put)
         with anyio.fail_after(10):
             assert (await sent.get())["type"] == "websocket.accept"
             incoming.put_nowait({"type": "websocket.receive", "text": "current"})

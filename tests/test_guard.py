@@ -10,7 +10,7 @@ for the 503, and a serialization failure inside it for a retrying route.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import pytest
@@ -170,7 +170,9 @@ async def test_a_conflict_inside_sqlmodel_exec_that_the_app_answered_500_is_retr
             async with db.engine.begin() as other:  # another transaction changes the row
                 await other.execute(update(items).values(key="changed elsewhere"))
         try:
-            await db.session.exec(update(items).values(key=f"attempt {attempts}"))
+            await cast(SQLModelSession, db.session).exec(
+                update(items).values(key=f"attempt {attempts}")
+            )
         except DBAPIError:  # "could not serialize access", as a framework would: a 500
             await plain_response(send, 500)
             return
