@@ -296,8 +296,10 @@ class Database:
         """Mark the current transaction so that it rolls back, whatever the status.
 
         The automatic end of the request then rolls back even a 2xx, on_commit callbacks
-        are dropped, and an explicit ``commit()`` raises ``RollbackOnlyError``.  The mark
-        ends with the session (after :meth:`release`, a new session starts unmarked).
+        are dropped, and every commit of the session raises ``RollbackOnlyError``:
+        ``commit()``, the end of an ``async with session.begin():`` block, a commit in
+        ``run_sync``.  The mark ends with the session (after :meth:`release`, a new
+        session starts unmarked).
         """
         self._context_session()._asgi_sqla_rollback_only = ROLLBACK_ONLY
 
