@@ -1,14 +1,17 @@
 """A Starlette app whose streaming body writes a row per chunk, served by uvicorn in test_edges.py.
 
-``/stream/{prefix}/{count}`` sends ``count`` chunks; before each it inserts the item
-``{prefix}-{n}`` through ``db.session`` (read again for every chunk), so every row is
-written after the status line went out.  ``/pool`` answers how many connections are
+``/stream/{prefix}/{rows}/{count}`` sends ``count`` chunks; before each of the first
+``rows`` it inserts the item ``{prefix}-{n}`` through ``db.session`` (read again for
+every chunk), so every row is written after the status line went out.  The chunks
+after those carry no write: a client that leaves then finds the stream waiting to
+send, not inside a statement.  ``/pool`` answers how many connections are
 checked out, so that the test can tell when the request's session has ended.  The
 database comes from ``DATABASE_URL``; the ``items`` table is made at startup.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -48,11 +51,18 @@ async def pool(request: Request) -> Response:
 
 async def stream(request: Request) -> Response:
     prefix = request.path_params["prefix"]
+    rows = request.path_params["rows"]
     count = request.path_params["count"]
 
     async def body() -> AsyncIterator[bytes]:
         for n in range(count):
-            await db.session.execute(items.insert().values(key=f"{prefix}-{n}"))
+            if n < rows:
+                await db.session.execute(items.insert().values(key=f"{prefix}-{n}"))
+            else:
+                # A checkpoint, as making a real chunk would be: once the client has
+                # gone uvicorn's send returns at once, and a loop that never awaits
+                # would keep the server from ever telling Starlette so.
+                await asyncio.sleep(0)
             # 4 KiB a chunk: a client that stops reading soon fills the socket buffers.
             yield b"x" * 4095 + b";"
 
@@ -64,7 +74,7 @@ app = SQLAlchemyMiddleware(
         routes=[
             Route("/health", health),
             Route("/pool", pool),
-            Route("/stream/{prefix}/{count:int}", stream),
+            Route("/stream/{prefix}/{rows:int}/{count:int}", stream),
         ],
         lifespan=lifespan,
     ),
