@@ -156,10 +156,10 @@ async def test_a_child_task_reading_db_session_during_a_slow_commit_gets_session
         await children[0]
 
     assert recorder.status == 200
+    await assert_nothing_left_behind(db, admin)
+    assert await keys(db) == {"request"}
     assert len(seen) == 1, seen
     assert isinstance(seen[0], SessionEndedError), seen
-    assert await keys(db) == {"request"}
-    await assert_nothing_left_behind(db, admin)
 
 
 @pytest.mark.parametrize("when", ["at response start", "after the app returned"])
@@ -182,10 +182,10 @@ async def test_an_on_commit_callback_reading_db_session_gets_session_ended_error
     recorder = await call_http(SQLAlchemyMiddleware(app, db))
 
     assert recorder.status == 200
+    await assert_nothing_left_behind(db, admin)
+    assert await keys(db) == {"request"}
     assert len(seen) == 1, seen
     assert isinstance(seen[0], SessionEndedError), seen
-    assert await keys(db) == {"request"}
-    await assert_nothing_left_behind(db, admin)
 
 
 async def test_an_on_commit_callback_of_db_scope_reading_db_session_gets_session_ended_error(
@@ -200,10 +200,10 @@ async def test_an_on_commit_callback_of_db_scope_reading_db_session_gets_session
         await add_key(db, "scope")
         db.on_commit(callback)
 
+    await assert_nothing_left_behind(db, admin)
+    assert await keys(db) == {"scope"}
     assert len(seen) == 1, seen
     assert isinstance(seen[0], SessionEndedError), seen
-    assert await keys(db) == {"scope"}
-    await assert_nothing_left_behind(db, admin)
 
 
 # --- 2. A commit_on that raises leaks nothing ---------------------------------------------
