@@ -193,7 +193,7 @@ class HTTPResponder:
             # answer and the cause is logged.  Anything else is another error: log it.
             if self.retrying:
                 raise RetryRequest from exc
-            if not any(isinstance(e, CommitFailedError) for e in exception_chain(exc)):
+            if not _unwinds_failure(exc):
                 logger.error(_UNRELATED_AFTER_FAILURE, exc_info=exc)
             return True
         if self.may_retry(exc):
@@ -227,6 +227,24 @@ class HTTPResponder:
             self._send, "http.response", 503, _UNAVAILABLE_BODY, self._options.retry_after
         )
         return True
+
+
+def _unwinds_failure(exc: BaseException | None, depth: int = 0) -> bool:
+    """Whether ``exc`` is the error raised into the app to stop it, or a wrapping of it.
+
+    A wrapping is an exception raised *from* it (``raise ... from``, as frameworks
+    re-wrap), or an exception group of nothing else (a task group).  An exception
+    merely raised while handling it (its ``__context__``) is another error.
+    """
+    while exc is not None and depth < 8:
+        if isinstance(exc, (CommitFailedError, ResponseCutShortError)):
+            return True
+        grouped = getattr(exc, "exceptions", None)  # BaseExceptionGroup, 3.11+ or backport
+        if isinstance(grouped, tuple) and grouped:
+            return all(_unwinds_failure(e, depth + 1) for e in grouped)
+        exc = exc.__cause__
+        depth += 1
+    return False
 
 
 def _ends_response(message: Message) -> bool:

@@ -178,8 +178,11 @@ class SessionContext:
     #: Something of this unit's work was committed (an ending, or a session's commit
     #: when the middleware has ``retry`` routes): the request must not be re-run.
     committed_any = False
+    #: Every ending so far committed everything it ended (nothing rolled back or failed).
+    committed_all = True
     #: The outcome of the last ending; None before the first.
     outcome: Outcome | None = None
+    _after_close: list[Callable[[], object]] | None = None
     #: A websocket's transactions end when the app waits in ``receive()``.  An adapter
     #: whose framework reads messages ahead (Quart) turns this off and ends them where
     #: the handler waits instead.
@@ -375,7 +378,10 @@ class SessionContext:
         open to end; a database whose ``commit_on`` is None commits only by hand and
         holds nothing back.
         """
-        return all(db.commit_on is None or db.commit_on(status) for db in self._databases)
+        try:
+            return all(db.commit_on is None or db.commit_on(status) for db in self._databases)
+        except Exception:  # a broken policy commits nothing (see ``_ending``)
+            return False
 
     def close_unused(self, reason: str) -> None:
         """Close a unit that has no session open, without awaiting (most requests end so)."""
@@ -384,6 +390,8 @@ class SessionContext:
             # and this runs at the end of every request.
             self._ended = reason
             self._state = _CLOSED
+            if self._after_close is not None:
+                self._run_after_close()
 
     async def release(self, db: ManagedDatabase, *, commit: bool) -> Outcome:
         """End ``db``'s sessions now, if it has any; a later read opens a new one.
@@ -417,12 +425,35 @@ class SessionContext:
             return self._record(outcome, cancelled)
         finally:
             self._transition(Event.DONE)
+            if self._state is _CLOSED and self._after_close is not None:
+                self._run_after_close()
+
+    def after_close(self, callback: Callable[[], object]) -> None:
+        """Call ``callback()`` once this unit is closed (at once if it is already).
+
+        For adapters that act on the whole connection's outcome (Quart's held
+        background tasks): work opened after the response started commits only when
+        the unit closes, after the app has returned.
+        """
+        if self._state is _CLOSED:
+            callback()
+            return
+        if self._after_close is None:
+            self._after_close = []
+        self._after_close.append(callback)
+
+    def _run_after_close(self) -> None:
+        callbacks, self._after_close = self._after_close or [], None
+        for callback in callbacks:
+            callback()
 
     def _record(self, outcome: Outcome, cancelled: BaseException | None) -> Outcome:
         """Keep ``outcome`` for every reader; feed statistics; re-raise a cancellation."""
         self.outcome = outcome
         if outcome.committed:
             self.committed_any = True
+        if not outcome.all_committed:
+            self.committed_all = False
         all_stats = self._stats
         if all_stats is not None:
             for db, result in outcome.results.items():

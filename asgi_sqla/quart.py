@@ -66,7 +66,6 @@ from quart.wrappers import Request, Websocket
 from ._database import Database
 from ._errors import CommitFailedError, ConfigurationError
 from ._middleware import SQLAlchemyMiddleware
-from ._outcome import Outcome
 from ._unit import RECEIVE_WAITED, REQUEST_FINISHED, SCOPE_KEY, SessionContext
 from .types import Scope
 
@@ -223,25 +222,31 @@ class _HTTPConnection(ASGIHTTPConnection):
         scope = _scope(self.scope)
         tasks = scope[_TASKS_KEY] = _HeldTasks(self.app)
         unit = SessionContext.from_scope(scope)
-        committed = False
-        complete = False
+        succeeded = complete = False
 
         async def send_and_watch(message: ASGISendEvent) -> None:
-            nonlocal committed, complete
+            nonlocal succeeded, complete
             event = cast(Mapping[str, Any], message)
-            before = unit.outcome
             # The middleware ends the transaction before it forwards the start; if the
             # commit fails, this raises CommitFailedError and the tasks are dropped.
             await send(message)
             if event["type"] == "http.response.start":
-                committed = _committed_at_start(unit, before, int(event["status"]))
+                succeeded = unit.would_commit(int(event["status"]))
             elif event["type"] == "http.response.body" and not event.get("more_body", False):
                 complete = True
+
+        def decide() -> None:
+            # Once the middleware has closed the unit, after the app returned: work done
+            # while the body streamed commits only then.  The tasks run only if the
+            # response went out whole with a status that commits, and every transaction
+            # of the request committed (a rollback-only 200, db.release(commit=False)
+            # or a failed commit of the streamed body's work drops them).
+            tasks.finish(committed=succeeded and complete and unit.committed_all)
 
         try:
             await super().handle_request(request, send_and_watch)
         finally:
-            tasks.finish(committed=complete and committed)
+            unit.after_close(decide)
 
 
 class _WebsocketConnection(ASGIWebsocketConnection):
@@ -352,19 +357,6 @@ def _databases(app: Quart) -> tuple[Database, ...]:
     if databases is None:
         raise ConfigurationError(_NOT_INITIALISED)
     return cast(tuple[Database, ...], databases)
-
-
-def _committed_at_start(unit: SessionContext, before: Outcome | None, status: int) -> bool:
-    """Whether the response start that was just sent stands for committed work.
-
-    When the start ended the request's transactions, its outcome says (a rollback-only
-    transaction rolled back even under a 200); when no session was open, the status
-    decides, by the databases' policies.
-    """
-    outcome = unit.outcome
-    if outcome is not None and outcome is not before:
-        return outcome.all_committed
-    return unit.would_commit(status)
 
 
 def _extend(cls: type[Any], extension: type[Any], attribute: str) -> Any:

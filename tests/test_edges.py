@@ -8,9 +8,9 @@
 4. A streaming body cut short by the client commits nothing it wrote after the status line.
 5. A failed websocket commit is logged even when the 1011 close cannot be sent.
 6. ``asgi_sqla.quart`` background tasks run only after a commit, not after a rollback
-   (two cases still xfail: a streamed body's failed commit, ``db.release(commit=False)``).
+   (nor after a streamed body's failed commit, nor after ``db.release(commit=False)``).
 7. Smaller ones: ``Server-Timing`` on an engine used before the middleware, a newline in
-   the path of a warning, an unrelated exception after a failed commit (xfail when it is
+   the path of a warning, an unrelated exception after a failed commit (also when it is
    raised inside ``except CommitFailedError:``), a garbage-collected Database.
 8. An ASGI 2 (double-callable) app.
 """
@@ -555,13 +555,6 @@ async def test_a_quart_background_task_runs_only_when_the_request_committed(
     assert checked_out(db) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="asgi_sqla.quart decides about the held tasks in handle_request's finally, from "
-    "the response start alone (would_commit(200): no session was open then); the body's "
-    "session ends later, when the middleware closes the unit after the app returned, "
-    "and its failed commit no longer matters: the task has already started",
-)
 async def test_a_quart_background_task_never_runs_when_the_streamed_bodys_commit_fails(
     db: Database,
 ) -> None:
@@ -595,11 +588,6 @@ async def test_a_quart_background_task_never_runs_when_the_streamed_bodys_commit
     assert checked_out(db) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="with no session open at the response start, asgi_sqla.quart decides from the "
-    "status (would_commit(200)) and ignores the outcome db.release(commit=False) recorded",
-)
 async def test_a_quart_background_task_never_runs_after_the_handler_released_with_a_rollback(
     db: Database,
 ) -> None:
@@ -672,20 +660,12 @@ async def test_a_newline_in_the_path_does_not_forge_a_line_of_the_n_plus_1_warni
     assert "\n" not in warnings[0].getMessage()
 
 
-_CONTEXT_TAKEN_FOR_A_REWRAP = pytest.mark.xfail(
-    strict=True,
-    reason="a ValueError raised inside `except CommitFailedError:` has that error as its "
-    "__context__, so the middleware takes it for the framework re-wrapping the failed "
-    "commit: it is neither logged nor re-raised",
-)
-
-
 @pytest.mark.parametrize(
     "where",
     [
         "after handling it",
-        pytest.param("while handling it", marks=_CONTEXT_TAKEN_FOR_A_REWRAP),
-        pytest.param("while handling it, from None", marks=_CONTEXT_TAKEN_FOR_A_REWRAP),
+        "while handling it",
+        "while handling it, from None",
     ],
 )
 async def test_an_unrelated_exception_raised_after_a_failed_commit_is_logged_at_error(
