@@ -18,19 +18,18 @@ to re-raise once everything has ended.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ._log import logger
 from ._multidb import commit_prepared_again, end_read_sessions, log_partial_commit, prepare_writers
 from ._outcome import Outcome, Result
 from ._session import GuardedSession, end_session
 
 __all__ = ["Decision", "end_sessions"]
 
-logger = logging.getLogger("asgi_sqla")
 
 #: ``decide(db, session)``: commit or not, and why.  May raise (a ``commit_on`` policy).
 Decision = Callable[[Any, GuardedSession], tuple[bool, str]]

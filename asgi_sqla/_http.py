@@ -12,13 +12,13 @@ HTTP: the request body is the app's.
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass
 from typing import NoReturn
 
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from ._errors import CommitFailedError, ResponseCutShortError, exception_chain
+from ._log import logger
 from ._routes import ReplayableBody
 from ._session import is_conflict, run_to_completion
 from ._stats import server_timing
@@ -27,7 +27,6 @@ from .types import Message, Receive, Send
 
 __all__ = ["HTTPOptions", "HTTPResponder", "RetryRequest", "send_error_response"]
 
-logger = logging.getLogger("asgi_sqla")
 
 _ERROR_BODY = b"Internal Server Error"
 _UNAVAILABLE_BODY = b"Service Unavailable: no database connection was free. Retry shortly."

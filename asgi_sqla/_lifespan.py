@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import logging
-
 from ._database import Database
+from ._log import logger
 from .types import AnyASGIApp, Message, Receive, Scope, Send
-
-logger = logging.getLogger("asgi_sqla")
 
 #: Where the databases are published in the lifespan ``state`` (copied by the server
 #: into every request's scope as ``scope["state"]``).

@@ -27,7 +27,6 @@ unless the server's ``max_prepared_transactions`` is above 0 (startup checks it)
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -36,6 +35,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import TwoPhaseTransaction
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ._log import logger
 from ._replicas import ReplicaSlot, end_read_session
 from ._session import (
     GuardedSession,
@@ -56,8 +56,6 @@ __all__ = [
     "log_partial_commit",
     "prepare_writers",
 ]
-
-logger = logging.getLogger("asgi_sqla")
 
 
 async def end_read_sessions(

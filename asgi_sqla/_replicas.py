@@ -32,7 +32,6 @@ run on the read session's replica as they are.
 from __future__ import annotations
 
 import functools
-import logging
 import re
 from collections.abc import Callable, Coroutine
 from time import monotonic
@@ -44,12 +43,12 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from ._errors import SessionEndedError
+from ._log import logger
 from ._secrets import mask_text, mask_url
 from ._session import GuardedSession, end_session
 
 __all__ = ["ReadRoute", "ReplicaSet", "ReplicaSlot", "end_read_session", "track_writes"]
 
-logger = logging.getLogger("asgi_sqla")
 
 #: Text statements that do not count as writes: reads and session settings.
 _TEXT_READ = re.compile(r"\s*(SELECT|SHOW|SET)\b", re.IGNORECASE)

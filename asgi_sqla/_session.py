@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import logging
 import weakref
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
@@ -53,9 +52,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.util.concurrency import in_greenlet
 
-from ._errors import ConcurrentSessionUseError, RollbackOnlyError, SessionEndedError
-
-logger = logging.getLogger("asgi_sqla")
+from ._errors import (
+    ConcurrentSessionUseError,
+    RollbackOnlyError,
+    SessionEndedError,
+    exception_chain,
+)
+from ._log import logger
 
 _T = TypeVar("_T")
 
@@ -400,14 +403,11 @@ def _set_transaction_read_only(session: Any, transaction: Any, connection: Any) 
 
 def is_conflict(exc: BaseException | None) -> bool:
     """Whether ``exc`` (or an error it came from) is a serialization failure or deadlock."""
-    seen = 0
-    while exc is not None and seen < 8:  # frameworks may re-wrap; chains are short
-        for candidate in (exc, getattr(exc, "orig", None)):
-            if getattr(candidate, "sqlstate", None) in _CONFLICT_SQLSTATES:
-                return True
-        exc = exc.__cause__ or exc.__context__
-        seen += 1
-    return False
+    return any(
+        getattr(candidate, "sqlstate", None) in _CONFLICT_SQLSTATES
+        for error in exception_chain(exc)
+        for candidate in (error, getattr(error, "orig", None))
+    )
 
 
 def _unguarded(session: GuardedSession) -> AsyncSession:

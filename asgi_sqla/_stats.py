@@ -18,12 +18,11 @@ from typing import Any, Literal
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ._log import printable
+from ._log import logger, printable
 from .types import Scope
 
 __all__ = ["PoolStatus", "RequestStats"]
 
-logger = logging.getLogger("asgi_sqla")
 
 Outcome = Literal["none", "committed", "rolled back", "commit failed"]
 

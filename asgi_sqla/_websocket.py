@@ -10,16 +10,13 @@ raised into the app.
 
 from __future__ import annotations
 
-import logging
-
 from ._errors import CommitFailedError
 from ._http import COMMIT_FAILED, DISCARDED, send_error_response
+from ._log import logger
 from ._unit import RECEIVE_WAITED, REQUEST_FINISHED, RESPONSE_STARTED, SessionContext
 from .types import Message, Receive, Send
 
 __all__ = ["WebSocketResponder"]
-
-logger = logging.getLogger("asgi_sqla")
 
 
 class WebSocketResponder:

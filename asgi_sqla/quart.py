@@ -51,7 +51,6 @@ of the package.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
@@ -65,13 +64,13 @@ from quart.wrappers import Request, Websocket
 
 from ._database import Database
 from ._errors import CommitFailedError, ConfigurationError
+from ._log import logger
 from ._middleware import SQLAlchemyMiddleware
 from ._unit import RECEIVE_WAITED, REQUEST_FINISHED, SCOPE_KEY, SessionContext
 from .types import Scope
 
 __all__ = ["add_background_task", "init_app"]
 
-logger = logging.getLogger("asgi_sqla")
 
 #: Where ``init_app`` keeps the databases: ``app.extensions[EXTENSION_KEY]``.
 EXTENSION_KEY = "asgi_sqla"
