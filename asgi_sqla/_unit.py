@@ -20,15 +20,17 @@ OPEN                    SESSION      OPEN                    ``db.session`` firs
 OPEN                    END_ROUND    ENDING_ROUND            response start, websocket
                                                              ``receive()``, Quart hooks
 OPEN                    CLOSE        CLOSING                 the app returned or raised
-ENDING_ROUND            DONE         OPEN                    sessions ended; new ones
-                                                             may open (a streaming body)
+ENDING_ROUND            SESSION      ENDING_ROUND            a session for the next round
+ENDING_ROUND            DONE         OPEN                    this round's sessions ended
 CLOSING                 DONE         CLOSED                  sessions ended; no more
 CLOSED                  CLOSE        CLOSED                  ending twice ends nothing
 ======================  ===========  ======================  =========================
 
-While ENDING_ROUND or CLOSING, no session opens (a background task or an on_commit
-callback asking then gets ``SessionEndedError``, never a session nobody would end).
-Ending returns one :class:`Outcome`, kept as :attr:`SessionContext.outcome`.
+A round's ending takes the sessions open when it starts; a session opened meanwhile (a
+websocket's sender task, a background task, an ``on_commit`` callback) belongs to the
+next round and is ended with it, or at the close.  While CLOSING, and once CLOSED, no
+session opens: asking raises ``SessionEndedError``, never gives a session nobody would
+end.  Ending returns one :class:`Outcome`, kept as :attr:`SessionContext.outcome`.
 """
 
 from __future__ import annotations
@@ -70,10 +72,11 @@ _NOT_MANAGED = (
     "{db!r} is not managed here. Pass every database to the middleware: "
     "SQLAlchemyMiddleware(app, {names}), or use `async with db.scope():` for it."
 )
-_BEING_ENDED = (
-    "db.session was read while this request's transaction was being committed or rolled "
-    "back, when no session can open (a background task or an on_commit callback?). Use "
-    "`async with db.new_session() as session:` for work that runs then."
+_BEING_CLOSED = (
+    "db.session was read while the request's last transaction was being committed or "
+    "rolled back, after the app had returned, when no session can open (a background "
+    "task or an on_commit callback?). Use `async with db.new_session() as session:` "
+    "for work that runs then."
 )
 
 #: Why a context or its sessions ended; shown by ``SessionEndedError``.
@@ -119,12 +122,14 @@ class Event(enum.Enum):
 # Module-level aliases for the hot path: an Enum member looked up on its class costs
 # more than the rest of a request's bookkeeping.
 _OPEN = State.OPEN
+_CLOSING = State.CLOSING
 _CLOSED = State.CLOSED
 
 _TRANSITIONS: Mapping[tuple[State, Event], State] = {
     (State.OPEN, Event.SESSION): State.OPEN,
     (State.OPEN, Event.END_ROUND): State.ENDING_ROUND,
     (State.OPEN, Event.CLOSE): State.CLOSING,
+    (State.ENDING_ROUND, Event.SESSION): State.ENDING_ROUND,
     (State.ENDING_ROUND, Event.DONE): State.OPEN,
     (State.CLOSING, Event.DONE): State.CLOSED,
     (State.CLOSED, Event.CLOSE): State.CLOSED,
@@ -245,10 +250,10 @@ class SessionContext:
 
     def _check_open(self, db: ManagedDatabase) -> None:
         state = self._state
-        if state is not _OPEN:
-            if state is _CLOSED:
-                raise SessionEndedError(self._ended or REQUEST_FINISHED)
-            raise SessionEndedError(_BEING_ENDED)
+        if state is _CLOSED:
+            raise SessionEndedError(self._ended or REQUEST_FINISHED)
+        if state is _CLOSING:
+            raise SessionEndedError(_BEING_CLOSED)
         if db not in self._databases:
             names = ", ".join(repr(d) for d in (*self._databases, db))
             raise NoSessionContextError(_NOT_MANAGED.format(db=db, names=names))

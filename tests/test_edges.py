@@ -1,8 +1,9 @@
 """Edges of the unit of work that the old middleware got wrong, one test (or family) each.
 
-1. A session asked for while the request's transaction is being ended (a child task
-   during a slow COMMIT, an ``on_commit`` callback, ``db.scope()``) is refused with
-   ``SessionEndedError``: none is opened that nobody would end.
+1. A session asked for while the request's last transaction is being ended (a child
+   task during a slow COMMIT, an ``on_commit`` callback, ``db.scope()``) is refused with
+   ``SessionEndedError``: none is opened that nobody would end.  One asked for during
+   the commit at response start is ended with the work after the status line.
 2. A ``commit_on`` policy that raises rolls back, answers 500, logs, and leaks nothing.
 3. A ``retry`` route is never re-run once part of its work was committed.
 4. A streaming body cut short by the client commits nothing it wrote after the status line.
@@ -128,10 +129,11 @@ async def use_db_session(db: Database, key: str) -> BaseException | str:
     return "opened a session and wrote"
 
 
-@pytest.mark.parametrize("when", ["at response start", "after the app returned"])
-async def test_a_child_task_reading_db_session_during_a_slow_commit_gets_session_ended_error(
-    db: Database, admin: Any, when: str
+async def test_a_child_task_reading_db_session_during_the_slow_last_commit_gets_session_ended_error(
+    db: Database, admin: Any
 ) -> None:
+    # The request's last transaction ends after the app returned (it wrote after its
+    # response): a session opened now would belong to nobody, so none opens.
     gate = CommitGate(db)
     seen: list[BaseException | str] = []
     children: list[asyncio.Task[None]] = []
@@ -144,12 +146,9 @@ async def test_a_child_task_reading_db_session_during_a_slow_commit_gets_session
             gate.release.set()
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        if when == "after the app returned":
-            await plain_response(send, 200)  # the write below ends when the app returns
+        await plain_response(send, 200)  # the write below ends when the app returns
         await add_key(db, "request")
         children.append(asyncio.create_task(child()))  # a copy of the request's context
-        if when == "at response start":
-            await plain_response(send, 200)
 
     with anyio.fail_after(20):
         recorder = await call_http(SQLAlchemyMiddleware(app, db))
@@ -162,10 +161,45 @@ async def test_a_child_task_reading_db_session_during_a_slow_commit_gets_session
     assert isinstance(seen[0], SessionEndedError), seen
 
 
-@pytest.mark.parametrize("when", ["at response start", "after the app returned"])
-async def test_an_on_commit_callback_reading_db_session_gets_session_ended_error(
-    db: Database, admin: Any, when: str
+async def test_a_child_task_opening_a_session_as_the_response_starts_is_ended_with_the_request(
+    db: Database, admin: Any
 ) -> None:
+    # The commit at response start ends the sessions open when the start was sent; a
+    # session opened meanwhile belongs to the work after the status line, and the unit
+    # of work ends it with that (committed: the response went out whole).
+    gate = CommitGate(db)
+    children: list[asyncio.Task[None]] = []
+
+    async def child() -> None:
+        await gate.committing.wait()
+        session = db.session  # while the request's COMMIT is under way
+        gate.release.set()  # SQLite: the request's COMMIT holds the write lock till then
+        await session.execute(items.insert().values(key="child"))
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await add_key(db, "request")
+        children.append(asyncio.create_task(child()))
+        await plain_response(send, 200)
+        await children[0]  # the child's work is the request's, after the status line
+
+    with anyio.fail_after(20):
+        recorder = await call_http(SQLAlchemyMiddleware(app, db))
+
+    assert recorder.status == 200
+    await assert_nothing_left_behind(db, admin)
+    assert await keys(db) == {"request", "child"}
+
+
+@pytest.mark.parametrize(
+    ("when", "committed"),
+    [("at response start", {"request", "callback"}), ("after the app returned", {"request"})],
+)
+async def test_an_on_commit_callback_reading_db_session_is_ended_with_the_request_or_refused(
+    db: Database, admin: Any, when: str, committed: set[str]
+) -> None:
+    # At response start the callback's session belongs to the work after the status
+    # line (committed: the response went out whole); after the app returned, when the
+    # request's last transaction ends, no session opens.
     seen: list[BaseException | str] = []
 
     async def callback() -> None:
@@ -183,9 +217,12 @@ async def test_an_on_commit_callback_reading_db_session_gets_session_ended_error
 
     assert recorder.status == 200
     await assert_nothing_left_behind(db, admin)
-    assert await keys(db) == {"request"}
+    assert await keys(db) == committed
     assert len(seen) == 1, seen
-    assert isinstance(seen[0], SessionEndedError), seen
+    if when == "at response start":
+        assert seen == ["opened a session and wrote"]
+    else:
+        assert isinstance(seen[0], SessionEndedError), seen
 
 
 async def test_an_on_commit_callback_of_db_scope_reading_db_session_gets_session_ended_error(

@@ -263,17 +263,14 @@ def websocket_app(db: Database, *, adapter: bool, handler_written: anyio.Event) 
     return app
 
 
-@pytest.mark.parametrize("adapter", [False, True])
+@pytest.mark.parametrize(
+    ("adapter", "committed"), [(False, {"kept", "half-done"}), (True, {"kept"})]
+)
 async def test_a_websocket_handler_that_raises_after_a_write_rolls_it_back_with_init_app(
-    db: Database, adapter: bool
+    db: Database, adapter: bool, committed: set[str]
 ) -> None:
-    # Quart logs the handler's error and closes the socket normally (1000); init_app
-    # rolls the half-done message back.  Without init_app, Quart's read-ahead task waits
-    # in the middleware's receive() while the handler works: the previous message's
-    # transaction ends there, and the handler's db.session, read while it is ending,
-    # raises SessionEndedError instead of opening a session nobody would end (it used
-    # to, and that session was committed at the close: issue 10, items 4 and 15).
-    committed = {"kept"}
+    # Quart logs the handler's error and closes the socket normally (1000): without
+    # init_app the middleware takes that for success and commits the half-done message.
     app = websocket_app(db, adapter=adapter, handler_written=anyio.Event())
     client = WebsocketClient(app, websocket_scope(scheme="ws"))
 
@@ -290,12 +287,12 @@ async def test_a_websocket_handler_that_raises_after_a_write_rolls_it_back_with_
     assert checked_out(db) == 0
 
 
+@pytest.mark.parametrize(
+    ("adapter", "committed"), [(False, {"kept", "half-done"}), (True, {"kept"})]
+)
 async def test_a_websocket_handler_cancelled_by_a_disconnect_rolls_back_with_init_app(
-    db: Database,
+    db: Database, adapter: bool, committed: set[str]
 ) -> None:
-    # Only with init_app: without it the handler's write fails while Quart's read-ahead
-    # ends the previous message's transaction (see the test above).
-    adapter, committed = True, {"kept"}
     # Quart cancels the handler when the client goes away, then returns normally.
     written = anyio.Event()
     app = websocket_app(db, adapter=adapter, handler_written=written)
