@@ -792,3 +792,46 @@ async def test_an_asgi2_double_callable_app_function_works_behind_the_middleware
     assert recorder.status == 201
     assert await keys(db) == {"fn"}
     assert checked_out(db) == 0
+
+
+async def test_a_websocket_sender_task_writing_while_the_receiver_commits_is_not_refused(
+    db: Database, admin: Any
+) -> None:
+    # A websocket app often sends from one task and receives in another.  The receiver
+    # waiting in receive() ends the current transaction; a session the sender opens
+    # meanwhile belongs to the next round and commits with it (here: at the close).
+    gate = CommitGate(db)
+    sender_wrote = anyio.Event()
+    incoming = [{"type": "websocket.connect"}, {"type": "websocket.receive", "text": "hi"}]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return incoming.pop(0) if incoming else {"type": "websocket.disconnect", "code": 1000}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        await add_key(db, "receiver")
+
+        async def sender() -> None:
+            await gate.committing.wait()
+            session = db.session  # while the receiver's transaction is being committed
+            gate.release.set()  # SQLite: that COMMIT holds the write lock till then
+            await session.execute(items.insert().values(key="sender"))
+            sender_wrote.set()
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(sender)
+            assert (await receive())["text"] == "hi"  # commits "receiver", held by the gate
+            await sender_wrote.wait()
+        await send({"type": "websocket.close", "code": 1000})  # commits "sender"
+
+    with anyio.fail_after(20):
+        await SQLAlchemyMiddleware(app, db)(websocket_scope(), receive, send)
+
+    assert sent[-1] == {"type": "websocket.close", "code": 1000}
+    await assert_nothing_left_behind(db, admin)
+    assert await keys(db) == {"receiver", "sender"}
