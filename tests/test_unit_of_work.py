@@ -24,6 +24,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from sqlalchemy import make_url
 
 from asgi_sqla import (
+    AsgiSqlaError,
     CommitFailedError,
     Database,
     Outcome,
@@ -325,3 +326,20 @@ UnitOfWorkMachine.TestCase.settings = settings(
     max_examples=25, stateful_step_count=12, deadline=None, database=None
 )
 test_the_unit_of_work_machine = UnitOfWorkMachine.TestCase
+
+
+@pytest.mark.parametrize("end", ["end", "close"])
+async def test_a_closed_unit_refuses_to_end_a_round_and_names_the_state(
+    db: Database, end: str
+) -> None:
+    unit = SessionContext((db,))
+    await unit.close(reason="the connection is over")
+
+    assert unit.state is State.CLOSED
+    if end == "close":  # closing twice ends nothing
+        assert (await unit.close(reason="again")).results == {}
+        return
+    with pytest.raises(AsgiSqlaError, match="closed cannot take the event") as raised:
+        await unit.end(reason="a round after the close")
+    assert isinstance(raised.value, RuntimeError)
+    assert unit.state is State.CLOSED
