@@ -39,7 +39,8 @@ of this module as ordinary tests marked ``xfail(strict=True)``, each naming the 
 it breaks, and the machine leaves out exactly those patterns so that it keeps exploring:
 
 * PostgreSQL, a statement error the app caught, then a commit (``Tx.aborted``):
-  ``test_a_2xx_after_a_swallowed_statement_error_on_postgresql_loses_the_earlier_writes``;
+  ``test_a_2xx_after_a_swallowed_statement_error_on_postgresql_loses_the_earlier_writes``
+  and ``test_db_commit_after_a_swallowed_statement_error_on_postgresql_reports_lost_writes_done``;
 * SQLite, ``db.commit()`` of a transaction whose COMMIT fails (``Connection.do_commit``):
   ``test_a_failed_explicit_commit_on_sqlite_leaves_its_transaction_open_in_the_pool``;
 * an ``on_commit`` callback of a transaction that ran no statement, rolled back
@@ -231,6 +232,7 @@ class Connection:
         self.app_sent_final_body = False
         self.body_read = False
         self.disconnected = False
+        self.send_raises = False  # after the disconnect, as ASGI spec 2.4 servers do
         self.ended = False  # the middleware returned, raised or was cancelled
         self.outcome = ""
         self.children: list[asyncio.Task[None]] = []
@@ -272,6 +274,8 @@ class Connection:
             finals = [m for m in self.forwarded[:-1] if m["type"] == kind and not m["more_body"]]
             if finals:
                 machine.violation(5, f"{self} forwarded a body chunk after the last one")
+        if self.send_raises:
+            raise OSError("the client has disconnected")
 
     async def transaction_ended_at_start(self, status: int) -> None:
         """The middleware forwards the status line: the session it ended has a fate."""
@@ -766,9 +770,16 @@ class InvariantMachine(RuleBasedStateMachine):
     # -- what the client does --
 
     @precondition(lambda self: any(not c.disconnected for c in self.live()))
-    @rule(index=st.integers(0, 1))
-    def client_disconnects(self, index: int) -> None:
-        self.pick(index, lambda c: not c.disconnected).disconnected = True
+    @rule(index=st.integers(0, 1), send_raises=st.booleans())
+    def client_disconnects(self, index: int, send_raises: bool) -> None:
+        """``receive()`` says ``http.disconnect`` from now on; ``send()`` may raise ``OSError``.
+
+        Either way the middleware decided the transaction before forwarding the status
+        line, so the model's fates stand (uvicorn, hypercorn and granian drop the
+        messages silently; ASGI 2.4 lets a server raise).
+        """
+        connection = self.pick(index, lambda c: not c.disconnected)
+        connection.disconnected, connection.send_raises = True, send_raises
 
     # -- faults --
 
@@ -938,6 +949,33 @@ async def test_a_2xx_after_a_swallowed_statement_error_on_postgresql_loses_the_e
 
         assert recorder.status == 201
         assert "written" in await keys(db), "201 was sent, yet its write is not committed"
+    finally:
+        await db.dispose()
+
+
+@pytest.mark.anyio
+@pytest.mark.xfail(
+    strict=True,
+    reason="db.commit() (commit the transaction now): on PostgreSQL, after a statement "
+    "error the app caught, db.commit() returns normally and the earlier writes are lost",
+)
+async def test_db_commit_after_a_swallowed_statement_error_on_postgresql_reports_lost_writes_done(
+    postgresql_url: str,
+) -> None:
+    db = await open_database(postgresql_url)
+    try:
+        async with db.scope():
+            await add_key(db, TAKEN)
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            await add_key(db, "written")
+            with contextlib.suppress(IntegrityError):
+                await add_key(db, TAKEN)
+            await db.commit()  # returns normally: the app believes "written" is durable
+            assert "written" in await keys(db), "db.commit() returned; the write is lost"
+            await plain_response(send, 201)
+
+        await call_http(SQLAlchemyMiddleware(app, db))
     finally:
         await db.dispose()
 
