@@ -188,6 +188,8 @@ class Tx:
     poisoned: bool = False
     #: A statement ran in it (SQLAlchemy began a transaction on a connection).
     began: bool = False
+    #: PostgreSQL: its backend was killed, so its COMMIT must fail.
+    killed: bool = False
     #: PostgreSQL: a statement failed in it, so the server will only roll it back.
     #: Excluded from invariant 1: test_a_2xx_after_a_swallowed_statement_error_*.
     aborted: bool = False
@@ -537,6 +539,7 @@ class Connection:
             and self.server_started
             and not session.rollback_only
             and not tx.poisoned
+            and not tx.killed
             and not tx.aborted
         )
         self.machine.decide(tx, MUST_COMMIT if commits else NEVER)
@@ -804,6 +807,9 @@ class InvariantMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.postgresql)
     @rule()
     def database_kills_the_apps_backends(self) -> None:
+        for connection in self.live():
+            if connection.current is not None and connection.current.checked_out:
+                connection.current.tx.killed = True
         self.kill_backends()
 
     def kill_backends(self) -> None:
