@@ -132,7 +132,9 @@ distclean: clean ## clean, and delete the virtualenv too
 # The fault-injection soak of tests/test_soak.py, long: `make test` runs it bounded (1000
 # requests, 50 clients).  SOAK_REQUESTS, SOAK_CONCURRENCY, SOAK_SEED (replay a run),
 # SOAK_DRIVER (asyncpg or psycopg) and SOAK_REPORT (a file for the figures) may be set.
+# Then the state machine of tests/test_invariants.py with its long Hypothesis profile.
 .PHONY: soak
-soak: $(VENV_STAMP) ## fault-injection soak, long: 10000 requests from 100 clients (see tests/test_soak.py)
+soak: $(VENV_STAMP) ## long runs: the soak (10000 requests, 100 clients), then the invariants machine
 	SOAK_REQUESTS=$${SOAK_REQUESTS:-10000} SOAK_CONCURRENCY=$${SOAK_CONCURRENCY:-100} \
 		$(BIN)/pytest tests/test_soak.py $(PYTEST_ARGS)
+	ASGI_SQLA_HYPOTHESIS=long $(BIN)/pytest tests/test_invariants.py $(PYTEST_ARGS)
