@@ -130,6 +130,11 @@ class _GuardedSyncSession(Session):
     _asgi_sqla_operation = None
     #: The savepoint whose release a rollback-only session's ``before_commit`` let pass.
     _asgi_sqla_releasing: SessionTransaction | None = None
+    #: A statement of the current transaction failed (the app may have caught it): the
+    #: commit checks first that the transaction is still alive (see ``_before_commit``).
+    _asgi_sqla_statement_failed = False
+    #: on_commit callbacks waiting for the current transaction to commit.
+    _asgi_sqla_on_commit: list[Callable[[], object]] | None = None
 
     def _execute_internal(self, *args: Any, **kwargs: Any) -> Any:
         # Every statement: execute(), scalar(s)(), get(), refresh(), lazy loads, exec().
@@ -138,6 +143,8 @@ class _GuardedSyncSession(Session):
             return super()._execute_internal(*args, **kwargs)
         except Exception as exc:
             _note_failure(self, exc)
+            if isinstance(exc, DBAPIError):
+                self._asgi_sqla_statement_failed = True
             raise
 
     def _connection_for_bind(self, *args: Any, **kwargs: Any) -> Any:
@@ -162,11 +169,13 @@ class _GuardedSyncSession(Session):
             super().commit()
         except Exception as exc:
             _note_failure(self, exc)
+            self._forget_transaction()  # it did not commit: its callbacks never run
             raise
 
     def rollback(self) -> None:
         _enter(self)
         super().rollback()
+        self._forget_transaction()
 
     def begin(self, nested: bool = False) -> SessionTransaction:
         _enter(self)
@@ -175,20 +184,36 @@ class _GuardedSyncSession(Session):
     def close(self) -> None:
         if _may_release(self):
             super().close()
+            self._forget_transaction()
 
     def reset(self) -> None:
         if _may_release(self):
             super().reset()
+            self._forget_transaction()
 
     def invalidate(self) -> None:
         if _may_release(self):
             super().invalidate()
+            self._forget_transaction()
+
+    def _forget_transaction(self) -> None:
+        """The current transaction is over without a commit: drop what belonged to it.
+
+        Its on_commit callbacks go with it, even when it had not begun (no statement
+        ran, so SQLAlchemy fires no ``after_rollback``), and so does the mark of a
+        failed statement.
+        """
+        self._asgi_sqla_statement_failed = False
+        if self._asgi_sqla_on_commit:
+            self._asgi_sqla_on_commit.clear()
 
 
 @event.listens_for(_GuardedSyncSession, "before_commit")
 def _before_commit(session: _GuardedSyncSession) -> None:
     # Every commit passes here: commit(), the end of a begin() block, run_sync, prepare().
     _enter(session)
+    if session._asgi_sqla_statement_failed:
+        _check_alive(session)
     reason = session._asgi_sqla_rollback_only
     if reason is None:
         return
@@ -200,6 +225,20 @@ def _before_commit(session: _GuardedSyncSession) -> None:
     # block that would release it and commit: the savepoint's own release, announced
     # next, is then seen a second time and refused, before anything is released.
     session._asgi_sqla_releasing = savepoint
+
+
+def _check_alive(session: _GuardedSyncSession) -> None:
+    """Raise if a failed statement the app caught has aborted the transaction.
+
+    PostgreSQL aborts the whole transaction at a failed statement, and then answers its
+    COMMIT with a ROLLBACK, without an error: the commit would seem to succeed and the
+    response claim writes that were lost.  One statement tells: on an aborted
+    transaction it fails ("current transaction is aborted"), and that failure is the
+    commit's.  SQLite keeps the transaction, and the statement passes.  Only run after
+    a statement failed, so a healthy request pays nothing.
+    """
+    session.connection().exec_driver_sql("SELECT 1")
+    session._asgi_sqla_statement_failed = False
 
 
 #: The guarded synchronous session class made for each class, made once.
@@ -292,9 +331,8 @@ class GuardedSession(AsyncSession):
     _asgi_sqla_conflict = _OnSyncSession[bool]()
     #: Why this session's transactions must never commit, if they must not.
     _asgi_sqla_rollback_only = _OnSyncSession[str | None]()
-    #: on_commit callbacks waiting for the root transaction to commit, and those whose
-    #: transaction has committed, waiting to run.
-    _asgi_sqla_on_commit: list[Callable[[], object]] | None = None
+    #: on_commit callbacks whose transaction has committed, waiting to run (those still
+    #: waiting for their transaction are kept on the synchronous session).
     _asgi_sqla_committed: list[Callable[[], object]] | None = None
 
     def __init__(
@@ -313,7 +351,14 @@ class GuardedSession(AsyncSession):
         super().__init__(bind, binds=binds, sync_session_class=cls, **kw)
 
     async def commit(self) -> None:
-        await super().commit()
+        try:
+            await super().commit()
+        except DBAPIError:
+            # The COMMIT itself failed: the connection's state is not known (SQLite
+            # keeps the failed transaction open, with its lock, and the pool would not
+            # roll it back).  Discard it, as the package's own end of a session does.
+            await run_to_completion(_invalidate(self))
+            raise
         await run_committed_callbacks(self)
 
 
@@ -326,10 +371,10 @@ def add_on_commit(session: GuardedSession, callback: Callable[[], object]) -> No
     transaction, the next time the package's code is back in async code: after an
     explicit ``commit()``, or when the package ends the session.
     """
-    pending = session._asgi_sqla_on_commit
+    sync_session = cast(_GuardedSyncSession, session.sync_session)
+    pending = sync_session._asgi_sqla_on_commit
     if pending is None:
-        pending = session._asgi_sqla_on_commit = []
-        sync_session = session.sync_session
+        pending = sync_session._asgi_sqla_on_commit = []
 
         def after_commit(sync: Any) -> None:
             # Releasing a SAVEPOINT fires this event too; only the root commit counts.

@@ -35,20 +35,15 @@ nothing can be said (the app caught a failure of its own write).  After every st
 
 ``make test`` runs a bounded, derandomized profile; ``ASGI_SQLA_HYPOTHESIS=long`` (set by
 ``make soak``) explores much further.  Violations the machine found are kept at the end
-of this module as ordinary tests marked ``xfail(strict=True)``, each naming the promise
-it breaks, and the machine leaves out exactly those patterns so that it keeps exploring:
+of this module as ordinary tests, each naming the promise it broke; each failed before
+its fix:
 
-* PostgreSQL, a statement error the app caught, then a commit (``Tx.aborted``):
-  ``test_a_2xx_after_a_swallowed_statement_error_on_postgresql_loses_the_earlier_writes``,
-  ``test_db_commit_after_a_swallowed_statement_error_on_postgresql_reports_lost_writes_done``
-  and ``test_on_commit_runs_after_a_commit_postgresql_turned_into_a_rollback``;
-* SQLite, ``db.commit()`` of a transaction whose COMMIT fails (``Connection.do_commit``):
-  ``test_a_failed_explicit_commit_on_sqlite_leaves_its_transaction_open_in_the_pool``;
-* an ``on_commit`` callback of a transaction that ran no statement, rolled back
-  (``Callback.began``): ``test_on_commit_registered_before_any_statement_survives_a_rollback``.
-
-Remove an exclusion when the core fixes its pattern (its xfail test then passes, and
-``xfail_strict`` makes that fail the run as a reminder).
+* PostgreSQL, a statement error the app caught, then a commit: the server had aborted
+  the transaction and answered COMMIT with a silent ROLLBACK, so a 2xx (or a returning
+  ``db.commit()``) claimed lost writes, and ``on_commit`` callbacks ran;
+* SQLite, a ``db.commit()`` whose COMMIT failed returned its connection to the pool
+  with the failed transaction (and the write lock) still open;
+* an ``on_commit`` callback registered before any statement survived ``db.rollback()``.
 """
 
 from __future__ import annotations
@@ -74,7 +69,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 from sqlalchemy import URL, select, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from asgi_sqla import (
@@ -174,8 +169,6 @@ class Callback:
     #: whether it ran a statement at all.
     fate: str | None = None
     wrote: bool = False
-    began: bool = False
-    aborted: bool = False  # see Tx.aborted
 
 
 @dataclass
@@ -184,15 +177,13 @@ class Tx:
 
     writes: list[str] = field(default_factory=list)
     callbacks: list[Callback] = field(default_factory=list)
-    #: An orphan row was inserted: this transaction's COMMIT must fail.
+    #: Its COMMIT must fail: an orphan row was inserted, or (PostgreSQL) a statement
+    #: failed in it, which aborts the whole transaction.
     poisoned: bool = False
     #: A statement ran in it (SQLAlchemy began a transaction on a connection).
     began: bool = False
     #: PostgreSQL: its backend was killed, so its COMMIT must fail.
     killed: bool = False
-    #: PostgreSQL: a statement failed in it, so the server will only roll it back.
-    #: Excluded from invariant 1: test_a_2xx_after_a_swallowed_statement_error_*.
-    aborted: bool = False
 
 
 @dataclass
@@ -292,9 +283,7 @@ class Connection:
             if commits and tx.poisoned:
                 machine.violation(1, f"{self} answered {status}; its COMMIT had to fail")
                 commits = False
-            if commits and tx.aborted:
-                pass  # the known lie, kept as an xfail test: see Tx.aborted
-            elif commits:
+            if commits:
                 committed = await machine.committed()
                 missing = [key for key in tx.writes if key not in committed]
                 if missing:
@@ -304,7 +293,7 @@ class Connection:
                         machine.violation(
                             1, f"{self} answered {status} before on_commit {callback.name} ran"
                         )
-            machine.decide(tx, MUST_COMMIT if commits and not tx.aborted else NEVER)
+            machine.decide(tx, MUST_COMMIT if commits else NEVER)
         # Promise 2: the connection is back in the pool before the status line goes out.
         machine.check_pool_bound(f"when {self} forwarded its status line")
 
@@ -401,15 +390,12 @@ class Connection:
             await add_key(self.db, TAKEN)
         except IntegrityError:
             if self.machine.postgresql:
-                model.tx.aborted = True
+                model.tx.poisoned = True
             raise
         raise AssertionError("inserting a taken key succeeded")
 
     async def do_commit(self) -> str:
         model = self.current
-        if model is not None and model.tx.poisoned and not self.machine.postgresql:
-            # The known leak, kept as an xfail test: test_a_failed_explicit_commit_on_sqlite_*.
-            return "skipped: a failed db.commit() on SQLite leaves its transaction open"
         try:
             await self.db.commit()
         except Exception as exc:
@@ -420,8 +406,9 @@ class Connection:
         if model is not None:
             if model.rollback_only:
                 self.machine.violation(2, f"{self}: db.commit() of a rollback-only session")
-            fate = NEVER if model.tx.aborted else MUST_COMMIT
-            self.machine.decide(model.tx, fate)
+            if model.tx.poisoned:
+                self.machine.violation(1, f"{self}: db.commit() of a doomed transaction returned")
+            self.machine.decide(model.tx, MUST_COMMIT)
             model.tx = Tx()
         return "committed"
 
@@ -448,7 +435,7 @@ class Connection:
         if model is not None:
             model.ended = True
             tx = model.tx
-            commits = commit and not model.rollback_only and not tx.aborted
+            commits = commit and not model.rollback_only
             if commits and tx.poisoned:
                 self.machine.violation(2, f"{self}: release() of a poisoned transaction returned")
             self.machine.decide(tx, MUST_COMMIT if commits else NEVER)
@@ -540,7 +527,6 @@ class Connection:
             and not session.rollback_only
             and not tx.poisoned
             and not tx.killed
-            and not tx.aborted
         )
         self.machine.decide(tx, MUST_COMMIT if commits else NEVER)
 
@@ -592,8 +578,7 @@ class InvariantMachine(RuleBasedStateMachine):
         for key in tx.writes:
             self.fates[key] = fate
         for callback in tx.callbacks:
-            callback.fate, callback.wrote, callback.began = fate, bool(tx.writes), tx.began
-            callback.aborted = tx.aborted
+            callback.fate, callback.wrote = fate, bool(tx.writes)
         tx.writes, tx.callbacks = [], []
 
     async def committed(self) -> set[str]:
@@ -845,11 +830,7 @@ class InvariantMachine(RuleBasedStateMachine):
         for callback in self.callbacks:
             if callback.ran > 1:
                 self.violation(1, f"on_commit {callback.name} ran {callback.ran} times")
-            # A transaction that ran no statement is left out: its callbacks survive
-            # db.rollback() (test_on_commit_registered_before_any_statement_*).
-            # ... and one PostgreSQL silently rolled back (Tx.aborted): it runs.
-            exempt = not callback.began or callback.aborted
-            if callback.ran and callback.fate == NEVER and not exempt:
+            if callback.ran and callback.fate == NEVER:
                 self.violation(2, f"on_commit {callback.name} ran; its transaction did not commit")
             if callback.fate == MUST_COMMIT and callback.wrote and not callback.ran:
                 self.violation(1, f"on_commit {callback.name} never ran; its writes committed")
@@ -931,18 +912,11 @@ def test_the_promises_hold_in_every_explored_interleaving_on_postgresql(
 
 # -- what the machine found: each violation, shrunk, as a readable test --------------------
 #
-# Marked xfail(strict=True): each fails against the current code, and will pass (and so
-# fail the run, until the mark is removed) once the core keeps the promise named.
+# Each failed against the code of the time it was found, and passes since the fix.
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    reason="promise 1 (a 2xx means the writes are committed): on PostgreSQL a statement "
-    "error the app caught aborts the transaction, its COMMIT silently rolls back, and "
-    "the 2xx is sent for writes that were lost",
-)
-async def test_a_2xx_after_a_swallowed_statement_error_on_postgresql_loses_the_earlier_writes(
+async def test_a_statement_error_the_app_swallowed_on_postgresql_turns_its_2xx_into_a_500(
     postgresql_url: str,
 ) -> None:
     db = await open_database(postgresql_url)
@@ -958,19 +932,16 @@ async def test_a_2xx_after_a_swallowed_statement_error_on_postgresql_loses_the_e
 
         recorder = await call_http(SQLAlchemyMiddleware(app, db))
 
-        assert recorder.status == 201
-        assert "written" in await keys(db), "201 was sent, yet its write is not committed"
+        # PostgreSQL aborted the transaction at the failed statement: its COMMIT can only
+        # roll back, so the 201 would have been a lie (it was, before the fix).
+        assert recorder.status == 500
+        assert "written" not in await keys(db)
     finally:
         await db.dispose()
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    reason="db.commit() (commit the transaction now): on PostgreSQL, after a statement "
-    "error the app caught, db.commit() returns normally and the earlier writes are lost",
-)
-async def test_db_commit_after_a_swallowed_statement_error_on_postgresql_reports_lost_writes_done(
+async def test_db_commit_after_a_swallowed_statement_error_on_postgresql_raises(
     postgresql_url: str,
 ) -> None:
     db = await open_database(postgresql_url)
@@ -982,23 +953,21 @@ async def test_db_commit_after_a_swallowed_statement_error_on_postgresql_reports
             await add_key(db, "written")
             with contextlib.suppress(IntegrityError):
                 await add_key(db, TAKEN)
-            await db.commit()  # returns normally: the app believes "written" is durable
-            assert "written" in await keys(db), "db.commit() returned; the write is lost"
-            await plain_response(send, 201)
+            with pytest.raises(DBAPIError, match="current transaction is aborted"):
+                await db.commit()  # it used to return normally, the write lost
+            await plain_response(send, 500)
 
-        await call_http(SQLAlchemyMiddleware(app, db))
+        recorder = await call_http(SQLAlchemyMiddleware(app, db))
+
+        assert recorder.status == 500
+        assert "written" not in await keys(db)
+        assert checked_out(db) == 0
     finally:
         await db.dispose()
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    reason="on_commit (never if the transaction rolls back or its commit fails): on "
-    "PostgreSQL, after a statement error the app caught, the COMMIT is a rollback, and "
-    "the callback runs anyway",
-)
-async def test_on_commit_runs_after_a_commit_postgresql_turned_into_a_rollback(
+async def test_on_commit_never_runs_for_a_commit_postgresql_turns_into_a_rollback(
     postgresql_url: str,
 ) -> None:
     db = await open_database(postgresql_url)
@@ -1012,7 +981,8 @@ async def test_on_commit_runs_after_a_commit_postgresql_turned_into_a_rollback(
             db.on_commit(lambda: calls.append("callback"))
             with contextlib.suppress(IntegrityError):
                 await add_key(db, TAKEN)
-            await db.commit()
+            with contextlib.suppress(DBAPIError):  # the commit fails: see above
+                await db.commit()
             await plain_response(send, 200)
 
         await call_http(SQLAlchemyMiddleware(app, db))
@@ -1023,12 +993,6 @@ async def test_on_commit_runs_after_a_commit_postgresql_turned_into_a_rollback(
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    reason="promise 3 (nothing leaks; a connection in an unknown state is invalidated): "
-    "after a failed db.commit() on SQLite the connection goes back to the pool inside the "
-    "failed transaction, holding the write lock, and the next request inherits it",
-)
 async def test_a_failed_explicit_commit_on_sqlite_leaves_its_transaction_open_in_the_pool(
     tmp_path: Path,
 ) -> None:
@@ -1062,11 +1026,6 @@ async def test_a_failed_explicit_commit_on_sqlite_leaves_its_transaction_open_in
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    reason="on_commit (never if the transaction rolls back): a callback registered before "
-    "the transaction's first statement survives db.rollback() and runs at a later commit",
-)
 async def test_on_commit_registered_before_any_statement_survives_a_rollback(
     database_url: str,
 ) -> None:
