@@ -122,8 +122,8 @@ class Event(enum.Enum):
 # Module-level aliases for the hot path: an Enum member looked up on its class costs
 # more than the rest of a request's bookkeeping.
 _OPEN = State.OPEN
-_CLOSING = State.CLOSING
 _CLOSED = State.CLOSED
+_SESSION = Event.SESSION
 
 _TRANSITIONS: Mapping[tuple[State, Event], State] = {
     (State.OPEN, Event.SESSION): State.OPEN,
@@ -250,10 +250,10 @@ class SessionContext:
 
     def _check_open(self, db: ManagedDatabase) -> None:
         state = self._state
-        if state is _CLOSED:
-            raise SessionEndedError(self._ended or REQUEST_FINISHED)
-        if state is _CLOSING:
-            raise SessionEndedError(_BEING_CLOSED)
+        if (state, _SESSION) not in _TRANSITIONS:  # CLOSING or CLOSED: see the table
+            raise SessionEndedError(
+                (self._ended or REQUEST_FINISHED) if state is _CLOSED else _BEING_CLOSED
+            )
         if db not in self._databases:
             names = ", ".join(repr(d) for d in (*self._databases, db))
             raise NoSessionContextError(_NOT_MANAGED.format(db=db, names=names))
