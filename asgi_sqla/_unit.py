@@ -30,11 +30,15 @@ A round's ending takes the sessions open when it starts; a session opened meanwh
 websocket's sender task, a background task, an ``on_commit`` callback) belongs to the
 next round and is ended with it, or at the close.  While CLOSING, and once CLOSED, no
 session opens: asking raises ``SessionEndedError``, never gives a session nobody would
-end.  Ending returns one :class:`Outcome`, kept as :attr:`SessionContext.outcome`.
+end.  Two tasks may end the unit at once (a websocket's receiver waits in
+``receive()`` while its sender closes): the second waits until the first ending is
+DONE, then ends what is open by then.  Ending returns one :class:`Outcome`, kept as
+:attr:`SessionContext.outcome`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import AsyncIterator, Callable, Hashable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
@@ -122,6 +126,8 @@ class Event(enum.Enum):
 # Module-level aliases for the hot path: an Enum member looked up on its class costs
 # more than the rest of a request's bookkeeping.
 _OPEN = State.OPEN
+_ENDING_ROUND = State.ENDING_ROUND
+_CLOSING = State.CLOSING
 _CLOSED = State.CLOSED
 _SESSION = Event.SESSION
 
@@ -188,6 +194,7 @@ class SessionContext:
     #: The outcome of the last ending; None before the first.
     outcome: Outcome | None = None
     _after_close: list[Callable[[], object]] | None = None
+    _ending_done: asyncio.Event | None = None  # for tasks waiting to end the unit too
     #: A websocket's transactions end when the app waits in ``receive()``.  An adapter
     #: whose framework reads messages ahead (Quart) turns this off and ends them where
     #: the handler waits instead.
@@ -348,6 +355,7 @@ class SessionContext:
         without a status); ``failed`` rolls everything back.  A cancellation that
         arrives meanwhile is re-raised once every session has ended.
         """
+        await self._after_ending()
         self._transition(Event.END_ROUND)
         return await self._end_sessions(self.decide(status, failed=failed), reason)
 
@@ -355,6 +363,7 @@ class SessionContext:
         self, status: int | None = None, *, reason: str, failed: bool = False
     ) -> Outcome:
         """End every open session and refuse new ones from now on; return the outcome."""
+        await self._after_ending()
         if self._state is _CLOSED:
             return NOTHING_ENDED
         self._ended = reason
@@ -418,6 +427,14 @@ class SessionContext:
         )
         return self._record(outcome, cancelled)
 
+    async def _after_ending(self) -> None:
+        """Wait while another task is ending this unit (see the module doc)."""
+        while self._state is _ENDING_ROUND or self._state is _CLOSING:
+            done = self._ending_done
+            if done is None:
+                done = self._ending_done = asyncio.Event()
+            await done.wait()
+
     async def _end_sessions(self, decider: Decider, reason: str) -> Outcome:
         sessions, self._sessions = self._sessions, {}
         try:
@@ -430,6 +447,9 @@ class SessionContext:
             return self._record(outcome, cancelled)
         finally:
             self._transition(Event.DONE)
+            done, self._ending_done = self._ending_done, None
+            if done is not None:
+                done.set()
             if self._state is _CLOSED and self._after_close is not None:
                 self._run_after_close()
 

@@ -835,3 +835,50 @@ async def test_a_websocket_sender_task_writing_while_the_receiver_commits_is_not
     assert sent[-1] == {"type": "websocket.close", "code": 1000}
     await assert_nothing_left_behind(db, admin)
     assert await keys(db) == {"receiver", "sender"}
+
+
+async def test_a_websocket_close_sent_while_the_receiver_commits_waits_for_that_commit(
+    db: Database, admin: Any
+) -> None:
+    # The sender task opens a session and closes the socket while the receiver's
+    # transaction is still being committed in receive(): the close's ending waits for
+    # that one to finish, then ends the sender's session; neither task sees an error.
+    gate = CommitGate(db)
+    incoming = [{"type": "websocket.connect"}, {"type": "websocket.receive", "text": "hi"}]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return incoming.pop(0) if incoming else {"type": "websocket.disconnect", "code": 1000}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        await add_key(db, "receiver")
+
+        async def close() -> None:
+            await send({"type": "websocket.close", "code": 1000})
+
+        async def sender() -> None:
+            await gate.committing.wait()
+            try:
+                db.session.add_all([])  # a session of the sender's, opened mid-commit
+                closing = asyncio.create_task(close())
+                await asyncio.sleep(0)  # one turn of the loop: the close reaches the middleware
+                assert not closing.done(), closing
+            finally:
+                gate.release.set()  # the held COMMIT never outlives the test
+            await closing
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(sender)
+            assert (await receive())["text"] == "hi"  # commits "receiver", held by the gate
+
+    with anyio.fail_after(20):
+        await SQLAlchemyMiddleware(app, db)(websocket_scope(), receive, send)
+
+    assert [m["type"] for m in sent] == ["websocket.accept", "websocket.close"]
+    await assert_nothing_left_behind(db, admin)
+    assert await keys(db) == {"receiver"}
