@@ -11,7 +11,8 @@ session).  Nothing sleeps to synchronise: every step waits for the app to report
 
 The model follows every write (a unique ``items.key`` per action) to its *fate*: it must
 be committed (the server received a 2xx for its transaction, ``db.commit()`` or
-``db.release()`` returned, the app returned normally after its response started), or it
+``db.release()`` returned, the app returned normally after its whole response went
+out), or it
 must never be (a non-2xx, a rollback, a failed commit, an exception, a cancellation), or
 nothing can be said (the app caught a failure of its own write).  After every step:
 
@@ -223,6 +224,7 @@ class Connection:
         self.sessions: list[Session] = []  # every session the app saw, for stale uses
         self.current: Session | None = None
         self.server_started = False  # the server received the status line
+        self.server_completed = False  # ... and the last body chunk
         self.app_sent_start = False
         self.app_sent_final_body = False
         self.body_read = False
@@ -271,6 +273,8 @@ class Connection:
                 machine.violation(5, f"{self} forwarded a body chunk after the last one")
         if self.send_raises:
             raise OSError("the client has disconnected")
+        if kind == "http.response.body" and not message["more_body"]:
+            self.server_completed = True
 
     async def transaction_ended_at_start(self, status: int) -> None:
         """The middleware forwards the status line: the session it ended has a fate."""
@@ -521,9 +525,10 @@ class Connection:
         if session is None:
             return
         tx = session.tx
+        # Work after the status line commits only when the response went out whole.
         commits = (
             self.app_returned
-            and self.server_started
+            and self.server_completed
             and not session.rollback_only
             and not tx.poisoned
             and not tx.killed
