@@ -178,6 +178,13 @@ def check_session_options(options: object) -> dict[str, Any]:
             f"{type(options).__name__}; pass e.g. session_options={{'expire_on_commit': True}}."
         )
     checked = dict(options)
+    _check_session_values(checked)
+    _check_session_classes(checked)
+    _try_session_keywords(checked)
+    return checked
+
+
+def _check_session_values(checked: dict[str, Any]) -> None:
     for option, value in checked.items():
         if option in _SESSION_FLAGS:
             check_bool(option, value, example=f"session_options={{{option!r}: True}}")
@@ -196,6 +203,9 @@ def check_session_options(options: object) -> dict[str, Any]:
             "session_options must not hold 'bind': sessions are bound to the Database's "
             "engine; pass the engine itself as Database(engine=...)."
         )
+
+
+def _check_session_classes(checked: dict[str, Any]) -> None:
     session_class = checked.get("class_", AsyncSession)
     if not (isinstance(session_class, type) and issubclass(session_class, AsyncSession)):
         raise ConfigurationError(
@@ -208,6 +218,10 @@ def check_session_options(options: object) -> dict[str, Any]:
             f"sync_session_class must be Session or a subclass of it, not {sync_class!r} "
             "(in session_options)."
         )
+
+
+def _try_session_keywords(checked: dict[str, Any]) -> None:
+    session_class = checked.get("class_", AsyncSession)
     keywords = {option: value for option, value in checked.items() if option != "class_"}
     try:
         session_class(**keywords)
@@ -218,4 +232,3 @@ def check_session_options(options: object) -> dict[str, Any]:
             f"session_options holds {names}, which {session_class.__name__}() does not "
             "take: check the spelling, or remove it."
         ) from None
-    return checked
