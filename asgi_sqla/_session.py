@@ -138,27 +138,24 @@ class _GuardedSyncSession(Session):
 
     def _execute_internal(self, *args: Any, **kwargs: Any) -> Any:
         # Every statement: execute(), scalar(s)(), get(), refresh(), lazy loads, exec().
-        _enter(self)
         try:
-            return super()._execute_internal(*args, **kwargs)
-        except Exception as exc:
-            _note_failure(self, exc)
-            if isinstance(exc, DBAPIError):
-                self._asgi_sqla_statement_failed = True
+            return self._guarded(super()._execute_internal, *args, **kwargs)
+        except DBAPIError:
+            self._asgi_sqla_statement_failed = True
             raise
 
     def _connection_for_bind(self, *args: Any, **kwargs: Any) -> Any:
-        _enter(self)
-        try:
-            return super()._connection_for_bind(*args, **kwargs)
-        except Exception as exc:
-            _note_failure(self, exc)
-            raise
+        return self._guarded(super()._connection_for_bind, *args, **kwargs)
 
     def flush(self, objects: Any = None) -> None:
-        _enter(self)  # before the flush, or an autoflush, changes anything
+        # Guarded before the flush, or an autoflush, changes anything.
+        self._guarded(super().flush, objects)
+
+    def _guarded(self, call: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """``call(*args, **kwargs)`` past the guard, remembering what its failure means."""
+        _enter(self)
         try:
-            super().flush(objects)
+            return call(*args, **kwargs)
         except Exception as exc:
             _note_failure(self, exc)
             raise

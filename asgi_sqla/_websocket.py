@@ -22,17 +22,15 @@ __all__ = ["WebSocketResponder"]
 class WebSocketResponder:
     """Relays one websocket's messages, ending its unit of work between messages."""
 
-    __slots__ = ("_receive", "_send", "accepted", "failed", "unit")
-
     #: A websocket is never re-run (see ``HTTPResponder.retrying``).
     retrying = False
+    accepted = False  # the app sent websocket.accept
+    failed = False  # a commit failed: the app may receive and send nothing more
 
     def __init__(self, unit: SessionContext, receive: Receive, send: Send) -> None:
         self.unit = unit
         self._receive = receive
         self._send = send
-        self.accepted = False
-        self.failed = False
 
     async def receive(self) -> Message:
         if self.failed:

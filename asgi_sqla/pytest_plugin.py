@@ -387,16 +387,16 @@ class _TurnTaking(AsyncSession):
         return _TurnTakingTransaction(self, nested=True)
 
     async def close(self) -> None:
-        try:
-            _check_innermost(self)
-            await super().close()
-        finally:
-            _give_back_turn(self)
+        await self._ending(super().close)
 
     async def reset(self) -> None:
+        await self._ending(super().reset)
+
+    async def _ending(self, end: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Close or reset (only the innermost session may), then give the turn back."""
         try:
             _check_innermost(self)
-            await super().reset()
+            await end()
         finally:
             _give_back_turn(self)
 
