@@ -257,7 +257,9 @@ def _guarded_sync_class(cls: type[Session]) -> type[_GuardedSyncSession]:
 def _enter(session: _GuardedSyncSession) -> None:
     """Refuse a call on an ended session, or one that overlaps another call on it."""
     ended = session._asgi_sqla_ended
-    if ended is not None and _ending.get() is not session:
+    if ended is not None:
+        if _ending.get() is session:
+            return  # the package ending it, once every call of the app's has finished
         raise SessionEndedError(ended)
     current = getcurrent()
     operation = session._asgi_sqla_operation
@@ -458,30 +460,38 @@ def _unguarded(session: GuardedSession) -> AsyncSession:
 
 
 class _PastTheGuard:
-    """Calls ``session``'s methods below ``GuardedSession``, as the package ending it."""
+    """Calls ``session``'s methods below ``GuardedSession``, as the package ending it.
 
-    __slots__ = ("_session",)
+    Only the calls the package makes while it ends a session are here: it runs on
+    every request that used the database, so no generic (``__getattr__``) wrapping.
+    """
+
+    __slots__ = ("_below", "_session")
 
     def __init__(self, session: GuardedSession) -> None:
         self._session = session
+        self._below = cast(AsyncSession, super(GuardedSession, session))
 
-    def __getattr__(self, name: str) -> Any:
-        session = self._session
-        method = getattr(super(GuardedSession, session), name)
-        if not inspect.iscoroutinefunction(method):
-            return method
+    async def _as_the_package(self, call: Callable[..., Awaitable[_T]], *args: Any) -> _T:
+        # The greenlet that runs the call shares this context (SQLAlchemy's
+        # greenlet_spawn passes it on), so the guard sees who is calling.
+        token = _ending.set(self._session.sync_session)
+        try:
+            return await call(*args)
+        finally:
+            _ending.reset(token)
 
-        @functools.wraps(method)
-        async def as_the_package(*args: Any, **kwargs: Any) -> Any:
-            # The greenlet that runs the call shares this context (SQLAlchemy's
-            # greenlet_spawn passes it on), so the guard sees who is calling.
-            token = _ending.set(session.sync_session)
-            try:
-                return await method(*args, **kwargs)
-            finally:
-                _ending.reset(token)
+    def commit(self) -> Awaitable[None]:
+        return self._as_the_package(self._below.commit)
 
-        return as_the_package
+    def close(self) -> Awaitable[None]:
+        return self._as_the_package(self._below.close)
+
+    def invalidate(self) -> Awaitable[None]:
+        return self._as_the_package(self._below.invalidate)
+
+    def run_sync(self, call: Callable[..., _T]) -> Awaitable[_T]:
+        return self._as_the_package(self._below.run_sync, call)
 
 
 def _task_name(task: asyncio.Task[Any] | None) -> str:

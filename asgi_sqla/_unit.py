@@ -108,6 +108,10 @@ class _IllegalTransitionError(AsgiSqlaError, RuntimeError):
 class State(enum.Enum):
     """Where a unit of work is in its life."""
 
+    # Members are singletons: identity hashing, in C, keeps the transition table cheap
+    # (Enum's own __hash__ runs Python code on every lookup).
+    __hash__ = object.__hash__
+
     OPEN = "open"
     ENDING_ROUND = "ending a transaction"
     CLOSING = "closing"
@@ -116,6 +120,8 @@ class State(enum.Enum):
 
 class Event(enum.Enum):
     """What can happen to a unit of work."""
+
+    __hash__ = object.__hash__  # see State
 
     SESSION = "a session is opened"
     END_ROUND = "the current transactions end"
