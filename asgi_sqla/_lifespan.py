@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+
 from ._database import Database
 from ._log import logger
 from .types import AnyASGIApp, Message, Receive, Scope, Send
@@ -9,6 +11,34 @@ from .types import AnyASGIApp, Message, Receive, Scope, Send
 #: Where the databases are published in the lifespan ``state`` (copied by the server
 #: into every request's scope as ``scope["state"]``).
 STATE_KEY = "asgi_sqla.databases"
+
+
+class _Phase(enum.Enum):
+    """Where one lifespan conversation is, as the relay sees it."""
+
+    WAITING = "waiting for lifespan.startup"
+    STARTING = "starting: lifespan.startup received, not answered"
+    STARTUP_FAILED = "lifespan.startup.failed sent"
+    STARTED = "lifespan.startup.complete sent"
+    STOPPING = "stopping: lifespan.shutdown received, not answered"
+    STOPPED = "lifespan.shutdown answered"
+
+
+#: The conversation's moves, by message (received or sent).  A terminal message the
+#: table does not allow in the current phase has been answered already: case 7.
+_MOVES: dict[tuple[_Phase, str], _Phase] = {
+    (_Phase.WAITING, "lifespan.startup"): _Phase.STARTING,
+    (_Phase.STARTING, "lifespan.startup.complete"): _Phase.STARTED,
+    (_Phase.STARTING, "lifespan.startup.failed"): _Phase.STARTUP_FAILED,
+    (_Phase.STARTING, "lifespan.shutdown"): _Phase.STOPPING,
+    (_Phase.STARTED, "lifespan.shutdown"): _Phase.STOPPING,
+    (_Phase.STARTED, "lifespan.shutdown.complete"): _Phase.STOPPED,
+    (_Phase.STARTED, "lifespan.shutdown.failed"): _Phase.STOPPED,
+    (_Phase.STOPPING, "lifespan.shutdown.complete"): _Phase.STOPPED,
+    (_Phase.STOPPING, "lifespan.shutdown.failed"): _Phase.STOPPED,
+}
+_ANSWERED = frozenset({_Phase.STARTUP_FAILED, _Phase.STARTED, _Phase.STOPPING, _Phase.STOPPED})
+_STARTED_OK = frozenset({_Phase.STARTED, _Phase.STOPPING, _Phase.STOPPED})
 
 
 class LifespanRelay:
@@ -51,18 +81,22 @@ class LifespanRelay:
         self._receive = receive
         self._send = send
         self._started: list[Database] = []
-        self._startup_received = False
-        self._startup_answered = False
-        self._startup_ok = False
-        self._shutdown_received = False
-        self._shutdown_answered = False
+        self._phase = _Phase.WAITING
+
+    def _move(self, message_type: str) -> bool:
+        """Take the move ``message_type`` makes; False when the table has none."""
+        phase = _MOVES.get((self._phase, message_type))
+        if phase is None:
+            return False
+        self._phase = phase
+        return True
 
     async def run(self) -> None:
         try:
             try:
                 await self._app(self._scope, self.receive, self.send)
             except Exception as exc:
-                if self._startup_received:  # case 5
+                if self._phase is not _Phase.WAITING:  # case 5
                     await self._answer_failure(exc)
                     raise
                 logger.debug(  # case 4
@@ -76,28 +110,17 @@ class LifespanRelay:
 
     async def receive(self) -> Message:
         message = await self._receive()
-        if message["type"] == "lifespan.startup":
-            self._startup_received = True
+        if self._move(message["type"]) and self._phase is _Phase.STARTING:
             await self._start_databases()
-        elif message["type"] == "lifespan.shutdown":
-            self._shutdown_received = True
         return message
 
     async def send(self, message: Message) -> None:
         message_type = message["type"]
-        if message_type in ("lifespan.startup.complete", "lifespan.startup.failed"):
-            if self._startup_answered:  # case 7
+        if message_type.startswith(("lifespan.startup.", "lifespan.shutdown.")):
+            if not self._move(message_type):  # case 7: answered already
                 return
-            if message_type == "lifespan.startup.failed":
+            if self._phase is not _Phase.STARTED:  # failed, or shut down: engines go
                 await self._stop_databases()
-            else:
-                self._startup_ok = True
-            self._startup_answered = True
-        elif message_type in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-            if self._shutdown_answered:  # case 7
-                return
-            await self._stop_databases()
-            self._shutdown_answered = True
         await self._send(message)
 
     async def _start_databases(self) -> None:
@@ -108,7 +131,7 @@ class LifespanRelay:
                 self._started.append(db)  # its engine may exist, with no connection
                 await self._stop_databases()
                 logger.error("Application startup failed: %s", exc)
-                self._startup_answered = True
+                self._move("lifespan.startup.failed")
                 await self._send({"type": "lifespan.startup.failed", "message": str(exc)})
                 raise
             self._started.append(db)
@@ -127,24 +150,22 @@ class LifespanRelay:
     async def _answer_failure(self, exc: Exception) -> None:
         await self._stop_databases()
         message = f"{type(exc).__name__}: {exc}"
-        if not self._startup_answered:
-            self._startup_answered = True
-            await self._send({"type": "lifespan.startup.failed", "message": message})
-        elif self._shutdown_received and not self._shutdown_answered:
-            self._shutdown_answered = True
-            await self._send({"type": "lifespan.shutdown.failed", "message": message})
+        for answer in ("lifespan.startup.failed", "lifespan.shutdown.failed"):
+            if self._phase in (_Phase.STARTING, _Phase.STOPPING) and self._move(answer):
+                await self._send({"type": answer, "message": message})
+                return
 
     async def _finish(self) -> None:
         """Carry on the conversation the app left (or never began)."""
-        if not self._startup_received:
+        if self._phase is _Phase.WAITING:
             message = await self.receive()
             if message["type"] != "lifespan.startup":
                 return
-        if not self._startup_answered:
+        if self._phase not in _ANSWERED:
             await self.send({"type": "lifespan.startup.complete"})
-        if not self._startup_ok:
+        if self._phase not in _STARTED_OK:
             return
-        while not self._shutdown_received:
+        while self._phase is _Phase.STARTED:
             await self.receive()
-        if not self._shutdown_answered:
+        if self._phase is _Phase.STOPPING:
             await self.send({"type": "lifespan.shutdown.complete"})
