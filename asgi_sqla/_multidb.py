@@ -41,6 +41,7 @@ from ._session import (
     GuardedSession,
     _unguarded,
     _wait_until_idle,
+    ending_here,
     retire,
     run_to_completion,
 )
@@ -115,7 +116,7 @@ async def prepare_writers(
     for db, session, written in writers:
         session.sync_session.twophase = True
         try:
-            await run_to_completion(_unguarded(session).run_sync(_prepare_sync))
+            await run_to_completion(_prepare(session))
         except asyncio.CancelledError as exc:
             outcome.cancelled = exc  # the prepare finished (run_to_completion)
         except BaseException as exc:
@@ -165,8 +166,14 @@ async def _find_writers(
 async def _probe(
     session: GuardedSession, db: Database, probes: dict[Database, Written | None]
 ) -> None:
+    ending_here(session)  # run_to_completion: this is a task of its own
     await _wait_until_idle(session)
     probes[db] = await _unguarded(session).run_sync(_probe_sync)
+
+
+async def _prepare(session: GuardedSession) -> None:
+    ending_here(session)  # run_to_completion: this is a task of its own
+    await _unguarded(session).run_sync(_prepare_sync)
 
 
 def _probe_sync(sync_session: Any) -> Written | None:

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Hashable, Mapping
-from dataclasses import dataclass, field
 
 __all__ = ["Outcome", "Result"]
 
 
 class Result(enum.Enum):
     """How one database's transaction ended."""
+
+    # Members are singletons: identity hashing, in C (Enum's own runs Python code).
+    __hash__ = object.__hash__
 
     #: The transaction committed.
     COMMITTED = "committed"
@@ -29,36 +31,45 @@ class Result(enum.Enum):
     COMMITTED_WHILE_ANOTHER_FAILED = "committed while another failed"
 
 
-@dataclass(frozen=True)
 class Outcome:
     """The end of one unit of work: each database's :class:`Result` and the reason.
 
     ``results`` and ``reasons`` are keyed by ``Database``, in the order the databases
     ended (the order the request first used them).  ``error`` is the first failure,
-    if any: a failed commit, or an exception raised by a ``commit_on`` policy.
+    if any: a failed commit, or an exception raised by a ``commit_on`` policy.  Read
+    it, do not change it: every reader of the ending sees this one value.
     """
 
-    results: Mapping[Hashable, Result] = field(default_factory=dict)
-    reasons: Mapping[Hashable, str] = field(default_factory=dict)
-    error: BaseException | None = None
+    # Not a dataclass: one is made at every ending, and its summary flags are read
+    # right away, so they are worked out once here.
+    __slots__ = ("all_committed", "committed", "error", "reasons", "results")
+
+    def __init__(
+        self,
+        results: Mapping[Hashable, Result] | None = None,
+        reasons: Mapping[Hashable, str] | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        self.results: Mapping[Hashable, Result] = results if results is not None else {}
+        self.reasons: Mapping[Hashable, str] = reasons if reasons is not None else {}
+        self.error = error
+        kinds = set(self.results.values())
+        #: At least one database committed (in full, or alone).
+        self.committed = bool(kinds & _COMMITTED)
+        #: Nothing was rolled back or failed (vacuously true when nothing ended).
+        self.all_committed = kinds <= {Result.COMMITTED}
 
     @property
     def failed(self) -> bool:
         """True when a commit failed: the response must not claim success."""
         return self.error is not None
 
-    @property
-    def committed(self) -> bool:
-        """True when at least one database committed (in full or alone)."""
-        return any(
-            result in (Result.COMMITTED, Result.COMMITTED_WHILE_ANOTHER_FAILED)
-            for result in self.results.values()
-        )
+    def __repr__(self) -> str:
+        results = ", ".join(f"{db!r}: {result.value}" for db, result in self.results.items())
+        return f"Outcome({{{results}}}, error={self.error!r})"
 
-    @property
-    def all_committed(self) -> bool:
-        """True when nothing was rolled back or failed (vacuously true when empty)."""
-        return all(result is Result.COMMITTED for result in self.results.values())
+
+_COMMITTED = frozenset({Result.COMMITTED, Result.COMMITTED_WHILE_ANOTHER_FAILED})
 
 
 #: The outcome of ending a unit of work that had no session open.

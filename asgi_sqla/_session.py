@@ -455,43 +455,21 @@ def is_conflict(exc: BaseException | None) -> bool:
 
 
 def _unguarded(session: GuardedSession) -> AsyncSession:
-    """``session`` for the package's own ending of it: its calls pass the ended mark."""
-    return cast(AsyncSession, _PastTheGuard(session))
+    """``session`` below ``GuardedSession``, for the package's own ending of it.
 
-
-class _PastTheGuard:
-    """Calls ``session``'s methods below ``GuardedSession``, as the package ending it.
-
-    Only the calls the package makes while it ends a session are here: it runs on
-    every request that used the database, so no generic (``__getattr__``) wrapping.
+    Its calls pass the ended mark only in a task that called :func:`ending_here`.
     """
+    return cast(AsyncSession, super(GuardedSession, session))
 
-    __slots__ = ("_below", "_session")
 
-    def __init__(self, session: GuardedSession) -> None:
-        self._session = session
-        self._below = cast(AsyncSession, super(GuardedSession, session))
+def ending_here(session: GuardedSession) -> None:
+    """Let this task's calls on ``session`` pass the ended mark: the package ends it.
 
-    async def _as_the_package(self, call: Callable[..., Awaitable[_T]], *args: Any) -> _T:
-        # The greenlet that runs the call shares this context (SQLAlchemy's
-        # greenlet_spawn passes it on), so the guard sees who is calling.
-        token = _ending.set(self._session.sync_session)
-        try:
-            return await call(*args)
-        finally:
-            _ending.reset(token)
-
-    def commit(self) -> Awaitable[None]:
-        return self._as_the_package(self._below.commit)
-
-    def close(self) -> Awaitable[None]:
-        return self._as_the_package(self._below.close)
-
-    def invalidate(self) -> Awaitable[None]:
-        return self._as_the_package(self._below.invalidate)
-
-    def run_sync(self, call: Callable[..., _T]) -> Awaitable[_T]:
-        return self._as_the_package(self._below.run_sync, call)
+    Only for a task of its own (``run_to_completion`` gives every ending one): the
+    mark lives in the task's context, which greenlet_spawn passes on to the calls'
+    greenlets, and goes with the task.
+    """
+    _ending.set(session.sync_session)
 
 
 def _task_name(task: asyncio.Task[Any] | None) -> str:
@@ -568,6 +546,7 @@ async def end_session(session: GuardedSession, *, commit: bool, reason: str) -> 
 
 
 async def _end(session: GuardedSession, commit: bool) -> None:
+    ending_here(session)  # run_to_completion: this is a task of its own
     await _wait_until_idle(session)
     unguarded = _unguarded(session)
     if commit and session._asgi_sqla_rollback_only is None:

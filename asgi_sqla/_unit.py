@@ -361,7 +361,8 @@ class SessionContext:
         without a status); ``failed`` rolls everything back.  A cancellation that
         arrives meanwhile is re-raised once every session has ended.
         """
-        await self._after_ending()
+        if self._state is not _OPEN:
+            await self._after_ending()
         self._transition(Event.END_ROUND)
         return await self._end_sessions(self.decide(status, failed=failed), reason)
 
