@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import enum
-
 from ._database import Database
 from ._log import logger
+from ._outcome import SingletonEnum
 from .types import AnyASGIApp, Message, Receive, Scope, Send
 
 #: Where the databases are published in the lifespan ``state`` (copied by the server
@@ -13,7 +12,7 @@ from .types import AnyASGIApp, Message, Receive, Scope, Send
 STATE_KEY = "asgi_sqla.databases"
 
 
-class _Phase(enum.Enum):
+class _Phase(SingletonEnum):
     """Where one lifespan conversation is, as the relay sees it."""
 
     WAITING = "waiting for lifespan.startup"

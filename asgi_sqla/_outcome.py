@@ -11,14 +11,22 @@ from __future__ import annotations
 import enum
 from collections.abc import Hashable, Mapping
 
-__all__ = ["Outcome", "Result"]
+__all__ = ["Outcome", "Result", "SingletonEnum"]
 
 
-class Result(enum.Enum):
-    """How one database's transaction ended."""
+class SingletonEnum(enum.Enum):
+    """An ``Enum`` whose members hash by identity, in C.
 
-    # Members are singletons: identity hashing, in C (Enum's own runs Python code).
+    Members are singletons, so identity is their equality; ``Enum``'s own ``__hash__``
+    runs Python code, and the package looks these up (transition tables, sets) on
+    every request that ends a transaction.
+    """
+
     __hash__ = object.__hash__
+
+
+class Result(SingletonEnum):
+    """How one database's transaction ended."""
 
     #: The transaction committed.
     COMMITTED = "committed"

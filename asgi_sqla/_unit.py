@@ -39,7 +39,6 @@ DONE, then ends what is open by then.  Ending returns one :class:`Outcome`, kept
 from __future__ import annotations
 
 import asyncio
-import enum
 from collections.abc import AsyncIterator, Callable, Hashable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
@@ -49,7 +48,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._ending import end_sessions
 from ._errors import AsgiSqlaError, NoSessionContextError, SessionEndedError
-from ._outcome import NOTHING_ENDED, Outcome, Result
+from ._outcome import NOTHING_ENDED, Outcome, Result, SingletonEnum
 from ._replicas import ReadRoute, ReplicaSet
 from ._session import GuardedSession, make_read_only
 from ._stats import Limits, RequestStats
@@ -105,12 +104,8 @@ class _IllegalTransitionError(AsgiSqlaError, RuntimeError):
     """An event the unit of work's state does not allow: a bug, never the app's doing."""
 
 
-class State(enum.Enum):
+class State(SingletonEnum):
     """Where a unit of work is in its life."""
-
-    # Members are singletons: identity hashing, in C, keeps the transition table cheap
-    # (Enum's own __hash__ runs Python code on every lookup).
-    __hash__ = object.__hash__
 
     OPEN = "open"
     ENDING_ROUND = "ending a transaction"
@@ -118,10 +113,8 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
-class Event(enum.Enum):
+class Event(SingletonEnum):
     """What can happen to a unit of work."""
-
-    __hash__ = object.__hash__  # see State
 
     SESSION = "a session is opened"
     END_ROUND = "the current transactions end"

@@ -558,6 +558,16 @@ async def test_a_failed_websocket_commit_is_logged_when_the_1011_close_cannot_be
 # --- 6. Quart background tasks after a rollback -------------------------------------------
 
 
+async def post_and_wait_for_background_tasks(app: Quart, db: Database) -> ASGIRecorder:
+    """Mount the middleware and ``init_app`` on ``app``, POST ``/``, await its tasks."""
+    app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, db)  # type: ignore[method-assign]
+    init_app(app)
+    recorder = await call_http(as_asgi_app(app), "/", method="POST")
+    with anyio.fail_after(10):
+        await asyncio.gather(*app.background_tasks)
+    return recorder
+
+
 @pytest.mark.parametrize(
     ("rollback_only", "runs"), [(True, False), (False, True)], ids=["rollback-only", "committed"]
 )
@@ -579,12 +589,7 @@ async def test_a_quart_background_task_runs_only_when_the_request_committed(
         add_background_task(task)
         return "ok", 200
 
-    app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, db)  # type: ignore[method-assign]
-    init_app(app)
-
-    recorder = await call_http(as_asgi_app(app), "/", method="POST")
-    with anyio.fail_after(10):
-        await asyncio.gather(*app.background_tasks)
+    recorder = await post_and_wait_for_background_tasks(app, db)
 
     assert recorder.status == 200
     assert started == (["task"] if runs else [])
@@ -612,12 +617,7 @@ async def test_a_quart_background_task_never_runs_when_the_streamed_bodys_commit
 
         return body(), 200
 
-    app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, db)  # type: ignore[method-assign]
-    init_app(app)
-
-    recorder = await call_http(as_asgi_app(app), "/", method="POST")
-    with anyio.fail_after(10):
-        await asyncio.gather(*app.background_tasks)
+    recorder = await post_and_wait_for_background_tasks(app, db)
 
     assert recorder.status == 200
     assert await keys(db) == set()
@@ -641,12 +641,7 @@ async def test_a_quart_background_task_never_runs_after_the_handler_released_wit
         add_background_task(task)
         return "ok", 200
 
-    app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, db)  # type: ignore[method-assign]
-    init_app(app)
-
-    recorder = await call_http(as_asgi_app(app), "/", method="POST")
-    with anyio.fail_after(10):
-        await asyncio.gather(*app.background_tasks)
+    recorder = await post_and_wait_for_background_tasks(app, db)
 
     assert recorder.status == 200
     assert await keys(db) == set()

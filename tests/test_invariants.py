@@ -53,7 +53,7 @@ import asyncio
 import contextlib
 import itertools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -920,81 +920,78 @@ def test_the_promises_hold_in_every_explored_interleaving_on_postgresql(
 # Each failed against the code of the time it was found, and passes since the fix.
 
 
-@pytest.mark.anyio
-async def test_a_statement_error_the_app_swallowed_on_postgresql_turns_its_2xx_into_a_500(
-    postgresql_url: str,
-) -> None:
+@pytest.fixture
+async def taken(postgresql_url: str) -> AsyncIterator[Database]:
+    """A PostgreSQL ``Database`` whose ``items`` already hold the key ``TAKEN``."""
     db = await open_database(postgresql_url)
     try:
         async with db.scope():
             await add_key(db, TAKEN)
-
-        async def app(scope: Scope, receive: Receive, send: Send) -> None:
-            await add_key(db, "written")
-            with contextlib.suppress(IntegrityError):  # the app handles a duplicate key
-                await add_key(db, TAKEN)
-            await plain_response(send, 201)
-
-        recorder = await call_http(SQLAlchemyMiddleware(app, db))
-
-        # PostgreSQL aborted the transaction at the failed statement: its COMMIT can only
-        # roll back, so the 201 would have been a lie (it was, before the fix).
-        assert recorder.status == 500
-        assert "written" not in await keys(db)
+        yield db
     finally:
         await db.dispose()
+
+
+@pytest.mark.anyio
+async def test_a_statement_error_the_app_swallowed_on_postgresql_turns_its_2xx_into_a_500(
+    taken: Database,
+) -> None:
+    db = taken
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await add_key(db, "written")
+        with contextlib.suppress(IntegrityError):  # the app handles a duplicate key
+            await add_key(db, TAKEN)
+        await plain_response(send, 201)
+
+    recorder = await call_http(SQLAlchemyMiddleware(app, db))
+
+    # PostgreSQL aborted the transaction at the failed statement: its COMMIT can only
+    # roll back, so the 201 would have been a lie (it was, before the fix).
+    assert recorder.status == 500
+    assert "written" not in await keys(db)
 
 
 @pytest.mark.anyio
 async def test_db_commit_after_a_swallowed_statement_error_on_postgresql_raises(
-    postgresql_url: str,
+    taken: Database,
 ) -> None:
-    db = await open_database(postgresql_url)
-    try:
-        async with db.scope():
+    db = taken
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await add_key(db, "written")
+        with contextlib.suppress(IntegrityError):
             await add_key(db, TAKEN)
+        with pytest.raises(DBAPIError, match="current transaction is aborted"):
+            await db.commit()  # it used to return normally, the write lost
+        await plain_response(send, 500)
 
-        async def app(scope: Scope, receive: Receive, send: Send) -> None:
-            await add_key(db, "written")
-            with contextlib.suppress(IntegrityError):
-                await add_key(db, TAKEN)
-            with pytest.raises(DBAPIError, match="current transaction is aborted"):
-                await db.commit()  # it used to return normally, the write lost
-            await plain_response(send, 500)
+    recorder = await call_http(SQLAlchemyMiddleware(app, db))
 
-        recorder = await call_http(SQLAlchemyMiddleware(app, db))
-
-        assert recorder.status == 500
-        assert "written" not in await keys(db)
-        assert checked_out(db) == 0
-    finally:
-        await db.dispose()
+    assert recorder.status == 500
+    assert "written" not in await keys(db)
+    assert checked_out(db) == 0
 
 
 @pytest.mark.anyio
 async def test_on_commit_never_runs_for_a_commit_postgresql_turns_into_a_rollback(
-    postgresql_url: str,
+    taken: Database,
 ) -> None:
-    db = await open_database(postgresql_url)
+    db = taken
     calls: list[str] = []
-    try:
-        async with db.scope():
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await db.session.execute(text("SELECT 1"))
+        db.on_commit(lambda: calls.append("callback"))
+        with contextlib.suppress(IntegrityError):
             await add_key(db, TAKEN)
+        with contextlib.suppress(DBAPIError):  # the commit fails: see above
+            await db.commit()
+        await plain_response(send, 200)
 
-        async def app(scope: Scope, receive: Receive, send: Send) -> None:
-            await db.session.execute(text("SELECT 1"))
-            db.on_commit(lambda: calls.append("callback"))
-            with contextlib.suppress(IntegrityError):
-                await add_key(db, TAKEN)
-            with contextlib.suppress(DBAPIError):  # the commit fails: see above
-                await db.commit()
-            await plain_response(send, 200)
+    await call_http(SQLAlchemyMiddleware(app, db))
 
-        await call_http(SQLAlchemyMiddleware(app, db))
-
-        assert calls == [], "on_commit ran; PostgreSQL rolled the transaction back"
-    finally:
-        await db.dispose()
+    assert calls == [], "on_commit ran; PostgreSQL rolled the transaction back"
 
 
 @pytest.mark.anyio
