@@ -1,4 +1,7 @@
-"""A pure ASGI middleware giving each request a lazy SQLAlchemy ``AsyncSession``.
+"""A pure ASGI middleware giving each request a lazy SQLAlchemy session.
+
+``Database`` gives an ``AsyncSession``; ``SyncDatabase`` a ``Session``, for synchronous
+drivers and ``def`` endpoints.
 
 The transaction commits (or rolls back) before the status line is sent, and the
 connection goes back to the pool before the body does.
@@ -7,6 +10,7 @@ connection goes back to the pool before the body does.
 from ._database import Database, commit_below_400
 from ._errors import (
     AsgiSqlaError,
+    BlockingCallError,
     CommitFailedError,
     ConcurrentSessionUseError,
     ConfigurationError,
@@ -21,12 +25,14 @@ from ._middleware import SQLAlchemyMiddleware
 from ._outcome import Outcome, Result
 from ._routes import manual_commit, read_only
 from ._stats import PoolStatus, RequestStats
+from ._syncdb import SyncDatabase
 from ._unit import SCOPE_KEY, SessionContext, State
 
 __all__ = [
     "SCOPE_KEY",
     "STATE_KEY",
     "AsgiSqlaError",
+    "BlockingCallError",
     "CommitFailedError",
     "ConcurrentSessionUseError",
     "ConfigurationError",
@@ -43,6 +49,7 @@ __all__ = [
     "SessionContext",
     "SessionEndedError",
     "State",
+    "SyncDatabase",
     "commit_below_400",
     "manual_commit",
     "read_only",

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, cast
 
-from sqlalchemy import URL, Engine, event, make_url
+from sqlalchemy import URL, Engine, create_engine, event, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -29,14 +30,17 @@ from ._session import (
     add_on_commit,
     guarded_class,
     run_to_completion,
+    sync_of,
 )
 from ._stats import Limits, PoolStatus, RequestStats, instrument, pool_status
+from ._threaded import AnySession
 from ._unit import SCOPE_EXITED, SessionContext, current_context
 
-__all__ = ["Database", "commit_below_400"]
+__all__ = ["BaseDatabase", "Database", "commit_below_400", "raise_failure"]
 
-#: The pip extra (``pip install 'asgi-sqla[NAME]'``) that installs each async driver.
+#: The pip extra (``pip install 'asgi-sqla[NAME]'``) that installs each driver.
 _DRIVER_EXTRAS = {
+    "psycopg2": "psycopg2",
     "asyncpg": "asyncpg",
     "psycopg": "psycopg",
     "psycopg_async": "psycopg",
@@ -49,7 +53,8 @@ _DRIVER_EXTRAS = {
 _NOT_ASYNCIO = (
     "asgi_sqla needs a running asyncio event loop here, and there is none. In a "
     "synchronous `def` endpoint or dependency (run in a worker thread) an AsyncSession "
-    "cannot be used: make it `async def`. Under trio, SQLAlchemy's async drivers cannot "
+    "cannot be used: make it `async def`, or use a SyncDatabase, whose sessions are "
+    "synchronous. Under trio, SQLAlchemy's async drivers cannot "
     "run: serve the app on asyncio (uvicorn does; hypercorn needs --worker-class asyncio)."
 )
 
@@ -59,16 +64,260 @@ def commit_below_400(status: int) -> bool:
     return status < 400
 
 
-class Database:
+class BaseDatabase(ABC):
+    """What ``Database`` (async) and ``SyncDatabase`` share: an engine for the life of
+    the app, the options, statistics, and the way into the current unit of work.
+
+    Subclasses say which flavour they are with the class attributes below, and add
+    the API whose calls differ (``async def commit()`` or ``def commit()``).
+    """
+
+    #: The engine class this database runs on.
+    _engine_type: type[AsyncEngine] | type[Engine]
+    #: Makes a sessions' factory for an engine (or, for replicas, without one).
+    _maker_type: Callable[..., Callable[..., Any]]
+    _replicas: ReplicaSet | None = None
+
+    def __init__(
+        self,
+        source: _EngineSource,
+        *,
+        commit_on: Callable[[int], bool] | None,
+        session_options: dict[str, Any],
+        stats: bool,
+        warn_held_over: float | None,
+        warn_statements_over: int | None,
+    ) -> None:
+        self._warn_held, self._warn_statements = _limits(warn_held_over, warn_statements_over)
+        check_bool("stats", stats)
+        self._stats = stats or warn_held_over is not None or warn_statements_over is not None
+        self._instrumented: Engine | None = None
+        self._url, self._engine, self._engine_factory, self._engine_options = source
+        self._owns_engine = self._engine is None
+        if commit_on is not None and not callable(commit_on):
+            raise ConfigurationError(
+                "commit_on must be a function (status_code) -> bool, or None to never "
+                "commit automatically."
+            )
+        self._commit_on = commit_on
+        self._session_options = session_options
+        #: Where sessions come from: the engine's pool, or a test's connection (the
+        #: pytest plugin swaps it with :meth:`_sessions_from`).
+        self._factory: SessionFactory = EngineSessions(self)
+        self._default_factory = self._factory
+        self._writes_tracked: Engine | None = None
+        #: Set by a middleware with ``retry=`` routes: every commit of a session is
+        #: noted in the request's unit of work, which is then never re-run.
+        self._track_commits = False
+        #: Set by a middleware with ``two_phase=True``: startup checks the server allows it.
+        self._two_phase_check = False
+
+    def __repr__(self) -> str:
+        if self._url is not None:
+            target = mask_url(self._url)
+        elif self._engine is not None:
+            target = mask_url(self._engine.url)
+        else:
+            target = "engine factory"
+        return f"{type(self).__name__}({target!r})"
+
+    def _ready_engine(self) -> AsyncEngine | Engine:
+        """The engine, created now if needed, with the events this database needs."""
+        engine = self._engine
+        if engine is None:
+            engine = self._engine = self._create_engine()
+        sync_engine = _sync_engine(engine)
+        if self._stats and self._instrumented is not sync_engine:
+            instrument(sync_engine, self._current_stats)
+            self._instrumented = sync_engine
+        if self._replicas is not None and self._writes_tracked is not sync_engine:
+            track_writes(sync_engine, self._note_write)  # read-your-writes
+            self._writes_tracked = sync_engine
+        return engine
+
+    def _current_stats(self) -> RequestStats | None:
+        context = current_context.get()
+        return context.stats(self) if context is not None else None
+
+    def _note_write(self) -> None:
+        context = current_context.get()
+        if context is not None:
+            context.note_write(self)
+
+    @property
+    def replica_engines(self) -> tuple[AsyncEngine, ...]:
+        """The engines of the ``replicas``, created now if needed; ``()`` without replicas."""
+        replicas = self._replicas
+        if replicas is None:
+            return ()
+        engines = replicas.engines
+        if engines is None:
+            engines = replicas.engines = tuple(
+                cast(AsyncEngine, self._engine_for(url)) for url in replicas.urls
+            )
+        return engines
+
+    @property
+    def stats(self) -> RequestStats | None:
+        """What the current request has done with this database so far.
+
+        ``None`` unless the database tracks statistics (``stats=True``, or a
+        ``warn_*`` threshold, or the middleware's ``server_timing``), or outside a
+        request, websocket or ``db.scope()``.
+        """
+        context = current_context.get()
+        if not self._stats or context is None:
+            return None
+        return context.stats(self)
+
+    def pool_status(self) -> PoolStatus:
+        """Size, checked-out, idle and overflow connections of the pool, right now."""
+        return pool_status(_sync_engine(self._ready_engine()))
+
+    def _track_stats(self) -> None:
+        """Turn statistics on (the middleware does, for ``server_timing``)."""
+        self._stats = True
+        if self._engine is not None:
+            self._ready_engine()  # instruments the engine made before this call
+
+    @property
+    def limits(self) -> Limits:
+        """The warning thresholds (``warn_held_over``, ``warn_statements_over``)."""
+        return Limits(self._warn_held, self._warn_statements)
+
+    @property
+    def commit_on(self) -> Callable[[int], bool] | None:
+        """The policy deciding from a status whether a request commits (None: never)."""
+        return self._commit_on
+
+    def set_rollback_only(self) -> None:
+        """Mark the current transaction so that it rolls back, whatever the status.
+
+        The automatic end of the request then rolls back even a 2xx, on_commit callbacks
+        are dropped, and every commit of the session raises ``RollbackOnlyError``:
+        ``commit()``, the end of a ``session.begin()`` block, a commit in ``run_sync``.
+        The mark ends with the session (after ``release()``, a new session starts
+        unmarked).
+        """
+        self._context_session()._asgi_sqla_rollback_only = ROLLBACK_ONLY
+
+    def _own_unit(self) -> SessionContext:
+        """A unit of work of this database alone, read-only inside a read-only route."""
+        unit = SessionContext((self,))
+        enclosing = current_context.get()
+        if enclosing is not None and enclosing.read_only:
+            unit.read_only = True
+        return unit
+
+    def _context_session(self) -> AnySession:
+        """The current context's session object (no connection is taken for it)."""
+        return SessionContext.current().session(self)
+
+    def _current_session(self) -> AnySession | None:
+        context = current_context.get()
+        return context.existing(self) if context is not None else None
+
+    def _make_session(self, **options: Any) -> AnySession:
+        session = self._factory.make(**options)
+        if self._track_commits:
+            event.listen(sync_of(session), "after_commit", _note_commit)
+        return session
+
+    def _make_replica_session(self, engine: AsyncEngine) -> GuardedSession | None:
+        """A read session bound to the replica ``engine`` (routing: ``_replicas``)."""
+        return self._factory.make_read(engine)
+
+    def _can_prepare(self) -> bool:
+        """Whether this database's sessions can take part in a two-phase commit."""
+        return self._factory.can_prepare
+
+    @contextmanager
+    def _sessions_from(self, factory: SessionFactory) -> Iterator[None]:
+        """Make the sessions opened in the block with ``factory`` (the pytest plugin's).
+
+        While it lasts, disposing leaves the engine alone when the factory
+        ``pins_engine``: a test's connection is still open on it.
+        """
+        if self._factory is not self._default_factory:
+            raise ConfigurationError(f"{self!r} is already bound to a test's transaction.")
+        self._factory = factory
+        try:
+            yield
+        finally:
+            self._factory = self._default_factory
+
+    def _create_engine(self) -> AsyncEngine | Engine:
+        if self._engine_factory is not None:
+            engine = self._engine_factory()
+            if not isinstance(engine, self._engine_type):
+                raise ConfigurationError(_wrong_engine(self, engine))
+            return engine
+        url = self._url
+        assert url is not None  # either a URL, an engine or a factory was given
+        return self._engine_for(url)
+
+    def _engine_for(self, url: URL) -> AsyncEngine | Engine:
+        """An engine the package owns, for ``url`` (the primary's or a replica's)."""
+        # A failed statement's exception shows its parameters, row data, and it is
+        # logged when a commit fails: hidden unless the app asks for them.
+        options = {"hide_parameters": True, **self._engine_options}
+        create = create_engine if self._engine_type is Engine else _create_async_engine
+        try:
+            return create(url, **options)
+        except ImportError as exc:
+            driver = url.get_driver_name()
+            extra = _DRIVER_EXTRAS.get(driver)
+            fix = f"pip install 'asgi-sqla[{extra}]'" if extra else f"install the {driver!r} driver"
+            raise ConfigurationError(
+                f"The driver for {mask_url(url)} could not be loaded "
+                f"({mask_text(str(exc), url)}): {fix}."
+            ) from None
+
+    @property
+    @abstractmethod
+    def engine(self) -> AsyncEngine | Engine:
+        """The engine, created now if the app has not started it yet."""
+
+    @abstractmethod
+    async def _start(self) -> None:
+        """Create the engine and check that the database answers (lifespan startup)."""
+
+    @abstractmethod
+    async def _stop(self) -> None:
+        """Dispose the engines (lifespan shutdown)."""
+
+    def _startup_error(self, exc: Exception, engine: AsyncEngine | Engine) -> DatabaseStartupError:
+        return DatabaseStartupError(
+            f"{self!r} did not answer at startup: "
+            f"{type(exc).__name__}: {mask_text(str(exc), engine.url)}"
+        )
+
+    def _forget_engine(self) -> AsyncEngine | Engine | None:
+        """Drop the engine this database made, for disposal; None if there is none to drop.
+
+        Nothing is dropped while a test's transaction is bound (``pins_engine``), nor an
+        engine the app passed in (``engine=``), which the app disposes.
+        """
+        engine = self._engine
+        if self._factory.pins_engine or engine is None or not self._owns_engine:
+            return None
+        self._engine = None
+        self._default_factory.reset()
+        return engine
+
+
+class Database(BaseDatabase):
     """An async engine that lives as long as the app, and a lazy session per request.
 
     The engine is created when the app starts (``lifespan.startup``) and disposed when
     it stops, or created on first use when the server does not run lifespan.  Inside a
     request, websocket or ``db.scope()``, :attr:`session` is an ``AsyncSession`` that
     is created when first read and checks out a connection at its first statement.
+    For synchronous drivers and ``def`` endpoints, see :class:`SyncDatabase`.
 
-    :param url: A URL string or ``sqlalchemy.URL``; ``DATABASE_URL`` from the
-        environment when omitted (and no ``engine`` is given).
+    :param url: A URL string or ``sqlalchemy.URL`` with an async driver
+        (``postgresql+asyncpg://``, ``postgresql+psycopg://``, ``sqlite+aiosqlite://``);
+        ``DATABASE_URL`` from the environment when omitted (and no ``engine`` is given).
     :param engine: A ready ``AsyncEngine`` (yours to dispose), or a zero-argument
         factory returning one (called at startup, disposed at shutdown).
     :param commit_on: ``(status_code) -> bool``, deciding at response start whether the
@@ -102,6 +351,9 @@ class Database:
     that a mistake fails at import rather than at startup in every worker.
     """
 
+    _engine_type = AsyncEngine
+    _maker_type = async_sessionmaker
+
     def __init__(
         self,
         url: str | URL | None = None,
@@ -116,77 +368,25 @@ class Database:
         replica_cooldown: float = 30.0,
         **engine_options: Any,
     ) -> None:
-        self._warn_held, self._warn_statements = _limits(warn_held_over, warn_statements_over)
-        check_bool("stats", stats)
-        self._stats = stats or warn_held_over is not None or warn_statements_over is not None
-        self._instrumented: AsyncEngine | None = None
-        source = _engine_source(url, engine, engine_options)
-        self._url, self._engine, self._engine_factory, engine_options = source
-        self._owns_engine = self._engine is None
-        if commit_on is not None and not callable(commit_on):
-            raise ConfigurationError(
-                "commit_on must be a function (status_code) -> bool, or None to never "
-                "commit automatically."
-            )
-        self._commit_on = commit_on
-        self._engine_options = engine_options
-        options = {"expire_on_commit": False, **check_session_options(session_options)}
+        options = {
+            "expire_on_commit": False,
+            **check_session_options(session_options, sync=False),
+        }
         options["class_"] = guarded_class(options.get("class_", AsyncSession))
-        self._session_options = options
-        #: Where sessions come from: the engine's pool, or a test's connection (the
-        #: pytest plugin swaps it with :meth:`_sessions_from`).
-        self._factory: SessionFactory = EngineSessions(self)
-        self._default_factory = self._factory
+        super().__init__(
+            _engine_source(url, engine, engine_options, sync=False),
+            commit_on=commit_on,
+            session_options=options,
+            stats=stats,
+            warn_held_over=warn_held_over,
+            warn_statements_over=warn_statements_over,
+        )
         self._replicas = _replica_set(self, replicas, replica_cooldown)
-        self._writes_tracked: AsyncEngine | None = None
-        #: Set by a middleware with ``retry=`` routes: every commit of a session is
-        #: noted in the request's unit of work, which is then never re-run.
-        self._track_commits = False
-        #: Set by a middleware with ``two_phase=True``: startup checks the server allows it.
-        self._two_phase_check = False
-
-    def __repr__(self) -> str:
-        if self._url is not None:
-            target = mask_url(self._url)
-        elif self._engine is not None:
-            target = mask_url(self._engine.url)
-        else:
-            target = "engine factory"
-        return f"Database({target!r})"
 
     @property
     def engine(self) -> AsyncEngine:
         """The ``AsyncEngine``, created now if the app has not started it yet."""
-        engine = self._engine
-        if engine is None:
-            engine = self._engine = self._create_engine()
-        if self._stats and self._instrumented is not engine:
-            instrument(engine, self._current_stats)
-            self._instrumented = engine
-        if self._replicas is not None and self._writes_tracked is not engine:
-            track_writes(engine, self._note_write)  # read-your-writes
-            self._writes_tracked = engine
-        return engine
-
-    def _current_stats(self) -> RequestStats | None:
-        context = current_context.get()
-        return context.stats(self) if context is not None else None
-
-    def _note_write(self) -> None:
-        context = current_context.get()
-        if context is not None:
-            context.note_write(self)
-
-    @property
-    def replica_engines(self) -> tuple[AsyncEngine, ...]:
-        """The engines of the ``replicas``, created now if needed; ``()`` without replicas."""
-        replicas = self._replicas
-        if replicas is None:
-            return ()
-        engines = replicas.engines
-        if engines is None:
-            engines = replicas.engines = tuple(self._engine_for(url) for url in replicas.urls)
-        return engines
+        return cast(AsyncEngine, self._ready_engine())
 
     @property
     def read_session(self) -> AsyncSession:
@@ -205,40 +405,7 @@ class Database:
         """
         context = SessionContext.current()
         _require_asyncio()
-        return context.read_session(self)
-
-    @property
-    def stats(self) -> RequestStats | None:
-        """What the current request has done with this database so far.
-
-        ``None`` unless the ``Database`` tracks statistics (``stats=True``, or a
-        ``warn_*`` threshold, or the middleware's ``server_timing``), or outside a
-        request, websocket or ``db.scope()``.
-        """
-        context = current_context.get()
-        if not self._stats or context is None:
-            return None
-        return context.stats(self)
-
-    def pool_status(self) -> PoolStatus:
-        """Size, checked-out, idle and overflow connections of the pool, right now."""
-        return pool_status(self.engine)
-
-    def _track_stats(self) -> None:
-        """Turn statistics on (the middleware does, for ``server_timing``)."""
-        self._stats = True
-        if self._engine is not None:
-            self.engine  # noqa: B018 -- instruments the engine made before this call
-
-    @property
-    def limits(self) -> Limits:
-        """The warning thresholds (``warn_held_over``, ``warn_statements_over``)."""
-        return Limits(self._warn_held, self._warn_statements)
-
-    @property
-    def commit_on(self) -> Callable[[int], bool] | None:
-        """The policy deciding from a status whether a request commits (None: never)."""
-        return self._commit_on
+        return cast(AsyncSession, context.read_session(self))
 
     @property
     def session(self) -> AsyncSession:
@@ -251,7 +418,7 @@ class Database:
         """
         context = SessionContext.current()
         _require_asyncio()
-        return context.session(self)
+        return cast(AsyncSession, context.session(self))
 
     async def commit(self) -> None:
         """Commit the current session's transaction now, if there is a session.
@@ -261,14 +428,14 @@ class Database:
         context = current_context.get()
         session = context.existing(self) if context is not None else None
         if context is not None and session is not None:
-            await run_to_completion(commit_one_phase(session))
+            await run_to_completion(commit_one_phase(cast(GuardedSession, session)))
             context.committed_any = True
 
     async def rollback(self) -> None:
         """Roll back the current session's transaction now, if there is a session."""
         session = self._current_session()
         if session is not None:
-            await run_to_completion(session.rollback())
+            await run_to_completion(cast(GuardedSession, session).rollback())
 
     async def release(self, *, commit: bool = True) -> None:
         """Commit (or roll back) and close the current session, returning its connection.
@@ -278,7 +445,7 @@ class Database:
         """
         context = current_context.get()
         if context is not None:
-            _raise_failure(await context.release(self, commit=commit))
+            raise_failure(await context.release(self, commit=commit))
 
     def on_commit(self, callback: Callable[[], object]) -> None:
         """Call ``callback`` after the current transaction commits; never if it rolls back.
@@ -292,17 +459,6 @@ class Database:
         """
         add_on_commit(self._context_session(), callback)
 
-    def set_rollback_only(self) -> None:
-        """Mark the current transaction so that it rolls back, whatever the status.
-
-        The automatic end of the request then rolls back even a 2xx, on_commit callbacks
-        are dropped, and every commit of the session raises ``RollbackOnlyError``:
-        ``commit()``, the end of an ``async with session.begin():`` block, a commit in
-        ``run_sync``.  The mark ends with the session (after :meth:`release`, a new
-        session starts unmarked).
-        """
-        self._context_session()._asgi_sqla_rollback_only = ROLLBACK_ONLY
-
     @asynccontextmanager
     async def scope(self) -> AsyncIterator[AsyncSession]:
         """Make :attr:`session` available outside a request: scripts, workers, tests.
@@ -314,7 +470,7 @@ class Database:
         context = self._own_unit()
         with context.bind():
             async with context.closing(SCOPE_EXITED):
-                yield context.session(self)
+                yield cast(AsyncSession, context.session(self))
 
     @asynccontextmanager
     async def new_session(self) -> AsyncIterator[AsyncSession]:
@@ -327,88 +483,15 @@ class Database:
         """
         context = self._own_unit()
         async with context.closing(SCOPE_EXITED):
-            yield context.session(self)
+            yield cast(AsyncSession, context.session(self))
 
-    def _own_unit(self) -> SessionContext:
-        """A unit of work of this database alone, read-only inside a read-only route."""
-        unit = SessionContext((self,))
-        enclosing = current_context.get()
-        if enclosing is not None and enclosing.read_only:
-            unit.read_only = True
-        return unit
-
-    def _context_session(self) -> GuardedSession:
-        """The current context's session object (no connection is taken for it)."""
-        return SessionContext.current().session(self)
-
-    def _current_session(self) -> GuardedSession | None:
-        context = current_context.get()
-        return context.existing(self) if context is not None else None
-
-    def _make_session(self, **options: Any) -> GuardedSession:
+    def _make_session(self, **options: Any) -> AnySession:
         _require_asyncio()
-        session = self._factory.make(**options)
-        if self._track_commits:
-            event.listen(session.sync_session, "after_commit", _note_commit)
-        return session
+        return super()._make_session(**options)
 
     def _make_replica_session(self, engine: AsyncEngine) -> GuardedSession | None:
-        """A read session bound to the replica ``engine`` (routing: ``_replicas``)."""
         _require_asyncio()
-        return self._factory.make_read(engine)
-
-    def _can_prepare(self) -> bool:
-        """Whether this database's sessions can take part in a two-phase commit."""
-        return self._factory.can_prepare
-
-    @contextmanager
-    def _sessions_from(self, factory: SessionFactory) -> Iterator[None]:
-        """Make the sessions opened in the block with ``factory`` (the pytest plugin's).
-
-        While it lasts, :meth:`dispose` leaves the engine alone when the factory
-        ``pins_engine``: a test's connection is still open on it.
-        """
-        if self._factory is not self._default_factory:
-            raise ConfigurationError(f"{self!r} is already bound to a test's transaction.")
-        self._factory = factory
-        try:
-            yield
-        finally:
-            self._factory = self._default_factory
-
-    def _create_engine(self) -> AsyncEngine:
-        if self._engine_factory is not None:
-            engine = self._engine_factory()
-            if isinstance(engine, Engine):
-                raise ConfigurationError(_sync_engine_message(engine))
-            if not isinstance(engine, AsyncEngine):
-                raise ConfigurationError(
-                    f"The engine factory returned {type(engine).__name__}, not an AsyncEngine."
-                )
-            return engine
-        url = self._url
-        assert url is not None  # either a URL, an engine or a factory was given
-        return self._engine_for(url)
-
-    def _engine_for(self, url: URL) -> AsyncEngine:
-        """An engine the package owns, for ``url`` (the primary's or a replica's)."""
-        # A failed statement's exception shows its parameters, row data, and it is
-        # logged when a commit fails: hidden unless the app asks for them.
-        options = {"hide_parameters": True, **self._engine_options}
-        try:
-            return _create_async_engine(url, **options)
-        except ImportError as exc:
-            driver = url.get_driver_name()
-            extra = _DRIVER_EXTRAS.get(driver)
-            fix = (
-                f"pip install 'asgi-sqla[{extra}]'"
-                if extra
-                else f"install the {driver!r} driver, or use an async one"
-            )
-            raise ConfigurationError(
-                f"The driver for {mask_url(url)} could not be loaded "
-                f"({mask_text(str(exc), url)}): {fix}."
-            ) from None
+        return super()._make_replica_session(engine)
 
     async def _start(self) -> None:
         """Create the engine and check that the database answers."""
@@ -418,10 +501,7 @@ class Database:
             async with engine.connect():
                 pass
         except Exception as exc:
-            raise DatabaseStartupError(
-                f"{self!r} did not answer at startup: "
-                f"{type(exc).__name__}: {mask_text(str(exc), engine.url)}"
-            ) from None
+            raise self._startup_error(exc, engine) from None
         if self._two_phase_check:
             await _check_two_phase(self, engine)
         replicas = self._replicas
@@ -432,6 +512,10 @@ class Database:
                         pass
                 except Exception as exc:  # a replica down is not a startup failure
                     replicas.mark_down(replica, exc)
+
+    async def _stop(self) -> None:
+        """Dispose the engines (the middleware calls this at shutdown)."""
+        await self.dispose()
 
     async def dispose(self) -> None:
         """Dispose the engine if this ``Database`` created it, closing pooled connections.
@@ -448,42 +532,39 @@ class Database:
             replicas.reset()
             for replica in replica_engines:
                 await run_to_completion(replica.dispose())
-        engine = self._engine
-        if engine is None or not self._owns_engine:
-            return
-        self._engine = None
-        self._default_factory.reset()
-        await run_to_completion(engine.dispose())
+        engine = self._forget_engine()
+        if engine is not None:
+            await run_to_completion(cast(AsyncEngine, engine).dispose())
 
 
 class _EngineSource(NamedTuple):
-    """Where a ``Database``'s engine comes from: exactly one of the first three."""
+    """Where a database's engine comes from: exactly one of the first three."""
 
     url: URL | None
-    engine: AsyncEngine | None  # the app's own: never disposed by the package
-    factory: Callable[[], AsyncEngine] | None
+    engine: AsyncEngine | Engine | None  # the app's own: never disposed by the package
+    factory: Callable[[], AsyncEngine | Engine] | None
     options: dict[str, Any]
 
 
 def _engine_source(
-    url: str | URL | None,
-    engine: AsyncEngine | Callable[[], AsyncEngine] | None,
-    options: dict[str, Any],
+    url: str | URL | None, engine: object, options: dict[str, Any], *, sync: bool
 ) -> _EngineSource:
-    """Check ``Database``'s ``url``, ``engine`` and engine options; say where the engine is."""
+    """Check the ``url``, ``engine`` and engine options; say where the engine is."""
     if engine is None:
-        checked = _check_async_driver(_parse_url(url))
-        return _EngineSource(checked, None, None, check_engine_options(checked, options))
+        checked = _check_driver(_parse_url(url), sync=sync)
+        return _EngineSource(checked, None, None, check_engine_options(checked, options, sync=sync))
     if url is not None or options:
         raise ConfigurationError("Pass either a URL (with engine options) or engine=, not both.")
-    if isinstance(engine, AsyncEngine):
+    wanted = Engine if sync else AsyncEngine
+    if isinstance(engine, wanted):
         return _EngineSource(None, engine, None, {})
-    if isinstance(engine, Engine):
-        raise ConfigurationError(_sync_engine_message(engine))
+    if isinstance(engine, (Engine, AsyncEngine)):
+        raise ConfigurationError(_wrong_engine_message(engine, sync=sync))
     if callable(engine):
         return _EngineSource(None, None, engine, {})
     raise ConfigurationError(
-        f"engine= must be an AsyncEngine or a function returning one, not {type(engine).__name__}."
+        f"engine= must be an {wanted.__name__} or a function returning one, not "
+        f"{type(engine).__name__}."
     )
 
 
@@ -510,7 +591,7 @@ class SessionFactory(Protocol):
     #: The engine must not be disposed while this factory is in use.
     pins_engine: bool
 
-    def make(self, **options: Any) -> GuardedSession:
+    def make(self, **options: Any) -> AnySession:
         """A new session on the database's primary."""
 
     def make_read(self, engine: AsyncEngine) -> GuardedSession | None:
@@ -523,17 +604,18 @@ class EngineSessions:
     can_prepare = True
     pins_engine = False
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: BaseDatabase) -> None:
         self._db = db
-        self._maker: async_sessionmaker[GuardedSession] | None = None
+        self._maker: Callable[..., Any] | None = None
         self._read_maker: async_sessionmaker[GuardedSession] | None = None
 
-    def make(self, **options: Any) -> GuardedSession:
+    def make(self, **options: Any) -> AnySession:
         maker = self._maker
         if maker is None:
             db = self._db
-            maker = self._maker = async_sessionmaker(db.engine, **db._session_options)
-        return maker(**options)
+            maker = self._maker = db._maker_type(db._ready_engine(), **db._session_options)
+        session: AnySession = maker(**options)
+        return session
 
     def make_read(self, engine: AsyncEngine) -> GuardedSession:
         maker = self._read_maker
@@ -558,7 +640,8 @@ def _note_commit(sync_session: Any) -> None:
         context.committed_any = True
 
 
-def _raise_failure(outcome: Outcome) -> None:
+def raise_failure(outcome: Outcome) -> None:
+    """Raise the error of a failed ending (``release()``)."""
     if outcome.error is not None:
         raise outcome.error
 
@@ -583,8 +666,8 @@ def _parse_url(url: str | URL | None) -> URL:
         ) from None
 
 
-def _check_async_driver(url: URL) -> URL:
-    """Refuse a synchronous or unknown driver now, before any driver is imported."""
+def _check_driver(url: URL, *, sync: bool) -> URL:
+    """Refuse a driver of the other kind, or an unknown one, before any driver is imported."""
     shown = mask_url(url)
     try:
         dialect = url.get_dialect()
@@ -593,11 +676,18 @@ def _check_async_driver(url: URL) -> URL:
             f"SQLAlchemy knows no dialect and driver {url.drivername!r} (in {shown}); "
             "check the spelling, or install the package that provides it."
         ) from None
-    if not dialect.get_async_dialect_cls(url).is_async:
+    driver = url.get_driver_name()
+    if sync and dialect.is_async:
         raise ConfigurationError(
-            f"{shown} names a synchronous driver ({url.get_driver_name()!r}); asgi_sqla "
-            "needs an async one, e.g. postgresql+asyncpg://, postgresql+psycopg:// or "
-            "sqlite+aiosqlite://."
+            f"{shown} names an async driver ({driver!r}), and a SyncDatabase needs a "
+            "synchronous one (postgresql+psycopg://, postgresql+psycopg2://, sqlite://, "
+            "mysql+pymysql://); for async sessions use Database."
+        )
+    if not sync and not dialect.get_async_dialect_cls(url).is_async:
+        raise ConfigurationError(
+            f"{shown} names a synchronous driver ({driver!r}); Database needs an async "
+            "one (postgresql+asyncpg://, postgresql+psycopg://, sqlite+aiosqlite://). "
+            "For synchronous sessions in `def` endpoints, use SyncDatabase."
         )
     return url
 
@@ -612,7 +702,7 @@ def _replica_set(
         raise ConfigurationError(
             "replicas= takes a list of URLs, e.g. replicas=['postgresql+asyncpg://replica/db']."
         )
-    urls = tuple(_check_async_driver(_parse_url(url)) for url in replicas)
+    urls = tuple(_check_driver(_parse_url(url), sync=False) for url in replicas)
     return ReplicaSet(db, urls, float(cooldown)) if urls else None
 
 
@@ -642,9 +732,29 @@ def _require_asyncio() -> None:
         raise ConfigurationError(_NOT_ASYNCIO) from None
 
 
-def _sync_engine_message(engine: Engine) -> str:
+def _wrong_engine_message(engine: AsyncEngine | Engine, *, sync: bool) -> str:
+    if sync:
+        return (
+            f"{mask_url(engine.url)!r} is an AsyncEngine, and a SyncDatabase needs an Engine: "
+            "use sqlalchemy.create_engine() with a synchronous driver, or Database for async "
+            "sessions."
+        )
     return (
-        f"{mask_url(engine.url)!r} is a synchronous Engine; "
-        "asgi_sqla needs an AsyncEngine: use sqlalchemy.ext.asyncio.create_async_engine() "
-        "with an async driver."
+        f"{mask_url(engine.url)!r} is a synchronous Engine, and Database needs an "
+        "AsyncEngine: use sqlalchemy.ext.asyncio.create_async_engine() with an async "
+        "driver, or SyncDatabase for synchronous sessions."
     )
+
+
+def _wrong_engine(db: BaseDatabase, engine: object) -> str:
+    """Why the engine factory's result cannot serve ``db``."""
+    sync = db._engine_type is Engine
+    if isinstance(engine, (Engine, AsyncEngine)):
+        return _wrong_engine_message(engine, sync=sync)
+    wanted = db._engine_type.__name__
+    return f"The engine factory returned {type(engine).__name__}, not an {wanted}."
+
+
+def _sync_engine(engine: AsyncEngine | Engine) -> Engine:
+    """The synchronous engine (an ``AsyncEngine``'s ``sync_engine``), where events go."""
+    return engine.sync_engine if isinstance(engine, AsyncEngine) else engine

@@ -19,20 +19,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Hashable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._log import logger
 from ._multidb import commit_prepared_again, end_read_sessions, log_partial_commit, prepare_writers
 from ._outcome import Outcome, Result
-from ._session import GuardedSession, end_session
+from ._session import GuardedSession, end_session, sync_of
+from ._threaded import AnySession, end_thread_session
 
 __all__ = ["Decision", "end_sessions"]
 
 
 #: ``decide(db, session)``: commit or not, and why.  May raise (a ``commit_on`` policy).
-Decision = Callable[[Any, GuardedSession], tuple[bool, str]]
+Decision = Callable[[Any, AnySession], tuple[bool, str]]
 
 _POLICY_RAISED = (
     "The commit_on policy of %r raised %s for this request, so its transaction was rolled "
@@ -43,10 +44,20 @@ _POLICY_RAISED = (
 class _Ending:
     """The state of one ending: the results so far, the first error, a cancellation."""
 
-    __slots__ = ("cancelled", "error", "failed_db", "prepared", "reason", "reasons", "results")
+    __slots__ = (
+        "cancelled",
+        "error",
+        "failed_db",
+        "here",
+        "prepared",
+        "reason",
+        "reasons",
+        "results",
+    )
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, here: bool) -> None:
         self.reason = reason
+        self.here = here  # driven synchronously: a SyncDatabase's sessions end in this thread
         self.results: dict[Hashable, Result] = {}
         self.reasons: dict[Hashable, str] = {}
         self.error: BaseException | None = None
@@ -54,7 +65,7 @@ class _Ending:
         self.cancelled: BaseException | None = None
         self.prepared: dict[Any, Any] = {}
 
-    def decide(self, sessions: Mapping[Any, GuardedSession], decide: Decision) -> dict[Any, bool]:
+    def decide(self, sessions: Mapping[Any, AnySession], decide: Decision) -> dict[Any, bool]:
         decisions: dict[Any, bool] = {}
         for db, session in sessions.items():
             try:
@@ -66,9 +77,11 @@ class _Ending:
         return decisions
 
     async def prepare(
-        self, sessions: Mapping[Any, GuardedSession], decisions: Mapping[Any, bool]
+        self, sessions: Mapping[Any, AnySession], decisions: Mapping[Any, bool]
     ) -> None:
-        two_phase = await prepare_writers(sessions, decisions.__getitem__, self.reason)
+        # Two-phase commit is for async databases (the middleware refuses a SyncDatabase).
+        writers = cast(Mapping[Any, GuardedSession], sessions)
+        two_phase = await prepare_writers(writers, decisions.__getitem__, self.reason)
         self.prepared = two_phase.prepared
         if two_phase.cancelled is not None:
             self.cancelled = two_phase.cancelled
@@ -77,7 +90,7 @@ class _Ending:
 
     async def end_each(
         self,
-        sessions: Mapping[Any, GuardedSession],
+        sessions: Mapping[Any, AnySession],
         decisions: Mapping[Any, bool],
         engine_of: Callable[[Any], AsyncEngine],
     ) -> None:
@@ -88,7 +101,12 @@ class _Ending:
             else:
                 commit = decisions[db] and self.error is None
             try:
-                await end_session(session, commit=commit, reason=self.reason)
+                if isinstance(session, GuardedSession):
+                    await end_session(session, commit=commit, reason=self.reason)
+                else:
+                    await end_thread_session(
+                        session, commit=commit, reason=self.reason, here=self.here
+                    )
             except asyncio.CancelledError as exc:  # the end had finished (run_to_completion)
                 self.cancelled = exc
                 if exc.__cause__ is not None:  # ... and failed: it did not commit
@@ -132,25 +150,28 @@ class _Ending:
 
 
 async def end_sessions(
-    sessions: Mapping[Any, GuardedSession],
+    sessions: Mapping[Any, AnySession],
     decide: Decision,
     *,
     reason: str,
     two_phase: bool = False,
     engine_of: Callable[[Any], AsyncEngine],
+    here: bool = False,
 ) -> tuple[Outcome, BaseException | None]:
     """End ``sessions`` (see the module doc); return the outcome and any cancellation.
 
     ``sessions`` maps each ``Database`` (and each read session's slot) to its session,
     in first-use order.  ``reason`` is what a later use of one of them is told.
+    ``here``: the caller drives the ending without an event loop (``SyncDatabase``),
+    so its sessions end in this thread.
     """
-    ending = _Ending(reason)
+    ending = _Ending(reason, here)
     primaries, ending.cancelled = await end_read_sessions(sessions, reason)
     decisions = ending.decide(primaries, decide)
     if two_phase and ending.error is None:
         await ending.prepare(primaries, decisions)
     else:
         for session in primaries.values():
-            session.sync_session.twophase = False  # one database: a one-phase commit
+            sync_of(session).twophase = False  # one database: a one-phase commit
     await ending.end_each(primaries, decisions, engine_of)
     return ending.outcome(), ending.cancelled

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 __all__ = [
     "AsgiSqlaError",
+    "BlockingCallError",
     "CommitFailedError",
     "ConcurrentSessionUseError",
     "ConfigurationError",
@@ -42,7 +43,16 @@ class SessionEndedError(AsgiSqlaError, RuntimeError):
 
 
 class ConcurrentSessionUseError(AsgiSqlaError, RuntimeError):
-    """Two tasks used one ``AsyncSession`` at the same time."""
+    """Two tasks used one ``AsyncSession``, or two threads one ``Session``, at once."""
+
+
+class BlockingCallError(AsgiSqlaError, RuntimeError):
+    """A ``SyncDatabase``'s session was used in the event loop's thread.
+
+    Its calls wait for the database, and every other request on that loop would wait
+    with them: use the session in a ``def`` endpoint (run in a worker thread), or pass
+    ``block_event_loop=True`` where that is meant (tests on SQLite).
+    """
 
 
 class RollbackOnlyError(AsgiSqlaError, RuntimeError):

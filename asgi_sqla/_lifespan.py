@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._database import Database
+from ._database import BaseDatabase
 from ._log import logger
 from ._outcome import SingletonEnum
 from .types import AnyASGIApp, Message, Receive, Scope, Send
@@ -69,7 +69,7 @@ class LifespanRelay:
     def __init__(
         self,
         app: AnyASGIApp,
-        databases: tuple[Database, ...],
+        databases: tuple[BaseDatabase, ...],
         scope: Scope,
         receive: Receive,
         send: Send,
@@ -79,7 +79,7 @@ class LifespanRelay:
         self._scope = scope
         self._receive = receive
         self._send = send
-        self._started: list[Database] = []
+        self._started: list[BaseDatabase] = []
         self._phase = _Phase.WAITING
 
     def _move(self, message_type: str) -> bool:
@@ -142,7 +142,7 @@ class LifespanRelay:
         started, self._started = self._started, []
         for db in started:
             try:
-                await db.dispose()
+                await db._stop()
             except Exception:
                 logger.exception("Could not dispose the engine of %r.", db)
 

@@ -11,8 +11,9 @@ from collections.abc import Iterable
 from typing import Any, cast
 
 from asgiref.compatibility import guarantee_single_callable
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from ._database import Database
+from ._database import BaseDatabase
 from ._errors import ConfigurationError
 from ._http import HTTPOptions, HTTPResponder
 from ._lifespan import LifespanRelay
@@ -71,7 +72,7 @@ class SQLAlchemyMiddleware:
     def __init__(
         self,
         app: AnyASGIApp,
-        *databases: Database,
+        *databases: BaseDatabase,
         retry_after: int = 1,
         read_only: Iterable[str] = (),
         manual_commit: Iterable[str] = (),
@@ -178,10 +179,10 @@ def _check_databases(databases: tuple[object, ...]) -> None:
             "SQLAlchemyMiddleware(app, Database(url))."
         )
     for db in databases:
-        if not isinstance(db, Database):
+        if not isinstance(db, BaseDatabase):
             raise ConfigurationError(
-                f"SQLAlchemyMiddleware takes Database objects after the app, not "
-                f"{type(db).__name__}: SQLAlchemyMiddleware(app, Database(url))."
+                f"SQLAlchemyMiddleware takes Database or SyncDatabase objects after the "
+                f"app, not {type(db).__name__}: SQLAlchemyMiddleware(app, Database(url))."
             )
     if len(set(map(id, databases))) != len(databases):
         raise ConfigurationError(
@@ -189,9 +190,14 @@ def _check_databases(databases: tuple[object, ...]) -> None:
         )
 
 
-def _check_two_phase(two_phase: bool, databases: tuple[Database, ...]) -> bool:
+def _check_two_phase(two_phase: bool, databases: tuple[BaseDatabase, ...]) -> bool:
     if check_bool("two_phase", two_phase):
         for db in databases:
+            if db._engine_type is not AsyncEngine:
+                raise ConfigurationError(
+                    f"two_phase=True is for async databases, and {db!r} is a SyncDatabase: "
+                    "use Database for the databases committed together."
+                )
             url = db._url
             if url is not None and url.get_backend_name() != "postgresql":
                 raise ConfigurationError(

@@ -48,6 +48,8 @@ from ._session import (
 
 #: A database, as this module sees it: a key that names itself in the log.
 Database = TypeVar("Database", bound=Hashable)
+#: A request's session, async or synchronous (read sessions are async).
+_Session = TypeVar("_Session")
 
 __all__ = [
     "TwoPhase",
@@ -60,17 +62,17 @@ __all__ = [
 
 
 async def end_read_sessions(
-    sessions: Mapping[Any, GuardedSession], reason: str
-) -> tuple[dict[Any, GuardedSession], BaseException | None]:
+    sessions: Mapping[Any, _Session], reason: str
+) -> tuple[dict[Any, _Session], BaseException | None]:
     """Close the read sessions (they never commit).
 
     Returns the primary sessions, and a cancellation that arrived meanwhile (the closes
     finished first), for the caller to re-raise once those are ended too.
     """
-    primaries: dict[Any, GuardedSession] = {}
+    primaries: dict[Any, _Session] = {}
     cancelled: BaseException | None = None
     for key, session in sessions.items():
-        if isinstance(key, ReplicaSlot):
+        if isinstance(key, ReplicaSlot) and isinstance(session, GuardedSession):
             try:
                 await end_read_session(session, reason)
             except asyncio.CancelledError as exc:  # the close finished; carry on

@@ -10,11 +10,11 @@ connects to a database: engines are made in each worker's lifespan, never at imp
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from numbers import Integral, Real
 from typing import Any, TypeVar
 
-from sqlalchemy import URL
+from sqlalchemy import URL, create_engine
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 from sqlalchemy.orm import Session
@@ -104,8 +104,9 @@ def check_bool(
     )
 
 
-def check_engine_options(url: URL, options: Mapping[str, Any]) -> dict[str, Any]:
-    """``options`` for ``create_async_engine(url, ...)``, checked; a copy.
+def check_engine_options(url: URL, options: Mapping[str, Any], *, sync: bool) -> dict[str, Any]:
+    """``options`` for ``create_async_engine(url, ...)`` (``create_engine`` when ``sync``),
+    checked; a copy.
 
     The common options' types are checked from a table.  Unknown options, and
     options the dialect and pool of ``url`` do not take (``pool_size`` with SQLite's
@@ -132,55 +133,60 @@ def check_engine_options(url: URL, options: Mapping[str, Any]) -> dict[str, Any]
     # Plugins may take keywords of their own and hook every engine made: leave them
     # to the real engine.
     if "plugins" not in checked and "plugin" not in url.query:
-        _build_and_drop(url, checked)
+        _build_and_drop(url, checked, create_engine if sync else create_async_engine)
     return checked
 
 
-def _build_and_drop(url: URL, options: dict[str, Any]) -> None:
+def _build_and_drop(url: URL, options: dict[str, Any], create: Callable[..., object]) -> None:
+    name = create.__name__
     try:
-        create_async_engine(url, **options)
+        create(url, **options)
     except ImportError:
         return  # the driver is not installed: startup names the pip extra that installs it
     except TypeError as exc:
         # SQLAlchemy's message quotes each keyword that nothing consumed.
         unknown = [option for option in options if f"'{option}'" in str(exc)]
         if not unknown:
-            raise _refused(url, exc) from None
+            raise _refused(url, exc, name) from None
         names = ", ".join(repr(option) for option in unknown)
         raise ConfigurationError(
-            f"create_async_engine() does not take {names} with the dialect and pool of "
+            f"{name}() does not take {names} with the dialect and pool of "
             f"{mask_url(url)}: check the spelling, or remove "
             f"{'it' if len(unknown) == 1 else 'them'} from Database(...)."
         ) from None
     except (ArgumentError, ValueError) as exc:
-        raise _refused(url, exc) from None
+        raise _refused(url, exc, name) from None
 
 
-def _refused(url: URL, exc: Exception) -> ConfigurationError:
+def _refused(url: URL, exc: Exception, name: str) -> ConfigurationError:
     return ConfigurationError(
-        f"create_async_engine() refused the engine options given to Database() for "
+        f"{name}() refused the engine options given to Database() for "
         f"{mask_url(url)} ({type(exc).__name__}: {mask_text(str(exc), url)}); fix or "
         f"remove the option it names."
     )
 
 
-def check_session_options(options: object) -> dict[str, Any]:
-    """``options`` for ``async_sessionmaker``, checked; a copy.
+def check_session_options(options: object, *, sync: bool) -> dict[str, Any]:
+    """``options`` for ``async_sessionmaker`` (``sessionmaker`` when ``sync``), checked; a copy.
 
     Keywords are checked by making one session of the class that will be used, with
     no bind (which takes no connection): ``class_`` may take keywords of its own.
     """
     if options is None:
         return {}
+    maker = "sessionmaker" if sync else "async_sessionmaker"
     if not isinstance(options, Mapping):
         raise ConfigurationError(
-            f"session_options must be a dict of async_sessionmaker() keywords, not "
+            f"session_options must be a dict of {maker}() keywords, not "
             f"{type(options).__name__}; pass e.g. session_options={{'expire_on_commit': True}}."
         )
     checked = dict(options)
     _check_session_values(checked)
-    _check_session_classes(checked)
-    _try_session_keywords(checked)
+    if sync:
+        _check_sync_session_class(checked)
+    else:
+        _check_session_classes(checked)
+    _try_session_keywords(checked, Session if sync else AsyncSession)
     return checked
 
 
@@ -220,8 +226,28 @@ def _check_session_classes(checked: dict[str, Any]) -> None:
         )
 
 
-def _try_session_keywords(checked: dict[str, Any]) -> None:
-    session_class = checked.get("class_", AsyncSession)
+def _check_sync_session_class(checked: dict[str, Any]) -> None:
+    session_class = checked.get("class_", Session)
+    if isinstance(session_class, type) and issubclass(session_class, AsyncSession):
+        raise ConfigurationError(
+            f"class_ is {session_class.__name__}, an AsyncSession, and a SyncDatabase makes "
+            "synchronous sessions: pass a Session class (sqlmodel.Session, say), or use "
+            "Database for async sessions."
+        )
+    if not (isinstance(session_class, type) and issubclass(session_class, Session)):
+        raise ConfigurationError(
+            f"class_ must be Session or a subclass of it, not {session_class!r} "
+            "(in session_options)."
+        )
+    if "sync_session_class" in checked:
+        raise ConfigurationError(
+            "sync_session_class is an AsyncSession option; a SyncDatabase's sessions are "
+            "of class_ itself: pass session_options={'class_': YourSession}."
+        )
+
+
+def _try_session_keywords(checked: dict[str, Any], default: type[Any]) -> None:
+    session_class = checked.get("class_", default)
     keywords = {option: value for option, value in checked.items() if option != "class_"}
     try:
         session_class(**keywords)

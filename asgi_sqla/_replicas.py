@@ -37,7 +37,7 @@ from collections.abc import Callable, Coroutine
 from time import monotonic
 from typing import Any, cast
 
-from sqlalchemy import URL, event
+from sqlalchemy import URL, Engine, event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
@@ -163,8 +163,8 @@ async def end_read_session(session: GuardedSession, reason: str) -> None:
             session._asgi_sqla_route = None  # a retired session routes nowhere
 
 
-def track_writes(engine: AsyncEngine, on_write: Callable[[], None]) -> None:
-    """Call ``on_write()`` whenever ``engine`` runs a statement that is not a plain read."""
+def track_writes(sync_engine: Engine, on_write: Callable[[], None]) -> None:
+    """Call ``on_write()`` whenever ``sync_engine`` runs a statement that is not a plain read."""
 
     def before_cursor_execute(
         conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
@@ -172,7 +172,7 @@ def track_writes(engine: AsyncEngine, on_write: Callable[[], None]) -> None:
         if not _is_plain_read(statement, context):
             on_write()
 
-    event.listen(engine.sync_engine, "before_cursor_execute", before_cursor_execute)
+    event.listen(sync_engine, "before_cursor_execute", before_cursor_execute)
 
 
 def _is_plain_read(statement: str, context: Any) -> bool:

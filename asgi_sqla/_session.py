@@ -135,6 +135,8 @@ class _GuardedSyncSession(Session):
     _asgi_sqla_statement_failed = False
     #: on_commit callbacks waiting for the current transaction to commit.
     _asgi_sqla_on_commit: list[Callable[[], object]] | None = None
+    #: on_commit callbacks whose transaction has committed, waiting to run.
+    _asgi_sqla_committed: list[Callable[[], object]] | None = None
 
     def _execute_internal(self, *args: Any, **kwargs: Any) -> Any:
         # Every statement: execute(), scalar(s)(), get(), refresh(), lazy loads, exec().
@@ -161,36 +163,32 @@ class _GuardedSyncSession(Session):
             raise
 
     def commit(self) -> None:
-        _enter(self)
         try:
-            super().commit()
-        except Exception as exc:
-            _note_failure(self, exc)
+            self._guarded(super().commit)
+        except Exception:
             self._forget_transaction()  # it did not commit: its callbacks never run
             raise
 
     def rollback(self) -> None:
-        _enter(self)
-        super().rollback()
+        self._guarded(super().rollback)
         self._forget_transaction()
 
     def begin(self, nested: bool = False) -> SessionTransaction:
-        _enter(self)
-        return super().begin(nested)
+        return self._guarded(super().begin, nested)
 
     def close(self) -> None:
         if _may_release(self):
-            super().close()
+            self._guarded(super().close)
             self._forget_transaction()
 
     def reset(self) -> None:
         if _may_release(self):
-            super().reset()
+            self._guarded(super().reset)
             self._forget_transaction()
 
     def invalidate(self) -> None:
         if _may_release(self):
-            super().invalidate()
+            self._guarded(super().invalidate)
             self._forget_transaction()
 
     def _forget_transaction(self) -> None:
@@ -282,10 +280,7 @@ def _enter(session: _GuardedSyncSession) -> None:
 
 def _may_release(session: _GuardedSyncSession) -> bool:
     """Whether close(), reset() or invalidate() should run (on a retired session, no)."""
-    if session._asgi_sqla_ended is not None and _ending.get() is not session:
-        return False
-    _enter(session)
-    return True
+    return session._asgi_sqla_ended is None or _ending.get() is session
 
 
 def _note_failure(session: _GuardedSyncSession, exc: Exception) -> None:
@@ -330,9 +325,6 @@ class GuardedSession(AsyncSession):
     _asgi_sqla_conflict = _OnSyncSession[bool]()
     #: Why this session's transactions must never commit, if they must not.
     _asgi_sqla_rollback_only = _OnSyncSession[str | None]()
-    #: on_commit callbacks whose transaction has committed, waiting to run (those still
-    #: waiting for their transaction are kept on the synchronous session).
-    _asgi_sqla_committed: list[Callable[[], object]] | None = None
 
     def __init__(
         self,
@@ -361,16 +353,20 @@ class GuardedSession(AsyncSession):
         await run_committed_callbacks(self)
 
 
-def add_on_commit(session: GuardedSession, callback: Callable[[], object]) -> None:
+#: A guarded session: an ``AsyncSession`` or a synchronous ``Session`` (``_threaded``).
+SessionLike = GuardedSession | _GuardedSyncSession
+
+
+def add_on_commit(session: SessionLike, callback: Callable[[], object]) -> None:
     """Run ``callback`` once ``session``'s current root transaction has committed.
 
     SQLAlchemy's ``after_commit`` and ``after_rollback`` session events tell when that
-    happens, however the transaction ends (``commit()``, ``async with
-    session.begin():``, or the middleware); the callbacks then run, outside the
-    transaction, the next time the package's code is back in async code: after an
-    explicit ``commit()``, or when the package ends the session.
+    happens, however the transaction ends (``commit()``, ``session.begin()`` blocks, or
+    the middleware); the callbacks then run, outside the transaction, once the
+    package's code has the commit behind it: after an explicit ``commit()``, or when
+    the package ends the session.
     """
-    sync_session = cast(_GuardedSyncSession, session.sync_session)
+    sync_session = sync_of(session)
     pending = sync_session._asgi_sqla_on_commit
     if pending is None:
         pending = sync_session._asgi_sqla_on_commit = []
@@ -378,9 +374,9 @@ def add_on_commit(session: GuardedSession, callback: Callable[[], object]) -> No
         def after_commit(sync: Any) -> None:
             # Releasing a SAVEPOINT fires this event too; only the root commit counts.
             if not sync.in_nested_transaction() and pending:
-                committed = session._asgi_sqla_committed
+                committed = sync_session._asgi_sqla_committed
                 if committed is None:
-                    committed = session._asgi_sqla_committed = []
+                    committed = sync_session._asgi_sqla_committed = []
                 committed.extend(pending)
                 pending.clear()
 
@@ -393,18 +389,38 @@ def add_on_commit(session: GuardedSession, callback: Callable[[], object]) -> No
     pending.append(callback)
 
 
-async def run_committed_callbacks(session: GuardedSession) -> None:
+async def run_committed_callbacks(session: SessionLike) -> None:
     """Run the on_commit callbacks whose transaction has committed; log their errors."""
-    while session._asgi_sqla_committed:
-        callback = session._asgi_sqla_committed.pop(0)
+    committed = sync_of(session)._asgi_sqla_committed
+    while committed:
+        callback = committed.pop(0)
         try:
             result = callback()
             if inspect.isawaitable(result):
                 await result
         except Exception:
-            logger.exception(
-                "The on_commit callback %r failed; the transaction had committed.", callback
-            )
+            logger.exception(_CALLBACK_FAILED, callback)
+
+
+def run_committed_callbacks_here(session: _GuardedSyncSession) -> None:
+    """Run a synchronous session's committed on_commit callbacks in this thread."""
+    committed = session._asgi_sqla_committed
+    while committed:
+        callback = committed.pop(0)
+        try:
+            callback()
+        except Exception:
+            logger.exception(_CALLBACK_FAILED, callback)
+
+
+_CALLBACK_FAILED = "The on_commit callback %r failed; the transaction had committed."
+
+
+def sync_of(session: SessionLike) -> _GuardedSyncSession:
+    """The synchronous session where ``session``'s guard and marks are kept."""
+    if isinstance(session, AsyncSession):
+        return cast(_GuardedSyncSession, session.sync_session)
+    return session
 
 
 @functools.cache
@@ -415,7 +431,7 @@ def guarded_class(cls: type[AsyncSession]) -> type[GuardedSession]:
     return type(f"Guarded{cls.__name__}", (GuardedSession, cls), {})
 
 
-def make_read_only(session: GuardedSession) -> None:
+def make_read_only(session: SessionLike) -> None:
     """Make every transaction of ``session`` read-only and never committed.
 
     On PostgreSQL and MySQL the transaction is declared ``READ ONLY``, so a write fails
@@ -436,7 +452,7 @@ def make_read_only(session: GuardedSession) -> None:
     session._asgi_sqla_rollback_only = READ_ONLY
     bind = session.bind
     if bind is not None and bind.dialect.name in ("postgresql", "mysql"):
-        event.listen(session.sync_session, "after_begin", _set_transaction_read_only)
+        event.listen(sync_of(session), "after_begin", _set_transaction_read_only)
 
 
 def _set_transaction_read_only(session: Any, transaction: Any, connection: Any) -> None:
@@ -524,7 +540,7 @@ async def run_to_completion(coro: Awaitable[_T]) -> _T:
     return task.result()
 
 
-def retire(session: GuardedSession, reason: str) -> None:
+def retire(session: SessionLike, reason: str) -> None:
     """Make every later database call on ``session`` raise ``SessionEndedError(reason)``.
 
     Only the package's own calls through ``_unguarded(session)`` pass from then on;

@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from time import perf_counter
 from typing import Any, Literal
 
-from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import Engine, event
 
 from ._log import logger, printable
 from .types import Scope
@@ -58,14 +57,14 @@ class PoolStatus:
     overflow: int
 
 
-def instrument(engine: AsyncEngine, current: Callable[[], RequestStats | None]) -> None:
+def instrument(sync_engine: Engine, current: Callable[[], RequestStats | None]) -> None:
     """Register the events that feed the ``RequestStats`` that ``current()`` returns.
 
+    ``sync_engine`` is the engine (of an ``AsyncEngine``, its ``sync_engine``);
     ``current()`` gives the running request's statistics for this engine's database,
     or None outside a request.
     """
     events = _Events(current)
-    sync_engine = engine.sync_engine
     event.listen(sync_engine, "before_cursor_execute", events.before_cursor_execute)
     event.listen(sync_engine, "after_cursor_execute", events.after_cursor_execute)
     event.listen(sync_engine, "handle_error", events.handle_error)
@@ -110,8 +109,8 @@ class _Events:
             stats.held += perf_counter() - started
 
 
-def pool_status(engine: AsyncEngine) -> PoolStatus:
-    pool: Any = engine.sync_engine.pool
+def pool_status(sync_engine: Engine) -> PoolStatus:
+    pool: Any = sync_engine.pool
     size = int(pool.size()) if hasattr(pool, "size") else 0
     checked_out = int(pool.checkedout()) if hasattr(pool, "checkedout") else 0
     checked_in = int(pool.checkedin()) if hasattr(pool, "checkedin") else 0

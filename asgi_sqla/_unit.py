@@ -39,11 +39,12 @@ DONE, then ends what is open by then.  Ending returns one :class:`Outcome`, kept
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Hashable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Hashable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 
+from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._ending import end_sessions
@@ -52,9 +53,12 @@ from ._outcome import NOTHING_ENDED, Outcome, Result, SingletonEnum
 from ._replicas import ReadRoute, ReplicaSet
 from ._session import GuardedSession, make_read_only
 from ._stats import Limits, RequestStats
+from ._threaded import AnySession
 from .types import Scope
 
-__all__ = ["SCOPE_KEY", "Event", "SessionContext", "State", "current_context"]
+__all__ = ["SCOPE_KEY", "Event", "SessionContext", "State", "current_context", "run_here"]
+
+_T = TypeVar("_T")
 
 #: Key of the ``SessionContext`` in the ASGI scope of every HTTP and websocket
 #: connection that passes through ``SQLAlchemyMiddleware``.
@@ -148,7 +152,7 @@ class ManagedDatabase(Hashable, Protocol):
     _stats: bool
 
     @property
-    def engine(self) -> AsyncEngine: ...
+    def engine(self) -> AsyncEngine | Engine: ...
 
     @property
     def replica_engines(self) -> tuple[AsyncEngine, ...]: ...
@@ -159,7 +163,7 @@ class ManagedDatabase(Hashable, Protocol):
     @property
     def limits(self) -> Limits: ...
 
-    def _make_session(self, **options: Any) -> GuardedSession: ...
+    def _make_session(self, **options: Any) -> AnySession: ...
 
     def _make_replica_session(self, engine: AsyncEngine) -> GuardedSession | None: ...
 
@@ -202,7 +206,7 @@ class SessionContext:
     def __init__(self, databases: tuple[ManagedDatabase, ...]) -> None:
         self._databases = databases
         # Primary sessions under their Database, read sessions under its ReplicaSlot.
-        self._sessions: dict[Hashable, GuardedSession] = {}
+        self._sessions: dict[Hashable, AnySession] = {}
         self._state = _OPEN
 
     @classmethod
@@ -264,7 +268,7 @@ class SessionContext:
             names = ", ".join(repr(d) for d in (*self._databases, db))
             raise NoSessionContextError(_NOT_MANAGED.format(db=db, names=names))
 
-    def session(self, db: ManagedDatabase) -> GuardedSession:
+    def session(self, db: ManagedDatabase) -> AnySession:
         """Return ``db``'s session in this context, creating it on first use."""
         session = self._sessions.get(db)
         if session is not None:
@@ -276,7 +280,7 @@ class SessionContext:
         self._sessions[db] = session
         return session
 
-    def read_session(self, db: ManagedDatabase) -> GuardedSession:
+    def read_session(self, db: ManagedDatabase) -> AnySession:
         """``db``'s read session: on a replica, or the primary session (``_replicas``)."""
         replicas = db._replicas
         written = self._written
@@ -292,12 +296,14 @@ class SessionContext:
         session = db._make_replica_session(engine)
         if session is None:  # the sessions' factory keeps reads on the primary
             return self.session(db)
-        ReadRoute(session, replicas, db.replica_engines, self._primary_for(db))
+        # Replicas are an async Database's: its sessions are GuardedSessions.
+        primary = cast(Callable[[bool], GuardedSession | None], self._primary_for(db))
+        ReadRoute(session, replicas, db.replica_engines, primary)
         self._sessions[replicas.slot] = session
         return session
 
-    def _primary_for(self, db: ManagedDatabase) -> Callable[[bool], GuardedSession | None]:
-        def primary(force: bool) -> GuardedSession | None:
+    def _primary_for(self, db: ManagedDatabase) -> Callable[[bool], AnySession | None]:
+        def primary(force: bool) -> AnySession | None:
             # The primary session when the statement needs it (``force``) or once the
             # request has written there; None: the replica serves it.
             written = self._written
@@ -329,7 +335,7 @@ class SessionContext:
         """The statistics of every database this context tracked."""
         return self._stats or {}
 
-    def existing(self, db: ManagedDatabase) -> GuardedSession | None:
+    def existing(self, db: ManagedDatabase) -> AnySession | None:
         """Return ``db``'s session if one is open in this context."""
         return self._sessions.get(db)
 
@@ -347,20 +353,23 @@ class SessionContext:
         """The rule that ends this unit's transactions for ``status`` (None: success)."""
         return Decider(status, failed=failed, manual=self.manual)
 
-    async def end(self, status: int | None = None, *, reason: str, failed: bool = False) -> Outcome:
+    async def end(
+        self, status: int | None = None, *, reason: str, failed: bool = False, here: bool = False
+    ) -> Outcome:
         """End this round's sessions and return the outcome; the unit stays open.
 
         ``status`` is what each database's ``commit_on`` decides on (None: success
         without a status); ``failed`` rolls everything back.  A cancellation that
-        arrives meanwhile is re-raised once every session has ended.
+        arrives meanwhile is re-raised once every session has ended.  ``here``: driven
+        without an event loop by :func:`run_here` (a ``SyncDatabase``'s sessions).
         """
         if self._state is not _OPEN:
             await self._after_ending()
         self._transition(Event.END_ROUND)
-        return await self._end_sessions(self.decide(status, failed=failed), reason)
+        return await self._end_sessions(self.decide(status, failed=failed), reason, here)
 
     async def close(
-        self, status: int | None = None, *, reason: str, failed: bool = False
+        self, status: int | None = None, *, reason: str, failed: bool = False, here: bool = False
     ) -> Outcome:
         """End every open session and refuse new ones from now on; return the outcome."""
         await self._after_ending()
@@ -368,7 +377,7 @@ class SessionContext:
             return NOTHING_ENDED
         self._ended = reason
         self._transition(Event.CLOSE)
-        return await self._end_sessions(self.decide(status, failed=failed), reason)
+        return await self._end_sessions(self.decide(status, failed=failed), reason, here)
 
     @asynccontextmanager
     async def closing(self, reason: str) -> AsyncIterator[None]:
@@ -382,6 +391,18 @@ class SessionContext:
             await self.close(reason=reason, failed=True)
             raise
         outcome = await self.close(reason=reason)
+        if outcome.error is not None:
+            raise outcome.error
+
+    @contextmanager
+    def closing_here(self, reason: str) -> Iterator[None]:
+        """:meth:`closing` for a unit of ``SyncDatabase`` sessions, ended in this thread."""
+        try:
+            yield
+        except BaseException:
+            run_here(self.close(reason=reason, failed=True, here=True))
+            raise
+        outcome = run_here(self.close(reason=reason, here=True))
         if outcome.error is not None:
             raise outcome.error
 
@@ -407,13 +428,13 @@ class SessionContext:
             if self._after_close is not None:
                 self._run_after_close()
 
-    async def release(self, db: ManagedDatabase, *, commit: bool) -> Outcome:
+    async def release(self, db: ManagedDatabase, *, commit: bool, here: bool = False) -> Outcome:
         """End ``db``'s sessions now, if it has any; a later read opens a new one.
 
         Only these sessions end, so the unit stays as it is (sessions of other
         databases, and new ones, are unaffected).  Returns their outcome.
         """
-        sessions: dict[Hashable, GuardedSession] = {}
+        sessions: dict[Hashable, AnySession] = {}
         replicas = db._replicas
         if replicas is not None and replicas.slot in self._sessions:
             sessions[replicas.slot] = self._sessions.pop(replicas.slot)
@@ -423,7 +444,7 @@ class SessionContext:
             return NOTHING_ENDED
         decider = Decider(None, failed=False, manual=False, release=commit)
         outcome, cancelled = await end_sessions(
-            sessions, decider, reason=RELEASED, engine_of=_engine_of
+            sessions, decider, reason=RELEASED, engine_of=_engine_of, here=here
         )
         return self._record(outcome, cancelled)
 
@@ -435,14 +456,19 @@ class SessionContext:
                 done = self._ending_done = asyncio.Event()
             await done.wait()
 
-    async def _end_sessions(self, decider: Decider, reason: str) -> Outcome:
+    async def _end_sessions(self, decider: Decider, reason: str, here: bool) -> Outcome:
         sessions, self._sessions = self._sessions, {}
         try:
             if not sessions:
                 return self._record(NOTHING_ENDED, None)
             two_phase = self.two_phase and all(db._can_prepare() for db in self._databases)
             outcome, cancelled = await end_sessions(
-                sessions, decider, reason=reason, two_phase=two_phase, engine_of=_engine_of
+                sessions,
+                decider,
+                reason=reason,
+                two_phase=two_phase,
+                engine_of=_engine_of,
+                here=here,
             )
             return self._record(outcome, cancelled)
         finally:
@@ -516,7 +542,7 @@ class Decider:
         self.manual = manual
         self.release = release  # db.release(commit=...): the app decided
 
-    def __call__(self, db: ManagedDatabase, session: GuardedSession) -> tuple[bool, str]:
+    def __call__(self, db: ManagedDatabase, session: AnySession) -> tuple[bool, str]:
         if self.failed:
             return False, "rolled back: the request failed or was cut short"
         marked = session._asgi_sqla_rollback_only
@@ -540,4 +566,24 @@ class Decider:
 
 
 def _engine_of(db: ManagedDatabase) -> AsyncEngine:
-    return db.engine
+    engine = db.engine
+    assert isinstance(engine, AsyncEngine)  # two-phase commit: async databases only
+    return engine
+
+
+def run_here(ending: Coroutine[Any, Any, _T]) -> _T:
+    """Run ``ending`` (an ending with ``here=True``) to its end in this thread.
+
+    A ``SyncDatabase``'s sessions end with ``here=True`` without ever suspending, so
+    the coroutine completes at its first step, with no event loop: ``db.scope()`` in a
+    script, ``db.release()`` in a worker thread.
+    """
+    try:
+        ending.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    ending.close()
+    raise _IllegalTransitionError(
+        "An ending driven in this thread had to wait (another task was ending the same "
+        "unit of work); this is a bug in asgi_sqla: please report it."
+    )

@@ -131,7 +131,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 
 from ._database import Database
 from ._errors import AsgiSqlaError, ConfigurationError
-from ._session import _GUARDED_METHODS, GuardedSession, guarded_class
+from ._session import _GUARDED_METHODS, GuardedSession, guarded_class, sync_of
 from ._unit import current_context
 
 __all__ = ["ConnectionTurnTimeout", "OuterTransaction", "rolled_back"]
@@ -288,7 +288,7 @@ def _request_context(session: _SharedConnectionSession) -> object:
     context = current_context.get()
     if context is not None:
         existing = context.existing(session._asgi_sqla_db)
-        if existing is not None and existing.sync_session is session:
+        if existing is not None and sync_of(existing) is cast(Session, session):
             return context
     return None
 

@@ -62,7 +62,7 @@ from quart.asgi import ASGIHTTPConnection, ASGIWebsocketConnection
 from quart.signals import got_websocket_exception
 from quart.wrappers import Request, Websocket
 
-from ._database import Database
+from ._database import BaseDatabase
 from ._errors import CommitFailedError, ConfigurationError
 from ._log import logger
 from ._middleware import SQLAlchemyMiddleware
@@ -100,7 +100,7 @@ _FOREIGN_CLASS = (
 _Task = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
 
-def init_app(app: Quart, *databases: Database) -> None:
+def init_app(app: Quart, *databases: BaseDatabase) -> None:
     """Make ``app``'s background tasks and websockets follow the middleware's transactions.
 
     Call it once, after ``app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, ...)``.  The
@@ -110,7 +110,7 @@ def init_app(app: Quart, *databases: Database) -> None:
     the databases in ``app.extensions["asgi_sqla"]``.
 
     :param app: The ``Quart`` application.
-    :param databases: The ``Database`` objects given to the middleware.
+    :param databases: The ``Database`` and ``SyncDatabase`` objects given to the middleware.
     """
     if not databases:
         middleware = app.asgi_app
@@ -118,9 +118,10 @@ def init_app(app: Quart, *databases: Database) -> None:
             raise ConfigurationError(_NO_DATABASES)
         databases = middleware.databases
     for db in databases:
-        if not isinstance(db, Database):
+        if not isinstance(db, BaseDatabase):
             raise ConfigurationError(
-                f"init_app(app, *databases) takes Database objects, not {type(db).__name__}."
+                "init_app(app, *databases) takes Database or SyncDatabase objects, not "
+                f"{type(db).__name__}."
             )
     app.extensions[EXTENSION_KEY] = tuple(databases)
     app.asgi_http_class = _extend(app.asgi_http_class, _HTTPConnection, "asgi_http_class")
@@ -327,14 +328,14 @@ async def _roll_back(scope: Scope) -> None:
         await context.end(reason=REQUEST_FINISHED, failed=True)
 
 
-def _start(app: Quart, databases: tuple[Database, ...], task: _Task) -> None:
+def _start(app: Quart, databases: tuple[BaseDatabase, ...], task: _Task) -> None:
     func, args, kwargs = task
     app.add_background_task(_run_with_sessions, app, databases, func, args, kwargs)
 
 
 async def _run_with_sessions(
     app: Quart,
-    databases: tuple[Database, ...],
+    databases: tuple[BaseDatabase, ...],
     func: Callable[..., Any],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
@@ -351,11 +352,11 @@ def _scope(scope: object) -> Scope:
     return cast(Scope, scope)
 
 
-def _databases(app: Quart) -> tuple[Database, ...]:
+def _databases(app: Quart) -> tuple[BaseDatabase, ...]:
     databases = app.extensions.get(EXTENSION_KEY)
     if databases is None:
         raise ConfigurationError(_NOT_INITIALISED)
-    return cast(tuple[Database, ...], databases)
+    return cast(tuple[BaseDatabase, ...], databases)
 
 
 def _extend(cls: type[Any], extension: type[Any], attribute: str) -> Any:

@@ -1,0 +1,204 @@
+"""``SyncDatabase``: a synchronous engine for the life of the app, a ``Session`` per request."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, cast
+
+from sqlalchemy import URL, Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from ._database import BaseDatabase, _engine_source, commit_below_400, raise_failure
+from ._errors import ConfigurationError
+from ._options import check_bool, check_session_options
+from ._session import add_on_commit, run_committed_callbacks_here
+from ._threaded import ThreadSession, check_off_loop, in_worker, thread_class
+from ._unit import SCOPE_EXITED, SessionContext, current_context, run_here
+
+__all__ = ["SyncDatabase"]
+
+
+class SyncDatabase(BaseDatabase):
+    """A synchronous engine that lives as long as the app, and a lazy ``Session`` per request.
+
+    For synchronous drivers and the ``def`` endpoints and dependencies that frameworks
+    run in worker threads: FastAPI's SQL tutorial, SQLModel, Flask-style code.  Inside a
+    request, websocket or ``db.scope()``, :attr:`session` is a ``sqlalchemy.orm.Session``
+    (of ``session_options["class_"]``, ``sqlmodel.Session`` say) created when first read,
+    which checks out a connection at its first statement.  The middleware commits or
+    rolls it back before the status line is sent, as for an async ``Database``, in a
+    worker thread of the package's own: the event loop never waits for the database.
+
+    A session's calls from the event loop's thread (an ``async def`` endpoint) raise
+    ``BlockingCallError``: they would stop every other request while they wait.  A call
+    while another thread is inside one on the same session raises
+    ``ConcurrentSessionUseError``.  An app can use a ``Database`` and a
+    ``SyncDatabase`` side by side, and pass both to the middleware.
+
+    :param url: A URL string or ``sqlalchemy.URL`` with a synchronous driver
+        (``postgresql+psycopg://``, ``postgresql+psycopg2://``, ``sqlite:///file.db``,
+        ``mysql+pymysql://``); ``DATABASE_URL`` from the environment when omitted.
+    :param engine: A ready ``Engine`` (yours to dispose), or a zero-argument factory
+        returning one (called at startup, disposed at shutdown).
+    :param block_event_loop: Allow the sessions' calls from the event loop's thread.
+        For tests and tools on SQLite, where a call takes microseconds; never for a
+        server that talks to a database over the network.
+
+    ``commit_on``, ``session_options`` (keywords of ``sessionmaker``), ``stats``,
+    ``warn_held_over``, ``warn_statements_over`` and ``engine_options`` (passed to
+    ``create_engine``) are as for :class:`Database`, and checked here the same way.
+    Read replicas and two-phase commit are for async databases only.
+    """
+
+    _engine_type = Engine
+    _maker_type = sessionmaker
+
+    def __init__(
+        self,
+        url: str | URL | None = None,
+        *,
+        engine: Engine | Callable[[], Engine] | None = None,
+        commit_on: Callable[[int], bool] | None = commit_below_400,
+        session_options: Mapping[str, Any] | None = None,
+        stats: bool = False,
+        warn_held_over: float | None = None,
+        warn_statements_over: int | None = None,
+        block_event_loop: bool = False,
+        **engine_options: Any,
+    ) -> None:
+        check_bool("block_event_loop", block_event_loop)
+        if "replicas" in engine_options:
+            raise ConfigurationError(
+                "Read replicas are supported by the async Database only; a SyncDatabase "
+                "reads and writes through its one engine."
+            )
+        options = {
+            "expire_on_commit": False,
+            **check_session_options(session_options, sync=True),
+        }
+        options["class_"] = thread_class(options.get("class_", Session), block_event_loop)
+        super().__init__(
+            _engine_source(url, engine, engine_options, sync=True),
+            commit_on=commit_on,
+            session_options=options,
+            stats=stats,
+            warn_held_over=warn_held_over,
+            warn_statements_over=warn_statements_over,
+        )
+        self._block_event_loop = block_event_loop
+
+    @property
+    def engine(self) -> Engine:
+        """The ``Engine``, created now if the app has not started it yet."""
+        return cast(Engine, self._ready_engine())
+
+    @property
+    def session(self) -> Session:
+        """The ``Session`` of the current request, websocket or ``db.scope()``.
+
+        Created on first read (anywhere, the event loop's thread included: that takes
+        no connection); a connection is checked out at its first statement.  Raises
+        ``NoSessionContextError`` outside a request, websocket or ``db.scope()``.
+        """
+        return cast(Session, SessionContext.current().session(self))
+
+    def commit(self) -> None:
+        """Commit the current session's transaction now, if there is a session.
+
+        The session stays usable; its next statement begins a new transaction.  The
+        on_commit callbacks of the transaction run here, after the commit.
+        """
+        context = current_context.get()
+        session = context.existing(self) if context is not None else None
+        if context is not None and session is not None:
+            thread_session = cast(ThreadSession, session)
+            thread_session.commit()
+            context.committed_any = True
+            run_committed_callbacks_here(thread_session)
+
+    def rollback(self) -> None:
+        """Roll back the current session's transaction now, if there is a session."""
+        session = self._current_session()
+        if session is not None:
+            cast(ThreadSession, session).rollback()
+
+    def release(self, *, commit: bool = True) -> None:
+        """Commit (or roll back) and close the current session, returning its connection.
+
+        A later read of :attr:`session` opens a new session.  Does nothing when no
+        session is open.  Runs in the calling thread (a worker thread: not the event
+        loop's).
+        """
+        context = current_context.get()
+        if context is not None and context.existing(self) is not None:
+            check_off_loop(self._block_event_loop)
+            raise_failure(run_here(context.release(self, commit=commit, here=True)))
+
+    def on_commit(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` after the current transaction commits; never if it rolls back.
+
+        As :meth:`Database.on_commit`, except that ``callback`` is a plain function: it
+        runs in the thread that committed (a worker thread), where nothing can await.
+        """
+        if inspect.iscoroutinefunction(callback):
+            raise ConfigurationError(
+                f"on_commit({callback.__name__}) was given a coroutine function, and a "
+                "SyncDatabase runs callbacks in a worker thread, where nothing can await "
+                "it: pass a plain function."
+            )
+        add_on_commit(self._context_session(), callback)
+
+    @contextmanager
+    def scope(self) -> Iterator[Session]:
+        """Make :attr:`session` available outside a request: scripts, workers, tests.
+
+        Commits on normal exit (unless ``commit_on`` is None), rolls back on an
+        exception, and always closes the session, in the calling thread.  Yields the
+        (lazy) session.  Inside a ``read_only`` route the block is read-only too.
+        """
+        check_off_loop(self._block_event_loop)
+        context = self._own_unit()
+        with context.bind(), context.closing_here(SCOPE_EXITED):
+            yield cast(Session, context.session(self))
+
+    @contextmanager
+    def new_session(self) -> Iterator[Session]:
+        """An independent session, with its own connection and transaction.
+
+        For work that runs alongside the request's session, such as a thread pool of
+        the app's own (one session must never be used by two threads at once).
+        Commits on normal exit (unless ``commit_on`` is None), rolls back on an
+        exception.  Inside a ``read_only`` route it is read-only too.
+        """
+        check_off_loop(self._block_event_loop)
+        context = self._own_unit()
+        with context.closing_here(SCOPE_EXITED):
+            yield cast(Session, context.session(self))
+
+    def _check_answers(self) -> None:
+        engine = self.engine
+        try:
+            with engine.connect():
+                pass
+        except Exception as exc:
+            raise self._startup_error(exc, engine) from None
+
+    async def _start(self) -> None:
+        """Create the engine and check that the database answers, in a worker thread."""
+        await in_worker(self._check_answers)
+
+    async def _stop(self) -> None:
+        """Dispose the engine in a worker thread (the middleware calls this at shutdown)."""
+        await in_worker(self.dispose)
+
+    def dispose(self) -> None:
+        """Dispose the engine if this ``SyncDatabase`` created it, closing pooled connections.
+
+        The middleware calls this at shutdown; call it yourself at the end of a script
+        that used :meth:`scope` without the middleware.  A later use creates a new engine.
+        """
+        engine = self._forget_engine()
+        if engine is not None:
+            cast(Engine, engine).dispose()
