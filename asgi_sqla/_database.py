@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
 )
 from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
+from sqlalchemy.orm import Session
 
 from ._errors import ConfigurationError, DatabaseStartupError
 from ._multidb import commit_one_phase
@@ -277,6 +278,11 @@ class BaseDatabase(ABC):
     @abstractmethod
     def engine(self) -> AsyncEngine | Engine:
         """The engine, created now if the app has not started it yet."""
+
+    @property
+    @abstractmethod
+    def session(self) -> AsyncSession | Session:
+        """The session of the current request, websocket or ``db.scope()``."""
 
     @abstractmethod
     async def _start(self) -> None:

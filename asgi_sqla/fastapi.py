@@ -36,6 +36,26 @@ reads ``db.session`` again, for a session of its own, instead of keeping the inj
 one.  In a websocket endpoint the injected session ends at ``accept()``, which waits
 for the client's connect message: use it before accepting, and ``db.session`` after.
 
+For a ``SyncDatabase`` the dependency gives its ``Session``, for ``def`` endpoints as
+FastAPI's SQL tutorial writes them: replace the tutorial's ``get_session`` (a ``yield``
+dependency opening ``Session(engine)``) with it and keep every endpoint as it is::
+
+    from sqlmodel import Session
+
+    db = SyncDatabase("postgresql+psycopg://app@db/app",
+                      session_options={"class_": Session})
+    SessionDep = Annotated[Session, Depends(session_dependency(db))]
+
+    @app.post("/heroes/")
+    def create_hero(hero: Hero, session: SessionDep) -> Hero:
+        session.add(hero)
+        session.flush()  # the middleware commits before the status line is sent
+        return hero
+
+It is still an ``async def`` dependency (handing out the lazy session takes no
+connection and needs no thread), and the endpoint's statements run in FastAPI's
+worker thread.
+
 This module imports nothing from FastAPI; it is imported only by apps that use it.
 """
 
@@ -43,15 +63,19 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Awaitable, Callable
+from typing import Any, overload
 
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
-from ._database import Database
+from ._database import BaseDatabase, Database
 from ._errors import NoSessionContextError
+from ._syncdb import SyncDatabase
 
 __all__ = ["session_dependency"]
 
 SessionDependency = Callable[[], Awaitable[AsyncSession]]
+SyncSessionDependency = Callable[[], Awaitable[Session]]
 
 _COLLECTED = (
     "The Database of this dependency was garbage-collected: nothing but the dependency "
@@ -59,26 +83,34 @@ _COLLECTED = (
     "variable (db = Database(url)) and pass that to SQLAlchemyMiddleware(app, db)."
 )
 
-_dependencies: weakref.WeakKeyDictionary[Database, SessionDependency] = weakref.WeakKeyDictionary()
+_dependencies: weakref.WeakKeyDictionary[BaseDatabase, Callable[[], Awaitable[Any]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def session_dependency(db: Database) -> SessionDependency:
+@overload
+def session_dependency(db: Database) -> SessionDependency: ...
+@overload
+def session_dependency(db: SyncDatabase) -> SyncSessionDependency: ...
+def session_dependency(db: BaseDatabase) -> Callable[[], Awaitable[Any]]:
     """Return the FastAPI dependency giving ``db``'s session in the current request.
 
-    Use it as ``Annotated[AsyncSession, Depends(session_dependency(db))]``.  Every
+    Use it as ``Annotated[AsyncSession, Depends(session_dependency(db))]``, or with a
+    ``SyncDatabase`` as ``Annotated[Session, Depends(session_dependency(db))]``.  Every
     call with the same ``db`` returns the same function, so it can also be a key of
     ``app.dependency_overrides``.  Outside a request wrapped by
     ``SQLAlchemyMiddleware(app, db)`` the dependency raises ``NoSessionContextError``,
     as ``db.session`` does.
 
-    :param db: A ``Database`` passed to the app's ``SQLAlchemyMiddleware``.
+    :param db: A ``Database`` or ``SyncDatabase`` passed to the app's
+        ``SQLAlchemyMiddleware``.
     """
     dependency = _dependencies.get(db)
     if dependency is None:
         # A weak reference, so that the cached function does not keep ``db`` alive.
         db_ref = weakref.ref(db)
 
-        async def request_session() -> AsyncSession:
+        async def request_session() -> Any:
             database = db_ref()
             if database is None:  # no app can serve a Database that is gone
                 raise NoSessionContextError(_COLLECTED)

@@ -45,6 +45,10 @@ response, and its status decides the outcome.  Background tasks
 after a failed commit: the middleware raises ``CommitFailedError`` into the app from
 ``send()`` and Litestar skips them.
 
+With a ``SyncDatabase`` the provider gives its ``Session``, for synchronous handlers
+(``@get(..., sync_to_thread=True)``), which Litestar runs in a worker thread: the
+provider itself stays ``async def`` (handing out the lazy session needs no thread).
+
 This module imports Litestar; it is imported only by apps that use it, never by the
 rest of the package.
 """
@@ -53,13 +57,14 @@ from __future__ import annotations
 
 from litestar.di import Provide
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
-from ._database import Database
+from ._database import BaseDatabase
 
 __all__ = ["provide_session"]
 
 
-def provide_session(db: Database) -> Provide:
+def provide_session(db: BaseDatabase) -> Provide:
     """Return a Litestar ``Provide`` giving ``db``'s session in the current connection.
 
     Register it under the parameter name handlers use, on the app, a router, a
@@ -67,10 +72,11 @@ def provide_session(db: Database) -> Provide:
     Outside a request or websocket wrapped by ``SQLAlchemyMiddleware(app, db)`` the
     dependency raises ``NoSessionContextError``, as ``db.session`` does.
 
-    :param db: A ``Database`` passed to the ``SQLAlchemyMiddleware`` wrapping the app.
+    :param db: A ``Database`` or ``SyncDatabase`` passed to the ``SQLAlchemyMiddleware``
+        wrapping the app.
     """
 
-    async def provide_db_session() -> AsyncSession:
+    async def provide_db_session() -> AsyncSession | Session:
         return db.session
 
     return Provide(provide_db_session)

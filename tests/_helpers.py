@@ -6,11 +6,22 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, cast
 
 import anyio
-from sqlalchemy import Column, Integer, MetaData, String, Table, event, func, select, text
+from sqlalchemy import (
+    Column,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    event,
+    func,
+    select,
+    text,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool
 
-from asgi_sqla import Database
+from asgi_sqla import Database, SyncDatabase
 from asgi_sqla.types import ASGIApp, Message, Receive, Scope, Send
 
 metadata = MetaData()
@@ -42,7 +53,7 @@ async def count_items(db: Database) -> int:
         return int((await connection.scalar(select(func.count()).select_from(items))) or 0)
 
 
-def started_engine(db: Database) -> AsyncEngine | None:
+def started_engine(db: Database | SyncDatabase) -> AsyncEngine | Engine | None:
     """``db``'s engine if it has one now (started, not yet disposed), else ``None``.
 
     Unlike ``db.engine``, never creates one.  No public API tells this yet, so this is
@@ -385,6 +396,35 @@ def _enable_sqlite_foreign_keys(dbapi_connection: Any, connection_record: Any) -
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def open_sync_database(url: str, **options: Any) -> SyncDatabase:
+    """A ``SyncDatabase`` with the tables of :func:`open_database`."""
+    database = SyncDatabase(url, **options)
+    if database.engine.dialect.name == "sqlite":
+        event.listen(database.engine, "connect", _enable_sqlite_foreign_keys)
+    with database.engine.begin() as connection:
+        metadata.create_all(connection)
+        connection.execute(text("CREATE TABLE parents (id INTEGER PRIMARY KEY)"))
+        connection.execute(
+            text(
+                "CREATE TABLE children (id INTEGER PRIMARY KEY, parent_id INTEGER NOT NULL "
+                "REFERENCES parents (id) DEFERRABLE INITIALLY DEFERRED)"
+            )
+        )
+    return database
+
+
+def sync_keys(db: SyncDatabase) -> set[str]:
+    """Every ``items.key`` committed in ``db``, read on a fresh connection."""
+    with db.engine.connect() as connection:
+        return set(connection.execute(select(items.c.key)).scalars())
+
+
+def sync_checked_out(db: SyncDatabase) -> int:
+    """Connections of ``db``'s pool checked out now (a ``QueuePool``: SQLite files, PostgreSQL)."""
+    assert isinstance(db.engine.pool, QueuePool), db.engine.pool
+    return db.pool_status().checked_out
 
 
 async def open_database(url: str, **options: Any) -> Database:

@@ -23,16 +23,22 @@ import pytest
 from psycopg.rows import TupleRow
 from sqlalchemy import URL
 
-from asgi_sqla import Database
+from asgi_sqla import Database, SyncDatabase
 
 import _postgres
-from _helpers import open_database
+from _helpers import open_database, open_sync_database
 
 pytest_plugins = ["pytester"]
 
 ASYNC_DRIVERS = {"asyncpg": "postgresql+asyncpg", "psycopg": "postgresql+psycopg"}
 _POSTGRES_PARAMS = [
     pytest.param(driver, marks=pytest.mark.postgresql, id=driver) for driver in ASYNC_DRIVERS
+]
+#: Synchronous drivers for ``SyncDatabase`` (psycopg 3 used synchronously, and psycopg 2).
+SYNC_DRIVERS = {"psycopg": "postgresql+psycopg", "psycopg2": "postgresql+psycopg2"}
+_SYNC_POSTGRES_PARAMS = [
+    pytest.param(driver, marks=pytest.mark.postgresql, id=f"sync-{driver}")
+    for driver in SYNC_DRIVERS
 ]
 
 
@@ -143,6 +149,42 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
     database: URL = request.getfixturevalue("postgres_database")
     return _async_url(database, driver)
+
+
+@pytest.fixture(params=[pytest.param("sqlite", id="sync-sqlite"), *_SYNC_POSTGRES_PARAMS])
+def sync_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Synchronous SQLAlchemy URL string of a fresh, empty database, for ``SyncDatabase``.
+
+    ids: ``sync-sqlite`` -> ``sqlite:///<tmp_path>/test.db``; ``sync-psycopg`` ->
+    ``postgresql+psycopg://...``; ``sync-psycopg2`` -> ``postgresql+psycopg2://...``.
+    """
+    driver: str = request.param
+    if driver == "sqlite":
+        return f"sqlite:///{tmp_path / 'test.db'}"
+    database: URL = request.getfixturevalue("postgres_database")
+    return database.set(drivername=SYNC_DRIVERS[driver]).render_as_string(hide_password=False)
+
+
+@pytest.fixture(params=_SYNC_POSTGRES_PARAMS)
+def sync_postgresql_url(request: pytest.FixtureRequest, postgres_database: URL) -> str:
+    """Like ``sync_database_url``, PostgreSQL only (ids ``sync-psycopg``, ``sync-psycopg2``)."""
+    driver: str = request.param
+    return postgres_database.set(drivername=SYNC_DRIVERS[driver]).render_as_string(
+        hide_password=False
+    )
+
+
+@pytest.fixture
+def sync_db(sync_database_url: str, db_options: dict[str, Any]) -> Iterator[SyncDatabase]:
+    """A ``SyncDatabase`` on ``sync_database_url``, with the tables of ``open_sync_database``.
+
+    Disposed after the test.  ``db_options`` are passed on, as for ``db``.
+    """
+    database = open_sync_database(sync_database_url, **db_options)
+    try:
+        yield database
+    finally:
+        database.dispose()
 
 
 @pytest.fixture(params=["sqlite", _POSTGRES_PARAMS[0]])
