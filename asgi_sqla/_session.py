@@ -464,7 +464,9 @@ def _set_transaction_read_only(session: Any, transaction: Any, connection: Any) 
 def is_conflict(exc: BaseException | None) -> bool:
     """Whether ``exc`` (or an error it came from) is a serialization failure or deadlock."""
     return any(
+        # asyncpg and psycopg 3 name the SQLSTATE ``sqlstate``; psycopg 2, ``pgcode``.
         getattr(candidate, "sqlstate", None) in _CONFLICT_SQLSTATES
+        or getattr(candidate, "pgcode", None) in _CONFLICT_SQLSTATES
         for error in exception_chain(exc)
         for candidate in (error, getattr(error, "orig", None))
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -658,3 +658,71 @@ def test_the_loop_check_sees_no_loop_in_a_worker_thread() -> None:
     asyncio.run(main())
     assert seen[0] is not None
     assert seen[1] is None
+
+
+# -- retries ------------------------------------------------------------------------------
+
+_RAISE_CONFLICT = (
+    "CREATE FUNCTION raise_conflict() RETURNS integer LANGUAGE plpgsql AS $$ BEGIN "
+    "RAISE EXCEPTION 'a serialization failure' USING ERRCODE = '40001'; END $$"
+)
+
+
+@pytest.fixture
+def conflicting_db(sync_postgresql_url: str) -> Iterator[SyncDatabase]:
+    """A PostgreSQL ``SyncDatabase`` where ``SELECT raise_conflict()`` fails with 40001."""
+    from _helpers import open_sync_database
+
+    database = open_sync_database(sync_postgresql_url)
+    with database.engine.begin() as connection:
+        connection.execute(text(_RAISE_CONFLICT))
+    try:
+        yield database
+    finally:
+        database.dispose()
+
+
+async def test_a_retry_route_reruns_a_def_handler_after_a_serialization_failure(
+    conflicting_db: SyncDatabase,
+) -> None:
+    runs = 0
+
+    def handler(request: Request) -> PlainTextResponse:
+        nonlocal runs
+        runs += 1
+        add(conflicting_db, f"run-{runs}")
+        if runs == 1:
+            conflicting_db.session.execute(text("SELECT raise_conflict()"))
+        return PlainTextResponse("saved", status_code=201)
+
+    app = Starlette(routes=[Route("/w", handler, methods=["POST"])])
+    middleware = SQLAlchemyMiddleware(app, conflicting_db, retry=["/w"])
+    recorder = await call_http(middleware, "/w", method="POST")
+
+    assert recorder.status == 201
+    assert runs == 2
+    assert sync_keys(conflicting_db) == {"run-2"}
+    assert sync_checked_out(conflicting_db) == 0
+
+
+async def test_a_retry_route_is_not_rerun_once_the_def_handler_committed(
+    conflicting_db: SyncDatabase,
+) -> None:
+    runs = 0
+
+    def handler(request: Request) -> PlainTextResponse:
+        nonlocal runs
+        runs += 1
+        add(conflicting_db, f"run-{runs}")
+        conflicting_db.commit()
+        conflicting_db.session.execute(text("SELECT raise_conflict()"))
+        return PlainTextResponse("unreachable")  # pragma: no cover
+
+    app = Starlette(routes=[Route("/w", handler, methods=["POST"])])
+    middleware = SQLAlchemyMiddleware(app, conflicting_db, retry=["/w"])
+    with pytest.raises(DBAPIError):
+        await call_http(middleware, "/w", method="POST")
+
+    assert runs == 1
+    assert sync_keys(conflicting_db) == {"run-1"}
+    assert sync_checked_out(conflicting_db) == 0
