@@ -166,10 +166,15 @@ class SQLAlchemyMiddleware:
             if unit._sessions or responder.retrying:
                 await responder.app_returned()
         finally:
-            unit.close_unused(REQUEST_FINISHED)
-            current_context.reset(token)
-            if unit._stats is not None:
-                report(scope, [(db, db.limits, stats) for db, stats in unit.all_stats().items()])
+            try:
+                if not unit.close_unused(REQUEST_FINISHED):
+                    # A thread of the app opened a session after the app returned: that
+                    # work belongs to no response, so it is rolled back.
+                    await unit.close(reason=REQUEST_FINISHED, failed=True)
+            finally:
+                current_context.reset(token)
+                if unit._stats is not None:
+                    report(scope, [(db, db.limits, s) for db, s in unit.all_stats().items()])
 
 
 def _check_databases(databases: tuple[object, ...]) -> None:

@@ -39,6 +39,7 @@ DONE, then ends what is open by then.  Ending returns one :class:`Outcome`, kept
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Hashable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
@@ -59,6 +60,9 @@ from .types import Scope
 __all__ = ["SCOPE_KEY", "Event", "SessionContext", "State", "current_context", "run_here"]
 
 _T = TypeVar("_T")
+
+#: Held while a unit's sessions are added or taken for an ending (see ``session()``).
+_sessions_lock = threading.Lock()
 
 #: Key of the ``SessionContext`` in the ASGI scope of every HTTP and websocket
 #: connection that passes through ``SQLAlchemyMiddleware``.
@@ -277,8 +281,12 @@ class SessionContext:
         session = db._make_session(twophase=True) if self.two_phase else db._make_session()
         if self.read_only:
             make_read_only(session)
-        self._sessions[db] = session
-        return session
+        with _sessions_lock:
+            # A SyncDatabase's session may be asked for by several threads at once, or
+            # while the event loop's thread ends the unit: check and add in one step,
+            # so that no session lands where no ending will find it.
+            self._check_open(db)
+            return self._sessions.setdefault(db, session)
 
     def read_session(self, db: ManagedDatabase) -> AnySession:
         """``db``'s read session: on a replica, or the primary session (``_replicas``)."""
@@ -365,19 +373,23 @@ class SessionContext:
         """
         if self._state is not _OPEN:
             await self._after_ending()
-        self._transition(Event.END_ROUND)
-        return await self._end_sessions(self.decide(status, failed=failed), reason, here)
+        with _sessions_lock:
+            self._transition(Event.END_ROUND)
+            sessions, self._sessions = self._sessions, {}
+        return await self._end_sessions(sessions, self.decide(status, failed=failed), reason, here)
 
     async def close(
         self, status: int | None = None, *, reason: str, failed: bool = False, here: bool = False
     ) -> Outcome:
         """End every open session and refuse new ones from now on; return the outcome."""
         await self._after_ending()
-        if self._state is _CLOSED:
-            return NOTHING_ENDED
-        self._ended = reason
-        self._transition(Event.CLOSE)
-        return await self._end_sessions(self.decide(status, failed=failed), reason, here)
+        with _sessions_lock:
+            if self._state is _CLOSED:
+                return NOTHING_ENDED
+            self._ended = reason
+            self._transition(Event.CLOSE)
+            sessions, self._sessions = self._sessions, {}
+        return await self._end_sessions(sessions, self.decide(status, failed=failed), reason, here)
 
     @asynccontextmanager
     async def closing(self, reason: str) -> AsyncIterator[None]:
@@ -418,15 +430,24 @@ class SessionContext:
         except Exception:  # a broken policy commits nothing (see ``_ending``)
             return False
 
-    def close_unused(self, reason: str) -> None:
-        """Close a unit that has no session open, without awaiting (most requests end so)."""
-        if self._state is _OPEN:
+    def close_unused(self, reason: str) -> bool:
+        """Close a unit that has no session open, without awaiting (most requests end so).
+
+        Returns False, changing nothing, when the unit is open with sessions (a thread
+        of the app opened one after the app returned): :meth:`close` must end them.
+        """
+        if self._state is not _OPEN:
+            return True
+        with _sessions_lock:
+            if self._sessions:
+                return False
             # OPEN -CLOSE-> CLOSING -DONE-> CLOSED in one step: there is nothing to end,
             # and this runs at the end of every request.
             self._ended = reason
             self._state = _CLOSED
-            if self._after_close is not None:
-                self._run_after_close()
+        if self._after_close is not None:
+            self._run_after_close()
+        return True
 
     async def release(self, db: ManagedDatabase, *, commit: bool, here: bool = False) -> Outcome:
         """End ``db``'s sessions now, if it has any; a later read opens a new one.
@@ -436,10 +457,11 @@ class SessionContext:
         """
         sessions: dict[Hashable, AnySession] = {}
         replicas = db._replicas
-        if replicas is not None and replicas.slot in self._sessions:
-            sessions[replicas.slot] = self._sessions.pop(replicas.slot)
-        if db in self._sessions:
-            sessions[db] = self._sessions.pop(db)
+        with _sessions_lock:
+            for key in (db,) if replicas is None else (replicas.slot, db):
+                session = self._sessions.pop(key, None)
+                if session is not None:
+                    sessions[key] = session
         if not sessions:
             return NOTHING_ENDED
         decider = Decider(None, failed=False, manual=False, release=commit)
@@ -456,8 +478,9 @@ class SessionContext:
                 done = self._ending_done = asyncio.Event()
             await done.wait()
 
-    async def _end_sessions(self, decider: Decider, reason: str, here: bool) -> Outcome:
-        sessions, self._sessions = self._sessions, {}
+    async def _end_sessions(
+        self, sessions: dict[Hashable, AnySession], decider: Decider, reason: str, here: bool
+    ) -> Outcome:
         try:
             if not sessions:
                 return self._record(NOTHING_ENDED, None)

@@ -9,9 +9,11 @@ test runs on SQLite, and PostgreSQL through psycopg 3 (used synchronously) and p
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import copy_context
 from typing import Any
 
 import anyio
@@ -726,3 +728,33 @@ async def test_a_retry_route_is_not_rerun_once_the_def_handler_committed(
     assert runs == 1
     assert sync_keys(conflicting_db) == {"run-1"}
     assert sync_checked_out(conflicting_db) == 0
+
+
+async def test_threads_asking_for_the_session_at_once_share_one_and_leak_nothing(
+    sync_db: SyncDatabase,
+) -> None:
+    sessions: list[Session] = []
+    barrier = threading.Barrier(8)
+
+    def work() -> None:
+        def first_read() -> None:
+            barrier.wait()
+            sessions.append(sync_db.session)
+
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)  # switch threads as often as possible
+        try:
+            with ThreadPoolExecutor(8) as pool:
+                # A thread pool of the app's own, with the request's context in each thread.
+                futures = [pool.submit(copy_context().run, first_read) for _ in range(8)]
+                for future in futures:
+                    future.result()
+        finally:
+            sys.setswitchinterval(interval)
+        add(sync_db, "k")
+
+    await call_http(SQLAlchemyMiddleware(threaded_app(work), sync_db))
+
+    assert len({id(session) for session in sessions}) == 1
+    assert sync_keys(sync_db) == {"k"}
+    assert sync_checked_out(sync_db) == 0
