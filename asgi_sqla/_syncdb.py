@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ._database import BaseDatabase, _engine_source, commit_below_400, raise_failure
 from ._errors import ConfigurationError
 from ._options import check_bool, check_session_options
-from ._session import add_on_commit, run_committed_callbacks_here
+from ._session import add_on_commit, run_committed_callbacks_here, run_to_completion
 from ._threaded import ThreadSession, check_off_loop, in_worker, thread_class
 from ._unit import SCOPE_EXITED, SessionContext, current_context, run_here
 
@@ -191,7 +191,7 @@ class SyncDatabase(BaseDatabase):
 
     async def _stop(self) -> None:
         """Dispose the engine in a worker thread (the middleware calls this at shutdown)."""
-        await in_worker(self.dispose)
+        await run_to_completion(in_worker(self.dispose))
 
     def dispose(self) -> None:
         """Dispose the engine if this ``SyncDatabase`` created it, closing pooled connections.

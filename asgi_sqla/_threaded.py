@@ -192,11 +192,15 @@ class _Workers:
 _workers = _Workers()
 
 
-async def in_worker(fn: Callable[..., _T], *args: Any) -> _T:
-    """Run ``fn(*args)`` in one of the package's threads, in a copy of this context."""
+def in_worker(fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+    """Start ``fn(*args)`` in one of the package's threads, in a copy of this context.
+
+    Returns the future of its result: awaiting it directly, or through
+    ``run_to_completion`` (which takes a future as it is, without a task around it).
+    """
     loop = asyncio.get_running_loop()
     run = functools.partial(contextvars.copy_context().run, fn, *args)
-    return await loop.run_in_executor(_workers.pool(), run)
+    return loop.run_in_executor(_workers.pool(), run)
 
 
 async def end_thread_session(

@@ -758,3 +758,15 @@ async def test_threads_asking_for_the_session_at_once_share_one_and_leak_nothing
     assert len({id(session) for session in sessions}) == 1
     assert sync_keys(sync_db) == {"k"}
     assert sync_checked_out(sync_db) == 0
+
+
+async def test_an_object_added_without_a_flush_is_committed(sync_database_url: str) -> None:
+    db = SyncDatabase(sync_database_url)
+    sqlmodel.SQLModel.metadata.create_all(db.engine, tables=[Hero.__table__])  # type: ignore[attr-defined]
+    app = SQLAlchemyMiddleware(threaded_app(lambda: db.session.add(Hero(name="Tarantula"))), db)
+    try:
+        assert (await call_http(app)).status == 200
+        with db.engine.connect() as connection:
+            assert connection.scalar(select(func.count()).select_from(Hero.__table__)) == 1  # type: ignore[attr-defined]
+    finally:
+        db.dispose()
