@@ -1,5 +1,8 @@
 """The session class handed to applications, and how a session is ended.
 
+(This is about a ``Database``'s ``AsyncSession``.  A ``SyncDatabase``'s ``Session`` gets
+the same guard, with threads in the place of tasks: see ``_threaded``.)
+
 Sessions made by a ``Database`` are ``AsyncSession`` subclasses (of the ``class_`` given
 in ``session_options``, if any) whose *synchronous* session carries a guard.  Every
 call that reaches the database passes there, whatever the async class calls it

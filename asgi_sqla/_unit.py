@@ -34,6 +34,13 @@ end.  Two tasks may end the unit at once (a websocket's receiver waits in
 ``receive()`` while its sender closes): the second waits until the first ending is
 DONE, then ends what is open by then.  Ending returns one :class:`Outcome`, kept as
 :attr:`SessionContext.outcome`.
+
+A ``SyncDatabase``'s sessions are asked for in worker threads, possibly several at once
+and while the event loop's thread ends the unit: adding a session and taking a round's
+sessions for an ending are done under one lock, so every session lands in a round that
+some ending takes.  Its sessions end with the others, in the package's threads
+(``_threaded``), or in the calling thread when the ending is driven there without an
+event loop (:func:`run_here`: ``db.scope()``, ``db.release()`` in a worker thread).
 """
 
 from __future__ import annotations
