@@ -98,7 +98,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture(scope="module")
-def database_url(
+def served_database_url(
     combination: Combination,
     tmp_path_factory: pytest.TempPathFactory,
     request: pytest.FixtureRequest,
@@ -125,11 +125,11 @@ def database_url(
 
 @pytest.fixture(scope="module")
 def server(
-    combination: Combination, database_url: str, tmp_path_factory: pytest.TempPathFactory
+    combination: Combination, served_database_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
-    """The combination's app, served on ``database_url``, logging ``asgi_sqla`` and the pool."""
+    """The combination's app on ``served_database_url``, logging ``asgi_sqla`` and the pool."""
     env = {
-        "DATABASE_URL": database_url,
+        "DATABASE_URL": served_database_url,
         **server_logging_env(tmp_path_factory.mktemp(combination.id)),
     }
     target = f"tests.apps.sync_{combination.app}:app"
@@ -158,7 +158,7 @@ def pool(client: httpx.Client) -> dict[str, int]:
 
 
 def test_a_write_answered_with_201_is_committed_before_the_status_arrives(
-    client: httpx.Client, database_url: str
+    client: httpx.Client, served_database_url: str
 ) -> None:
     key = unique("created")
 
@@ -166,24 +166,26 @@ def test_a_write_answered_with_201_is_committed_before_the_status_arrives(
 
     assert response.status_code == 201, response.text
     # Read as soon as the status arrived, through a connection of the test's own.
-    assert items_with_key(database_url, key) == 1
+    assert items_with_key(served_database_url, key) == 1
     assert pool(client)["checked_out"] == 0
-    assert no_transaction_left_open(database_url)
+    assert no_transaction_left_open(served_database_url)
 
 
-def test_a_write_followed_by_a_409_is_rolled_back(client: httpx.Client, database_url: str) -> None:
+def test_a_write_followed_by_a_409_is_rolled_back(
+    client: httpx.Client, served_database_url: str
+) -> None:
     key = unique("refused")
 
     response = client.post(f"/items/{key}/409")
 
     assert response.status_code == 409
-    assert items_with_key(database_url, key) == 0
+    assert items_with_key(served_database_url, key) == 0
     assert pool(client)["checked_out"] == 0
-    assert no_transaction_left_open(database_url)
+    assert no_transaction_left_open(served_database_url)
 
 
 def test_a_commit_that_fails_answers_500_and_commits_nothing(
-    client: httpx.Client, server: Server, database_url: str
+    client: httpx.Client, server: Server, served_database_url: str
 ) -> None:
     key, after = unique("orphan"), unique("after-orphan")
     log_start = len(server.log)
@@ -193,7 +195,7 @@ def test_a_commit_that_fails_answers_500_and_commits_nothing(
 
     assert response.status_code == 500
     assert response.text == "Internal Server Error"
-    assert items_with_key(database_url, key) == 0
+    assert items_with_key(served_database_url, key) == 0
     log = server.log[log_start:]
     assert COMMIT_FAILED in log
     assert "instead of the app's 201 response" in log
@@ -202,9 +204,9 @@ def test_a_commit_that_fails_answers_500_and_commits_nothing(
     assert not server_reported_an_app_error(log), log
     # The connection went back (or was discarded), and the next write commits.
     assert pool(client)["checked_out"] == 0
-    assert no_transaction_left_open(database_url)
+    assert no_transaction_left_open(served_database_url)
     assert client.post(f"/items/{after}/201").status_code == 201
-    assert items_with_key(database_url, after) == 1
+    assert items_with_key(served_database_url, after) == 1
 
 
 def test_a_request_that_never_touches_the_database_checks_out_no_connection(
@@ -224,7 +226,7 @@ def test_a_request_that_never_touches_the_database_checks_out_no_connection(
 
 
 def test_the_connection_is_back_in_the_pool_while_the_client_still_reads_the_body(
-    client: httpx.Client, database_url: str
+    client: httpx.Client, served_database_url: str
 ) -> None:
     key = unique("streamed")
 
@@ -233,11 +235,11 @@ def test_the_connection_is_back_in_the_pool_while_the_client_still_reads_the_bod
         lines = response.iter_lines()
         assert next(lines) == "written"
         # The body waits for the release below: the response is still going out.
-        assert items_with_key(database_url, key) == 1  # committed before the status line
+        assert items_with_key(served_database_url, key) == 1  # committed before the status line
         assert pool(client)["checked_out"] == 0  # and its connection is back in the pool
-        if database_url.startswith("postgresql"):
+        if served_database_url.startswith("postgresql"):
             # No transaction open, nothing running: every backend is idle.
-            assert all(state == "idle" for _, state, _ in server_backends(database_url))
+            assert all(state == "idle" for _, state, _ in server_backends(served_database_url))
         assert client.post(f"/releases/{key}").status_code == 200
         assert list(lines) == ["released"]
 
@@ -260,13 +262,14 @@ def test_an_async_endpoint_using_the_sync_session_answers_500_and_the_log_says_w
 
 @pytest.mark.frameworks("fastapi")
 def test_the_tutorials_heroes_are_created_read_updated_and_deleted(
-    client: httpx.Client, database_url: str
+    client: httpx.Client, served_database_url: str
 ) -> None:
     name = unique("Deadpond")
 
     def committed_ages() -> list[int | None]:
         return [
-            age for (age,) in query(database_url, f"SELECT age FROM hero WHERE name = '{name}'")
+            age
+            for (age,) in query(served_database_url, f"SELECT age FROM hero WHERE name = '{name}'")
         ]
 
     created = client.post("/heroes/", json={"name": name, "secret_name": "Dive Wilson", "age": 30})
@@ -287,12 +290,12 @@ def test_the_tutorials_heroes_are_created_read_updated_and_deleted(
     assert client.delete(f"/heroes/{hero_id}").json() == {"ok": True}
     assert committed_ages() == []
     assert client.get(f"/heroes/{hero_id}").status_code == 404
-    assert no_transaction_left_open(database_url)
+    assert no_transaction_left_open(served_database_url)
 
 
 @pytest.mark.frameworks("fastapi")
 def test_a_def_dependency_with_yield_uses_the_request_session_and_its_change_commits(
-    client: httpx.Client, database_url: str
+    client: httpx.Client, served_database_url: str
 ) -> None:
     created = client.post("/heroes/", json={"name": unique("Rusty"), "secret_name": "Tommy"})
     hero_id = created.json()["id"]
@@ -302,16 +305,16 @@ def test_a_def_dependency_with_yield_uses_the_request_session_and_its_change_com
 
     assert (first.status_code, second.status_code) == (200, 200), second.text
     assert second.json()["age"] == 2
-    assert query(database_url, f"SELECT age FROM hero WHERE id = {hero_id}") == [(2,)]
+    assert query(served_database_url, f"SELECT age FROM hero WHERE id = {hero_id}") == [(2,)]
     missing = client.post("/heroes/999999999/birthday")
     assert missing.status_code == 404
     assert missing.json() == {"detail": "Hero not found"}
     assert pool(client)["checked_out"] == 0
-    assert no_transaction_left_open(database_url)
+    assert no_transaction_left_open(served_database_url)
 
 
 def test_sigint_stops_the_server_cleanly_after_disposing_the_engine(
-    server: Server, database_url: str
+    server: Server, served_database_url: str
 ) -> None:
     # Keep this test last: it stops the combination's server.
     server.process.send_signal(signal.SIGINT)
@@ -321,5 +324,5 @@ def test_sigint_stops_the_server_cleanly_after_disposing_the_engine(
     assert returncode == 0, log
     # Logged by the pool itself: disposed (in the package's worker thread), not dropped.
     assert POOL_DISPOSED in log, log
-    if database_url.startswith("postgresql"):
-        assert eventually(lambda: server_backends(database_url) == [])
+    if served_database_url.startswith("postgresql"):
+        assert eventually(lambda: server_backends(served_database_url) == [])
