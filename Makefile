@@ -6,7 +6,8 @@
 #   VENV          virtualenv directory                                (.venv)
 #   FRAMEWORK     `make run` serves examples/$(FRAMEWORK)_app.py:app   (starlette)
 #   HOST, PORT    where `make run` listens                            (127.0.0.1, 8000)
-#   DATABASE_URL  exported to `make run`     (sqlite+aiosqlite:///./example.db)
+#   DATABASE_URL  exported to `make run`     (sqlite+aiosqlite:///./example.db; for the
+#                 examples of a SyncDatabase, SYNC_EXAMPLES: sqlite:///./example.db)
 #   UVICORN_ARGS  extra uvicorn options, e.g. --reload
 #   PYTEST_ARGS   extra pytest options, e.g. "-k websocket -x"
 #   Tests use TEST_DATABASE_URL (an existing PostgreSQL server) when set, and CI=true
@@ -26,7 +27,10 @@ VENV_STAMP := $(VENV)/.installed-from-pyproject
 FRAMEWORK ?= starlette
 HOST ?= 127.0.0.1
 PORT ?= 8000
-DATABASE_URL ?= sqlite+aiosqlite:///./example.db
+# The examples serving a SyncDatabase, which needs a synchronous driver: their default
+# URL is SQLite through the standard library's sqlite3 (the others' is aiosqlite).
+SYNC_EXAMPLES := sqlmodel
+DATABASE_URL ?= $(if $(filter $(FRAMEWORK),$(SYNC_EXAMPLES)),sqlite,sqlite+aiosqlite):///./example.db
 UVICORN_ARGS ?=
 PYTEST_ARGS ?=
 
