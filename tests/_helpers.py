@@ -427,6 +427,39 @@ def sync_checked_out(db: SyncDatabase) -> int:
     return db.pool_status().checked_out
 
 
+#: Seconds a COMMIT of an ``items`` row whose key starts with "slow" takes, on PostgreSQL.
+SLOW_COMMIT_SECONDS = 0.5
+
+_SLOW_COMMIT_DDL = [
+    f"""
+    CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_sleep({SLOW_COMMIT_SECONDS});
+        RETURN NULL;
+    END $$
+    """,
+    """
+    CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON items
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+    WHEN (NEW.key LIKE 'slow%') EXECUTE FUNCTION slow_commit()
+    """,
+]
+
+
+def open_slow_commit_sync_database(url: str, **options: Any) -> SyncDatabase:
+    """:func:`open_sync_database` on PostgreSQL, with a pool of one connection (no
+    overflow, unless ``options`` say otherwise) and a COMMIT that takes
+    ``SLOW_COMMIT_SECONDS`` when it commits a key starting with "slow" (a deferred
+    trigger): a COMMIT the test can see running, and kill or cancel.
+    """
+    options = {"pool_size": 1, "max_overflow": 0, "pool_timeout": 5, **options}
+    database = open_sync_database(url, **options)
+    with database.engine.begin() as connection:
+        for statement in _SLOW_COMMIT_DDL:
+            connection.execute(text(statement))
+    return database
+
+
 async def open_database(url: str, **options: Any) -> Database:
     """A ``Database`` with the ``items`` table and a deferred foreign key to violate."""
     database = Database(url, **options)
