@@ -17,14 +17,12 @@ the app and the package log goes to stderr, where the test reads it.
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
-from sqlalchemy import Column, Float, ForeignKey, Integer, MetaData, String, Table, func, select
+from sqlalchemy import func, select
 from sqlalchemy import text as sql
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -32,91 +30,11 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from asgi_sqla import Database, SQLAlchemyMiddleware
-from asgi_sqla.types import ASGIApp, Message, Receive, Scope, Send
 
-_handler = logging.StreamHandler(sys.stderr)
-_handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-for _name, _level in (("asgi_sqla", logging.DEBUG), ("sqlalchemy.pool", logging.INFO)):
-    _logger = logging.getLogger(_name)
-    _logger.addHandler(_handler)
-    _logger.setLevel(_level)
-    _logger.propagate = False
+from .soak_shared import SCHEMA, Deadline, engine_options, items, metadata, orphans
 
-metadata = MetaData()
-#: One row per request.  ``commit_delay`` seconds are spent in the COMMIT (a deferred
-#: trigger), during which the backend's ``application_name`` is ``tag``, so that the
-#: test can find it in ``pg_stat_activity`` and kill it mid-commit.
-items = Table(
-    "items",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("key", String(64), nullable=False, unique=True),
-    Column("grp", String(64)),
-    Column("commit_delay", Float),
-    Column("tag", String(64)),
-)
-parents = Table("parents", metadata, Column("id", Integer, primary_key=True))
-#: Its foreign key is checked at COMMIT only: a child without a parent fails the COMMIT.
-orphans = Table(
-    "orphans",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column(
-        "parent_id",
-        Integer,
-        ForeignKey("parents.id", deferrable=True, initially="DEFERRED"),
-        nullable=False,
-    ),
-)
-
-#: Run at startup after ``metadata.create_all``.
-SCHEMA = [
-    """
-    CREATE OR REPLACE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-        IF NEW.tag IS NOT NULL THEN
-            PERFORM set_config('application_name', NEW.tag, true);
-        END IF;
-        PERFORM pg_sleep(NEW.commit_delay);
-        RETURN NULL;
-    END $$
-    """,
-    "DROP TRIGGER IF EXISTS slow_commit ON items",
-    """
-    CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON items
-    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
-    WHEN (NEW.commit_delay > 0) EXECUTE FUNCTION slow_commit()
-    """,
-]
-
-#: ``application_name`` prefixes of backends the test kills: mid-statement, mid-commit.
-KILL_QUERY_TAG = "kill-query:"
-KILL_COMMIT_TAG = "kill-commit:"
-
-
-def _database() -> Database:
-    url = os.environ["DATABASE_URL"]
-    # The README's advice: let the server notice a vanished client quickly.
-    check = "500"
-    if url.startswith("postgresql+asyncpg"):
-        settings = {"application_name": "soak", "client_connection_check_interval": check}
-        connect_args: dict[str, object] = {"server_settings": settings}
-    else:
-        connect_args = {
-            "application_name": "soak",
-            "options": f"-c client_connection_check_interval={check}",
-        }
-    return Database(
-        url,
-        pool_size=int(os.environ.get("SOAK_POOL_SIZE", "5")),
-        max_overflow=0,
-        pool_timeout=float(os.environ.get("SOAK_POOL_TIMEOUT", "0.5")),
-        pool_pre_ping=os.environ.get("SOAK_PRE_PING", "1") == "1",
-        connect_args=connect_args,
-    )
-
-
-db = _database()
+_url = os.environ["DATABASE_URL"]
+db = Database(_url, **engine_options(_url))
 
 
 class SoakError(RuntimeError):
@@ -226,49 +144,6 @@ async def _slow_chunks(key: str, seconds: float) -> AsyncIterator[bytes]:
     for number in range(10):
         yield f"{key} chunk {number};".encode()
         await anyio.sleep(seconds)
-
-
-class Deadline:
-    """A request deadline, as apps often add one: 504 if the app takes too long.
-
-    Active when the query string has ``deadline_ms``.  It sits inside
-    ``SQLAlchemyMiddleware``, as a Starlette ``middleware=[...]`` entry listed after it
-    would, so its deadline covers the app's response start, and with it the COMMIT.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        deadline = _deadline(scope)
-        if deadline is None:
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def send_and_track(message: Message) -> None:
-            nonlocal started
-            await send(message)
-            if message["type"] == "http.response.start":
-                started = True
-
-        try:
-            with anyio.fail_after(deadline):
-                await self.app(scope, receive, send_and_track)
-        except TimeoutError:
-            if started:
-                raise
-            await PlainTextResponse("deadline exceeded", status_code=504)(scope, receive, send)
-
-
-def _deadline(scope: Scope) -> float | None:
-    if scope["type"] != "http":
-        return None
-    for pair in scope["query_string"].split(b"&"):
-        name, _, value = pair.partition(b"=")
-        if name == b"deadline_ms":
-            return float(value) / 1000
-    return None
 
 
 app = SQLAlchemyMiddleware(
