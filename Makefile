@@ -133,12 +133,14 @@ clean: ## delete caches, coverage data, build artefacts and example.db (keeps th
 distclean: clean ## clean, and delete the virtualenv too
 	rm -rf $(VENV)
 
-# The fault-injection soak of tests/test_soak.py, long: `make test` runs it bounded (1000
-# requests, 50 clients).  SOAK_REQUESTS, SOAK_CONCURRENCY, SOAK_SEED (replay a run),
-# SOAK_DRIVER (asyncpg or psycopg) and SOAK_REPORT (a file for the figures) may be set.
+# The fault-injection soak of tests/test_soak.py, long, for the async app and then its
+# sync twin (`def` endpoints, SyncDatabase): `make test` runs both bounded (1000 requests
+# from 50 clients, and 300 from 30).  SOAK_REQUESTS, SOAK_CONCURRENCY, SOAK_SEED (replay a
+# run), SOAK_DRIVER (asyncpg or psycopg), SOAK_SYNC_DRIVER (psycopg or psycopg2) and
+# SOAK_REPORT (a file for the figures; the sync run's gets .sync appended) may be set.
 # Then the state machine of tests/test_invariants.py with its long Hypothesis profile.
 .PHONY: soak
-soak: $(VENV_STAMP) ## long runs: the soak (10000 requests, 100 clients), then the invariants machine
+soak: $(VENV_STAMP) ## long runs: the soaks, async and sync (10000 requests, 100 clients), then the invariants machine
 	SOAK_REQUESTS=$${SOAK_REQUESTS:-10000} SOAK_CONCURRENCY=$${SOAK_CONCURRENCY:-100} \
 		$(BIN)/pytest tests/test_soak.py $(PYTEST_ARGS)
 	ASGI_SQLA_HYPOTHESIS=long $(BIN)/pytest tests/test_invariants.py $(PYTEST_ARGS)

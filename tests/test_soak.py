@@ -2,12 +2,14 @@
 
 A real PostgreSQL cluster of the test's own (restarted mid-run), and
 ``tests/apps/soak_app.py`` under uvicorn on loopback with a pool smaller than the
-number of clients.  Many concurrent clients each write one uniquely keyed row while
-faults are injected at random: commits that fail (a deferred foreign key, serializable
-conflicts), backends killed mid-statement and mid-commit, clients that disconnect
-before, during and after the response and mid-body, an app that raises before and
-after its response starts, handler timeouts and a deadline that expires during the
-COMMIT, pool exhaustion, and a database restart.
+number of clients; then the same with ``tests/apps/soak_sync_app.py``, its twin with
+``def`` endpoints on a ``SyncDatabase`` (the ``sync`` variant).  Many concurrent
+clients each write one uniquely keyed row while faults are injected at random:
+commits that fail (a deferred foreign key, serializable conflicts), backends killed
+mid-statement and mid-commit, clients that disconnect before, during and after the
+response and mid-body, an app that raises before and after its response starts,
+handler timeouts and a deadline that expires during the COMMIT, pool exhaustion, and a
+database restart.
 
 Afterwards what every client was told is compared with the committed rows:
 
@@ -20,11 +22,13 @@ there or not.  The server's log must show no "non-checked-in connection" or "nev
 awaited" warning (the server runs with these warnings turned into errors), no
 traceback of an unexpected kind, and never the database password.
 
-Size: ``SOAK_REQUESTS`` (default 1000) and ``SOAK_CONCURRENCY`` (default 50); ``make
-soak`` runs a long one.  ``SOAK_SEED`` replays a run's mix of faults (the timing varies);
-``SOAK_DRIVER`` is ``asyncpg`` (default) or ``psycopg``; ``SOAK_FAULTS=kind,...`` keeps
-only those kinds of fault; ``SOAK_REPORT`` names a file to write the figures to as well
-(and the server's log next to it, with ``.server.log`` appended).
+Size: ``SOAK_REQUESTS`` (default 1000, and 300 for the sync variant, which ``make
+test`` runs too) and ``SOAK_CONCURRENCY`` (default 50, and 30); ``make soak`` runs long
+ones.  ``SOAK_SEED`` replays a run's mix of faults (the timing varies); ``SOAK_DRIVER``
+is ``asyncpg`` (default) or ``psycopg``, ``SOAK_SYNC_DRIVER`` ``psycopg`` (default) or
+``psycopg2``; ``SOAK_FAULTS=kind,...`` keeps only those kinds of fault; ``SOAK_REPORT``
+names a file to write the figures to as well (and the server's log next to it, with
+``.server.log`` appended); the sync variant's file has ``.sync`` appended.
 """
 
 from __future__ import annotations
@@ -52,22 +56,58 @@ import _postgres
 from _helpers import DedicatedPostgres, eventually, postgres_unavailable
 from _servers import Server, serve
 
-REQUESTS = int(os.environ.get("SOAK_REQUESTS", "1000"))
-CONCURRENCY = int(os.environ.get("SOAK_CONCURRENCY", "50"))
 SEED = int(os.environ.get("SOAK_SEED") or secrets.randbelow(1_000_000))
-DRIVER = os.environ.get("SOAK_DRIVER", "asyncpg")
 REPORT = os.environ.get("SOAK_REPORT")
-#: One restart in the bounded soak, one more per 5000 requests in longer ones.
-RESTARTS = 1 + REQUESTS // 5000
 
-pytestmark = [
-    pytest.mark.anyio,
-    pytest.mark.postgresql,
-    # Cluster and server start-up, plus the run: generous, the run itself is bounded.
-    pytest.mark.timeout(60 + REQUESTS // 10),
+
+@dataclass(frozen=True)
+class Variant:
+    """One app the soak runs, with its driver and its size."""
+
+    name: str
+    app: str
+    driver: str
+    requests: int
+    concurrency: int
+
+    @property
+    def restarts(self) -> int:
+        """One restart in a bounded soak, one more per 5000 requests in longer ones."""
+        return 1 + self.requests // 5000
+
+    @property
+    def report(self) -> str | None:
+        """The file for the figures (``SOAK_REPORT``, ``.sync`` appended for sync)."""
+        if REPORT is None:
+            return None
+        return REPORT if self.name == "async" else f"{REPORT}.{self.name}"
+
+
+def _size(variable: str, default: int) -> int:
+    return int(os.environ.get(variable) or default)
+
+
+VARIANTS = [
+    Variant(
+        "async",
+        "tests.apps.soak_app:app",
+        os.environ.get("SOAK_DRIVER", "asyncpg"),
+        _size("SOAK_REQUESTS", 1000),
+        _size("SOAK_CONCURRENCY", 50),
+    ),
+    # Shorter when bounded: `make test` runs both.
+    Variant(
+        "sync",
+        "tests.apps.soak_sync_app:app",
+        os.environ.get("SOAK_SYNC_DRIVER", "psycopg"),
+        _size("SOAK_REQUESTS", 300),
+        _size("SOAK_CONCURRENCY", 30),
+    ),
 ]
 
-#: ``application_name`` prefixes the app gives backends for the killer (see soak_app.py).
+pytestmark = [pytest.mark.anyio, pytest.mark.postgresql]
+
+#: ``application_name`` prefixes the app gives backends for the killer (see soak_shared.py).
 KILL_QUERY_TAG = "kill-query:"
 KILL_COMMIT_TAG = "kill-commit:"
 
@@ -98,12 +138,13 @@ FORBIDDEN_IN_LOG = (
 #: own errors, failed commits, killed backends, and the database going down and up.
 EXPECTED_EXCEPTIONS = re.compile(
     r"""^(
-        tests\.apps\.soak_app\.SoakError: \s soak: .*
+        tests\.apps\.soak_(sync_)?app\.SoakError: \s soak: .*
       | sqlalchemy\.exc\.(IntegrityError|OperationalError|DBAPIError|InterfaceError|
                           InternalError): .*
+      | sqlalchemy\.exc\.InvalidatePoolError: \s \(\)   # pre-ping found the restart
       | sqlalchemy\.dialects\.postgresql\.\w+\.AsyncAdapt_\w+_dbapi\.\w+: .*
       | asyncpg\.exceptions\.[\w.]+: .*
-      | psycopg\.[\w.]+: .*
+      | psycopg2?\.[\w.]+: .*
       | (ConnectionError|ConnectionRefusedError|ConnectionResetError|OSError|TimeoutError)\b.*
       | asyncio\.exceptions\.CancelledError: \s Cancelled \s via \s cancel \s scope \s \w+;
             \s reason: \s deadline \s exceeded   # anyio.fail_after, in the Deadline middleware
@@ -353,22 +394,26 @@ class Run:
     injected: Injected
     seconds: float
     pool_size: int
+    variant: Variant
 
 
-async def soak(server: Server, pg: DedicatedPostgres, units: list[list[Request]]) -> Run:
+async def soak(
+    server: Server, pg: DedicatedPostgres, units: list[list[Request]], variant: Variant
+) -> Run:
     port = int(server.url.rsplit(":", 1)[1])
     pool_size = server_pool(server)["size"]
     total = sum(len(unit) for unit in units)
     outcomes: list[Outcome] = []
     injected = Injected()
-    restart_at = [total * (n + 1) // (RESTARTS + 1) for n in range(RESTARTS)]
+    restarts = variant.restarts
+    restart_at = [total * (n + 1) // (restarts + 1) for n in range(restarts)]
     restart_due = anyio.Event()
     finished = anyio.Event()
     send_units, receive_units = anyio.create_memory_object_stream[list[Request]](len(units))
     for unit in units:
         send_units.send_nowait(unit)
     send_units.close()
-    limits = httpx.Limits(max_connections=CONCURRENCY * 2, max_keepalive_connections=0)
+    limits = httpx.Limits(max_connections=variant.concurrency * 2, max_keepalive_connections=0)
 
     async def one(client: httpx.AsyncClient, request: Request) -> None:
         if request.client == "httpx":
@@ -397,7 +442,7 @@ async def soak(server: Server, pg: DedicatedPostgres, units: list[list[Request]]
 
     async def restarter() -> None:
         nonlocal restart_due
-        for _ in range(RESTARTS):
+        for _ in range(restarts):
             await restart_due.wait()
             restart_due = anyio.Event()
             began = time.monotonic()
@@ -413,11 +458,11 @@ async def soak(server: Server, pg: DedicatedPostgres, units: list[list[Request]]
         injectors.start_soon(killer)
         injectors.start_soon(restarter)
         async with anyio.create_task_group() as workers:
-            for _ in range(CONCURRENCY):
+            for _ in range(variant.concurrency):
                 workers.start_soon(worker, client)
         finished.set()
         injectors.cancel_scope.cancel()
-    return Run(outcomes, injected, time.monotonic() - began, pool_size)
+    return Run(outcomes, injected, time.monotonic() - began, pool_size, variant)
 
 
 # -- the test ----------------------------------------------------------------------------
@@ -493,6 +538,7 @@ def _told(outcome: Outcome) -> str:
 
 def figures_table(run: Run, reconciled: Reconciled) -> str:
     outcomes = run.outcomes
+    variant = run.variant
     by_kind: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     for outcome in outcomes:
         by_kind[outcome.request.kind][_told(outcome)] += 1
@@ -508,9 +554,10 @@ def figures_table(run: Run, reconciled: Reconciled) -> str:
 
     lines = [
         "",
-        f"Soak: {len(outcomes)} requests, {CONCURRENCY} concurrent clients, "
+        f"Soak ({variant.name}): {len(outcomes)} requests, "
+        f"{variant.concurrency} concurrent clients, "
         f"pool of {run.pool_size} (no overflow, 0.5 s timeout), "
-        f"driver {DRIVER}, seed {SEED}, {run.seconds:.1f} s "
+        f"driver {variant.driver}, seed {SEED}, {run.seconds:.1f} s "
         f"({len(outcomes) / run.seconds:.0f} requests/s)",
         f"  told: {counts(statuses)}",
         "  faults injected (requests by kind: what their clients were told):",
@@ -540,17 +587,32 @@ def figures_table(run: Run, reconciled: Reconciled) -> str:
     return "\n".join(lines)
 
 
+@pytest.mark.parametrize(
+    "variant",
+    [
+        pytest.param(
+            variant, id=variant.name, marks=pytest.mark.timeout(60 + variant.requests // 10)
+        )
+        for variant in VARIANTS
+    ],
+)
 async def test_under_random_faults_every_answer_matches_the_database_and_nothing_leaks(
-    pg: DedicatedPostgres, capsys: pytest.CaptureFixture[str]
+    pg: DedicatedPostgres, capsys: pytest.CaptureFixture[str], variant: Variant
 ) -> None:
+    """The async app (async endpoints, ``Database``), and its sync twin (``def``
+    endpoints in anyio's worker threads, ``SyncDatabase``): the same faults, the same
+    checks.  (A timeout mark per variant: cluster and server start-up, plus the run;
+    generous, the run itself is bounded.)
+    """
     password = secrets.token_hex(16)
     database = pg.add_password_role("soak", password)
-    url = database.set(drivername=f"postgresql+{DRIVER}").render_as_string(hide_password=False)
-    units = plan(random.Random(SEED), REQUESTS)
+    driver = f"postgresql+{variant.driver}"
+    url = database.set(drivername=driver).render_as_string(hide_password=False)
+    units = plan(random.Random(SEED), variant.requests)
     env = {"DATABASE_URL": url, "PYTHONWARNINGS": WARNINGS_AS_ERRORS}
 
-    with serve("tests.apps.soak_app:app", "uvicorn", env=env, ready_path="/health") as server:
-        run = await soak(server, pg, units)
+    with serve(variant.app, "uvicorn", env=env, ready_path="/health") as server:
+        run = await soak(server, pg, units, variant)
 
         # The server still answers, and recovered from the restarts: plain writes work.
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
@@ -576,12 +638,18 @@ async def test_under_random_faults_every_answer_matches_the_database_and_nothing
     forbidden = [marker for marker in FORBIDDEN_IN_LOG if marker in log]
     # A deadline that expires during the COMMIT at response start leaves the response
     # cut short on purpose: its true status line goes out, then nothing (no lying 504).
-    # The server reports each such response as incomplete; nothing else may be.
+    # The server reports each such response as incomplete; nothing else may be.  In
+    # the sync app the deadline may also expire while the `def` code runs (anyio waits
+    # for its thread, and the 0.5 s pool timeout outlasts the 0.3 s deadline): the
+    # response it then starts ends under the expired deadline, whatever its status (a
+    # 503 ending a session that got no connection), and only its status line goes out.
     incomplete = log.count("ASGI callable returned without completing response")
     cut_short = sum(
         1
         for o in run.outcomes
-        if o.request.kind == "deadline-mid-commit" and o.status is not None and o.status < 300
+        if o.request.kind == "deadline-mid-commit"
+        and o.status is not None
+        and (o.status < 300 or variant.name == "sync")
     )
     checks = {
         "no lies": not reconciled.lies,
@@ -592,13 +660,15 @@ async def test_under_random_faults_every_answer_matches_the_database_and_nothing
             [r.status_code for r in after] == [201] * 10
             and {f"after-{n}" for n in range(10)} <= rows
         ),
-        f"at least {REQUESTS} requests": len(run.outcomes) >= REQUESTS,
+        f"at least {variant.requests} requests": len(run.outcomes) >= variant.requests,
         "every fault kind injected": all(kinds[kind] for kind in WEIGHTS),
         "backends killed mid-statement and mid-commit": all(
             run.injected.kills[kind] or kind not in WEIGHTS
             for kind in ("kill-query", "kill-commit")
         ),
-        f"database restarted {RESTARTS} time(s)": len(run.injected.restarts) == RESTARTS,
+        f"database restarted {variant.restarts} time(s)": (
+            len(run.injected.restarts) == variant.restarts
+        ),
         "pool exhausted (some 503s)": any(o.status == 503 for o in answered),
         "every 503 with Retry-After": all(o.retry_after for o in answered if o.status == 503),
         "server exited with 0": server.returncode == 0,
@@ -615,7 +685,7 @@ async def test_under_random_faults_every_answer_matches_the_database_and_nothing
     table += "\n  checks: " + (f"FAILED: {'; '.join(failed)}" if failed else "all passed")
     with capsys.disabled():
         print(table)
-    if REPORT:
-        await anyio.Path(REPORT).write_text(table + "\n")
-        await anyio.Path(REPORT + ".server.log").write_text(log)
+    if variant.report:
+        await anyio.Path(variant.report).write_text(table + "\n")
+        await anyio.Path(variant.report + ".server.log").write_text(log)
     assert failed == [], table
