@@ -159,8 +159,6 @@ def _refuse(session: ThreadSession) -> None:
 @functools.cache
 def thread_class(cls: type[Session], loop_allowed: bool) -> type[ThreadSession]:
     """``cls`` with the thread guard mixed in."""
-    if issubclass(cls, _GuardedSyncSession) and not issubclass(cls, ThreadSession):
-        raise TypeError(f"{cls.__name__} carries the AsyncSession guard; pass a plain class.")
     return type(
         f"Thread{cls.__name__}", (ThreadSession, cls), {"_asgi_sqla_loop_allowed": loop_allowed}
     )
