@@ -455,7 +455,11 @@ def _sync_section(document: Result) -> list[str]:
         "thread and exited in another, around the endpoint's. asgi_sqla takes two: "
         "the endpoint's, and one in its own pool to commit and close (none for a session "
         "that opened no transaction); its dependency is an `async def` that takes no "
-        "thread. CPU: the uvicorn process's (all threads), per request it served.",
+        "thread. CPU: the uvicorn process's (all threads), per request it served. "
+        "`python -m benchmarks.sync_profile` measures the same requests in-process, with "
+        "CPU time per request at 1 and 16 concurrent clients, beside asgi_sqla with its "
+        "endings moved onto anyio's threads: the cost of handing a request from anyio's "
+        "worker thread to the package's pool.",
         "",
     ]
     slow_systems = slow.get("systems", {})

@@ -92,7 +92,7 @@ class Settings:
     server_duration: float = 2.0
     server_connections: int = 16
     server_pool: int = 20
-    sync_rounds: int = 7
+    sync_rounds: int = 9
     sync_duration: float = 2.0
     sync_connections: int = 16
     sync_pool: int = 20

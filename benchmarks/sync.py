@@ -40,7 +40,6 @@ from benchmarks.inprocess import InProcessServer
 from benchmarks.load import load_generator, process_cpu_seconds, run_load
 from benchmarks.run import (
     BASELINE,
-    _servers,
     _short,
     _transactions_open,
     log,
@@ -49,6 +48,8 @@ from benchmarks.run import (
     summarise,
 )
 from benchmarks.sync_app import SYNC_SYSTEMS, build_sync_app
+
+import _servers  # (tests/, on the path once benchmarks.run is imported: uvicorn on loopback)
 
 if TYPE_CHECKING:
     from benchmarks.run import Settings

@@ -103,19 +103,19 @@ def _add_routes(app: FastAPI, session_dep: Any, config: AppConfig, *, commits: b
         return PlainTextResponse("pong")
 
     @app.get("/item")
-    def read_item(session: session_dep) -> Response:  # type: ignore[valid-type]
+    def read_item(session: session_dep) -> Response:
         row = session.execute(SELECT_ITEM, {"id": 1}).one()
         return JSONResponse({"id": row[0], "name": row[1]})
 
     @app.post("/items")
-    def create_item(session: session_dep) -> Response:  # type: ignore[valid-type]
+    def create_item(session: session_dep) -> Response:
         session.execute(INSERT_ITEM, {"name": "written"})
         if commits:
             session.commit()
         return JSONResponse({"created": True}, status_code=201)
 
     @app.get("/stream")
-    def create_and_stream(session: session_dep) -> Response:  # type: ignore[valid-type]
+    def create_and_stream(session: session_dep) -> Response:
         # The tutorial's create: add, commit, refresh.  The refresh is a SELECT that
         # opens a new transaction, which stays open until the session is closed.
         new_id = session.execute(INSERT_ITEM_RETURNING, {"name": "streamed"}).scalar_one()
@@ -141,10 +141,10 @@ def _by_hand(config: AppConfig, *, scope: str = "request") -> FastAPI:
         with Session(engine) as session:
             yield session
 
-    if scope == "request":
-        SessionDep = Annotated[Session, Depends(get_session)]
-    else:
-        SessionDep = Annotated[Session, Depends(get_session, scope="function")]  # type: ignore[misc,call-arg]
+    dependency = (
+        Depends(get_session, scope="function") if scope == "function" else Depends(get_session)
+    )
+    SessionDep = Annotated[Session, dependency]
 
     app = FastAPI(lifespan=_disposing(engine))
     _add_routes(app, SessionDep, config, commits=True)
@@ -250,8 +250,8 @@ def install_thread_counters() -> None:
         _counters.add("package_hops")
         return await in_worker(*args)
 
-    anyio.to_thread.run_sync = counted_run_sync
-    _threaded.in_worker = counted_in_worker
+    anyio.to_thread.run_sync = counted_run_sync  # type: ignore[assignment]
+    _threaded.in_worker = counted_in_worker  # type: ignore[assignment]
 
 
 def counted(app: ASGIApp) -> ASGIApp:
