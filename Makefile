@@ -45,7 +45,7 @@ with open("pyproject.toml", "rb") as f:
 endef
 export PRINT_DEV_GROUP
 
-.PHONY: help venv run test pytest check lint typecheck imports format bench-overhead bench clean distclean
+.PHONY: help venv run test pytest check lint typecheck imports format bench-overhead bench bench-sync clean distclean
 
 help: ## list the targets
 	@echo "usage: make TARGET [VARIABLE=value ...]   (variables: see the top of the Makefile)"
@@ -102,28 +102,38 @@ bench-overhead: $(VENV_STAMP) ## time the middleware adds to a request that neve
 # Its own virtualenv (.venv-bench: the package, the peers and the `bench` group), rebuilt
 # like $(VENV) when pyproject.toml changes; wrk from apt when root, else a Python load
 # generator.  BENCH_ARGS=--quick: a two-minute smoke run; see `python -m benchmarks -h`.
-bench: ## asgi_sqla against its peers, interleaved; prints the table, writes benchmarks/results.*
-	@if [ ! -f .venv-bench/.installed-from-pyproject ] || \
-			[ pyproject.toml -nt .venv-bench/.installed-from-pyproject ]; then \
-		set -e; \
-		echo "creating .venv-bench: the package, the peers and the bench group"; \
-		$(PYTHON) -m venv .venv-bench; \
-		.venv-bench/bin/python -m pip install --quiet --upgrade pip; \
-		if .venv-bench/bin/python -m pip install --help | grep -e '--group' >/dev/null; then \
-			.venv-bench/bin/python -m pip install --quiet -e . --group bench; \
-		else \
-			.venv-bench/bin/python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["dependency-groups"]["bench"]))' \
-				> .venv-bench/bench-requirements.txt; \
-			.venv-bench/bin/python -m pip install --quiet -e . -r .venv-bench/bench-requirements.txt; \
-		fi; \
-		touch .venv-bench/.installed-from-pyproject; \
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed-from-pyproject
+
+$(BENCH_STAMP): pyproject.toml
+	@echo "creating $(BENCH_VENV): the package, the peers and the bench group"
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	@if $(BENCH_VENV)/bin/python -m pip install --help | grep -e '--group' >/dev/null; then \
+		$(BENCH_VENV)/bin/python -m pip install --quiet -e . --group bench; \
+	else \
+		$(BENCH_VENV)/bin/python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["dependency-groups"]["bench"]))' \
+			> $(BENCH_VENV)/bench-requirements.txt && \
+		$(BENCH_VENV)/bin/python -m pip install --quiet -e . -r $(BENCH_VENV)/bench-requirements.txt; \
 	fi
+	touch $@
+
+# Not listed by `make help`: a step of `bench` and `bench-sync`.
+.PHONY: bench-wrk
+bench-wrk:
 	@command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 		echo "installing wrk (apt-get)" && export DEBIAN_FRONTEND=noninteractive && \
 		{ apt-get install -y -qq --no-install-recommends wrk >/dev/null 2>&1 || \
 		  { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends wrk >/dev/null; }; }; } || \
-		echo "no wrk (it needs root and apt-get): the real-server scenario uses benchmarks/load.py"
-	.venv-bench/bin/python -m benchmarks $(BENCH_ARGS)
+		echo "no wrk (it needs root and apt-get): the real-server scenarios use benchmarks/load.py"
+
+bench: $(BENCH_STAMP) bench-wrk ## asgi_sqla against its peers, interleaved; prints the table, writes benchmarks/results.*
+	$(BENCH_VENV)/bin/python -m benchmarks $(BENCH_ARGS)
+
+# A few minutes: FastAPI `def` endpoints on psycopg 3, by hand and with SyncDatabase; its
+# figures replace the `sync` section of benchmarks/results.* and leave the rest as it was.
+bench-sync: $(BENCH_STAMP) bench-wrk ## only the sync scenario (FastAPI def endpoints, SyncDatabase), merged into results.*
+	$(BENCH_VENV)/bin/python -m benchmarks --only sync --merge $(BENCH_ARGS)
 
 clean: ## delete caches, coverage data, build artefacts and example.db (keeps the virtualenv)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache htmlcov build dist *.egg-info

@@ -172,6 +172,7 @@ def bar(document: Result) -> list[Result]:
             )
     else:
         add("Slow clients, pool of 2", f"≥ 0.95{X}", None, "not measured")
+    _sync_bar(document, add)
     failing = _entry(_scenario(document, "failing_commit"), "asgi_sqla")
     if failing:
         add(
@@ -184,6 +185,67 @@ def bar(document: Result) -> list[Result]:
     else:
         add("Failing commit", "zero 2xx", None, "not measured")
     return criteria
+
+
+def _sync_part(document: Result, part: str) -> Result:
+    """A part of the sync scenario (``real_server``, ``slow_clients``), or why it is missing."""
+    sync = _scenario(document, "sync")
+    if "error" in sync:
+        return {"error": sync["error"]}
+    found: Result = sync.get(part, {})
+    return found
+
+
+def _sync_bar(document: Result, add: Callable[[str, str, bool | None, str], None]) -> None:
+    """The sync scenario's criteria: asgi_sqla against FastAPI's SQL tutorial."""
+    server = _sync_part(document, "real_server")
+    for route, label in (("read", "read (1 SELECT)"), ("write", "write (1 INSERT)")):
+        mine = _entry(server, "asgi_sqla", route)
+        theirs = _entry(server, "by_hand", route)
+        criterion = f"Sync: FastAPI `def` endpoints under uvicorn, psycopg 3, {label}"
+        target = f"at least 97% of the SQL tutorial's throughput (≥ 0.97{X})"
+        if mine and theirs and "ratio" in mine:
+            add(
+                criterion,
+                target,
+                mine["ratio"] >= 0.97,
+                f"{mine['ratio']:.3f}{X} ({mine['median']:.0f} against {theirs['median']:.0f} "
+                f"req/s); threads per request {_hops(mine)} against {_hops(theirs)}; CPU "
+                f"{mine.get('cpu_ratio', math.nan):.2f}{X}",
+            )
+        else:
+            add(criterion, f"≥ 0.97{X}", None, "not measured")
+    slow = _sync_part(document, "slow_clients").get("systems", {})
+    mine = slow.get("asgi_sqla")
+    criterion = "Sync: slow clients, pool of 2 (`def` endpoint, in-process)"
+    if mine and "ratio" in mine:
+        tutorial = slow["by_hand"]["median"]
+        add(
+            criterion,
+            f"at least 95% of the SQL tutorial's throughput (≥ 0.95{X})",
+            mine["ratio"] >= 0.95,
+            f"{mine['ratio']:.1f}{X} ({mine['median']:.0f} against {tutorial:.0f} req/s)",
+        )
+        scoped = slow.get("by_hand_function_scope")
+        if scoped and "median" in scoped:
+            ratio = mine["median"] / scoped["median"]
+            add(
+                "Sync: slow clients, against the tutorial's dependency with "
+                '`scope="function"` (closed before the response)',
+                f"≥ 0.95{X} (ratio of the medians)",
+                ratio >= 0.95,
+                f"{ratio:.2f}{X} ({mine['median']:.0f} against {scoped['median']:.0f} req/s)",
+            )
+    else:
+        add(criterion, f"≥ 0.95{X}", None, "not measured")
+
+
+def _hops(entry: Result) -> str:
+    """Worker-thread hops per request: total (framework + asgi_sqla's pool)."""
+    hops = entry.get("threads_per_request")
+    if not hops:
+        return "?"
+    return f"{hops['total']:g} ({hops['framework']:g} + {hops['package']:g})"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -306,6 +368,7 @@ def render_markdown(document: Result) -> str:
             out.append(f"- {LABELS[system]}: {said}")
         out.append("")
 
+    out += _sync_section(document)
     out += ["## The bar", ""]
     out += _table(
         ["criterion", "target", "measured (asgi_sqla)", "met"],
@@ -319,15 +382,157 @@ def render_markdown(document: Result) -> str:
             for c in document.get("bar", [])
         ],
     )
-    out += ["", "## How it was measured", "", *_method(meta)]
+    out += ["", "## How it was measured", "", *_method(meta), *_sync_method(document)]
     return "\n".join(out) + "\n"
+
+
+def _sync_section(document: Result) -> list[str]:
+    """The sync scenario: FastAPI ``def`` endpoints, the SQL tutorial against SyncDatabase."""
+    sync = _scenario(document, "sync")
+    if not sync:
+        return []
+    # Imported here: it imports FastAPI, which the other scenarios do not need.
+    from benchmarks.sync_app import SYNC_LABELS, SYNC_SYSTEMS
+
+    server = _sync_part(document, "real_server")
+    slow = _sync_part(document, "slow_clients")
+    versions = sync.get("versions", {})
+    out = [
+        "## Sync: FastAPI `def` endpoints on psycopg 3",
+        "",
+        "The same small app as a FastAPI app with `def` endpoints (FastAPI runs them in "
+        "anyio's worker threads), on PostgreSQL through `postgresql+psycopg://` used "
+        "synchronously. *By hand* is FastAPI's SQL tutorial: "
+        "`def get_session(): with Session(engine) as session: yield session`, "
+        "`SessionDep = Annotated[Session, Depends(get_session)]`, and the write endpoint "
+        "calls `session.commit()`. *asgi_sqla*: the same endpoints with "
+        "`SessionDep = Annotated[Session, Depends(session_dependency(db))]` on a "
+        "`SyncDatabase` and `app.add_middleware(SQLAlchemyMiddleware, db)`; nothing "
+        "commits in the endpoint, the middleware does before the status line is sent. "
+        "Same engine options for both.",
+        "",
+    ]
+    if "error" in sync:
+        return [*out, f"Not measured: {sync['error']}", ""]
+    systems = server.get("systems", {}).get("read", {})
+    rows = []
+    for system in ("by_hand", "asgi_sqla"):
+        label = SYNC_LABELS[system]
+        if system not in systems:
+            rows.append([label, _why_missing(server, system), "", "", "", "", ""])
+            continue
+        rows.append(
+            [
+                label,
+                _server(server, "read", system),
+                _server(server, "write", system),
+                _hops(_entry(server, system, "read") or {}),
+                _hops(_entry(server, system, "write") or {}),
+                _time(server, system, cpu=True, route="read"),
+                _time(server, system, cpu=True, route="write"),
+            ]
+        )
+    out += [
+        f"### Under uvicorn, {server.get('connections', '?')} connections, "
+        f"pool_size={server.get('pool_size', '?')}",
+        "",
+        *_table(
+            [
+                "system",
+                "read: req/s · p50 / p99 ms",
+                "write: req/s · p50 / p99 ms",
+                "threads/request, read",
+                "threads/request, write",
+                "CPU µs/request, read",
+                "CPU µs/request, write",
+            ],
+            rows,
+        ),
+        "",
+        "Threads per request: the calls to a worker-thread entry point per request, as "
+        "*total (anyio's `to_thread.run_sync` + asgi_sqla's own pool)*, counted in the "
+        "server process. The tutorial takes three: its `def` dependency is entered in a "
+        "thread and exited in another, around the endpoint's. asgi_sqla takes two: "
+        "the endpoint's, and one in its own pool to commit and close (none for a session "
+        "that opened no transaction); its dependency is an `async def` that takes no "
+        "thread. CPU: the uvicorn process's (all threads), per request it served. "
+        "`python -m benchmarks.sync_profile` measures the same requests in-process, with "
+        "CPU time per request at 1 and 16 concurrent clients, beside asgi_sqla with its "
+        "endings moved onto anyio's threads: the cost of handing a request from anyio's "
+        "worker thread to the package's pool.",
+        "",
+    ]
+    slow_systems = slow.get("systems", {})
+    out += [
+        f"### Slow clients, pool of {slow.get('pool_size', 2)}",
+        "",
+        *_table(
+            ["system", "req/s", "transaction open while the body is sent"],
+            [
+                [SYNC_LABELS[system], _rate(slow, system), _held(slow, system)]
+                for system in SYNC_SYSTEMS
+            ],
+        ),
+        "",
+    ]
+    tutorial = slow_systems.get("by_hand", {})
+    held = tutorial.get("holds_transaction_during_body")
+    if held is not None:
+        fastapi = versions.get("fastapi", "?")
+        seen = (
+            "The probe saw the tutorial's transaction open while the body went out: its "
+            "session holds a connection until the body has gone out."
+            if held
+            else "Yet the probe saw no transaction of the tutorial's open while the body went out."
+        )
+        out += [
+            f"FastAPI {fastapi}: the code after a `yield` dependency's `yield` (here, "
+            "closing the session) runs once the response has been sent, streamed body "
+            "included (`fastapi.routing.request_response` exits the dependencies' stack "
+            "after `await response(...)`). The endpoint is the tutorial's create: "
+            "`INSERT`, `session.commit()`, then the row read back (its "
+            "`session.refresh(hero)`), which begins a new transaction. " + seen + " With "
+            '`Depends(get_session, scope="function")` (FastAPI 0.121+) the session is '
+            "closed when the endpoint returns, before the response; asgi_sqla commits and "
+            "returns the connection when the response starts.",
+            "",
+        ]
+    return out
+
+
+def _sync_method(document: Result) -> list[str]:
+    sync = _scenario(document, "sync")
+    server = sync.get("real_server")
+    slow = sync.get("slow_clients")
+    if not server or not slow:
+        return []
+    versions = ", ".join(f"{k} {v}" for k, v in sync.get("versions", {}).items())
+    return [
+        f"- Sync: measured {sync.get('date', '?')} ({versions}); load average at its start "
+        f"{sync.get('load_average_at_start')}. Under uvicorn: one worker per system, "
+        f"{server['connections']} keep-alive connections ({server['generator']}), "
+        f"{server['duration_s']:.0f} s per run, {server['rounds']} rounds in rotating "
+        f"order, pool_size={server['pool_size']}; threads and CPU per request from the "
+        "server's counters and `/proc/PID/stat` read before and after each run, divided "
+        "by the requests the server finished meanwhile. Slow clients: "
+        f"{slow['clients']} concurrent `GET /stream`, {slow['chunks']} chunks of "
+        f"{slow['chunk_delay_s'] * 1000:.0f} ms each, in-process, "
+        f"pool_size={slow['pool_size']}, max_overflow=0, {slow['rounds']} rounds, "
+        "paired with the tutorial as in the async scenario.",
+    ]
 
 
 def _method(meta: Result) -> list[str]:
     machine = meta["machine"]
     settings = meta["settings"]
     libraries = ", ".join(f"{k} {v}" for k, v in meta["libraries"].items())
+    updates = [
+        f"- Measured again since, the other figures left as they were: "
+        f"{', '.join(u['scenarios'])} on {u['date']} (`{u['command']}`, {u['seconds']:.0f} s)."
+        for u in meta.get("updates", [])
+    ]
     return [
+        *updates,
         f"- Date: {meta['date']}; `{meta['command']}` ran for {meta['seconds']:.0f} s "
         "(set-up not included).",
         f"- Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB, "

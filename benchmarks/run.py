@@ -18,6 +18,10 @@
 5. **Real server**: each app under uvicorn, loaded by ``wrk`` (or the Python generator
    of :mod:`benchmarks.load`) at fixed concurrency; requests per second, p50 and p99
    for the read and the write route.
+6. **Sync** (:mod:`benchmarks.sync`, ``--only sync`` or ``make bench-sync``): FastAPI
+   ``def`` endpoints on psycopg 3 used synchronously, the SQL tutorial's ``yield``
+   dependency against ``SyncDatabase``: the real server (with worker-thread hops and
+   CPU time per request) and the slow clients.
 
 The machine may be shared and noisy: systems run in rounds, in an order that rotates
 each round (A B C…, B C… A, …), and every figure is a median over rounds.  In-process
@@ -88,6 +92,11 @@ class Settings:
     server_duration: float = 2.0
     server_connections: int = 16
     server_pool: int = 20
+    sync_rounds: int = 9
+    sync_duration: float = 2.0
+    sync_connections: int = 16
+    sync_pool: int = 20
+    sync_slow_rounds: int = 7
 
     def quick(self) -> Settings:
         """A run of a minute or two that exercises every code path."""
@@ -102,6 +111,9 @@ class Settings:
             failing_requests=2,
             server_rounds=1,
             server_duration=1.0,
+            sync_rounds=1,
+            sync_duration=1.0,
+            sync_slow_rounds=2,
         )
 
 
@@ -695,7 +707,15 @@ def environment(postgres_version: str | None) -> Result:
 
 # -- main --------------------------------------------------------------------------------
 
-SCENARIOS = ("no_db", "sqlite", "postgresql", "slow_clients", "failing_commit", "real_server")
+SCENARIOS = (
+    "no_db",
+    "sqlite",
+    "postgresql",
+    "slow_clients",
+    "failing_commit",
+    "real_server",
+    "sync",
+)
 
 
 def _timed(name: str, results: Result, run: Callable[[], Result]) -> None:
@@ -708,6 +728,42 @@ def _timed(name: str, results: Result, run: Callable[[], Result]) -> None:
         results[name] = {"error": f"n/a: {_short(exc)}"}
     results[name]["seconds"] = round(time.perf_counter() - started, 1)
     log(f"{name} done in {results[name]['seconds']} s")
+
+
+def _sync_scenario(settings: Settings, url: str, admin_url: str) -> Result:
+    # Imported here: benchmarks.sync uses this module's helpers.
+    from benchmarks.sync import sync_scenario
+
+    return sync_scenario(settings, url, admin_url)
+
+
+def _merged(document: Result, previous_path: Path) -> Result:
+    """``document``'s scenarios laid over those of the results.json at ``previous_path``.
+
+    The other scenarios keep their figures and the description of the run that made
+    them (``meta``); ``meta["updates"]`` says which scenarios were measured again,
+    when and how.
+    """
+    if not previous_path.exists():
+        return document
+    previous: Result = json.loads(previous_path.read_text())
+    meta = previous["meta"]
+    new_meta = document["meta"]
+    names = sorted(document["scenarios"])
+    updates = [u for u in meta.get("updates", []) if u["scenarios"] != names]
+    updates.append(
+        {
+            "scenarios": names,
+            "date": new_meta["date"],
+            "command": new_meta["command"],
+            "seconds": new_meta["seconds"],
+            "load_generator": new_meta["load_generator"],
+            "postgresql": new_meta["postgresql"],
+        }
+    )
+    meta["updates"] = updates
+    meta["settings"] = {**meta.get("settings", {}), **new_meta["settings"]}
+    return {"meta": meta, "scenarios": {**previous["scenarios"], **document["scenarios"]}}
 
 
 def _run_async(coroutine: Callable[[], Coroutine[Any, Any, Result]]) -> Callable[[], Result]:
@@ -725,6 +781,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a short smoke run (~2 min)")
     parser.add_argument(
         "--only", nargs="+", choices=SCENARIOS, default=list(SCENARIOS), help="scenarios to run"
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other scenarios of the existing results.json, replace those run now "
+        "(make bench-sync)",
     )
     parser.add_argument(
         "--output-dir",
@@ -748,7 +810,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     results: Result = {}
     only = set(args.only)
-    needs_postgres = bool(only & {"postgresql", "slow_clients", "failing_commit", "real_server"})
+    needs_postgres = bool(
+        only & {"postgresql", "slow_clients", "failing_commit", "real_server", "sync"}
+    )
     with contextlib.ExitStack() as stack:
         scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="asgi-sqla-bench-"))
         pg = stack.enter_context(postgresql()) if needs_postgres else "not requested (--only)"
@@ -780,6 +844,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 lambda url, admin: _run_async(partial(failing_commit, settings, url)),
             ),
             ("real_server", "real_server", lambda url, admin: partial(real_server, settings, url)),
+            ("sync", "sync", lambda url, admin: partial(_sync_scenario, settings, url, admin)),
         ]
         for option, name, runner in postgres_scenarios:
             if option not in only:
@@ -790,9 +855,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             _timed(name, results, runner(*pg))
     meta = environment(pg_version)
     meta["settings"] = asdict(settings)
-    meta["command"] = "make bench" + (" BENCH_ARGS=--quick" if args.quick else "")
+    if not args.merge:
+        command = "make bench" + (" BENCH_ARGS=--quick" if args.quick else "")
+    elif only == {"sync"}:
+        command = "make bench-sync" + (" BENCH_ARGS=--quick" if args.quick else "")
+    else:
+        command = "python -m benchmarks --merge --only " + " ".join(args.only)
+        command += " --quick" if args.quick else ""
+    meta["command"] = command
     meta["seconds"] = round(time.perf_counter() - started, 1)
-    document = {"meta": meta, "scenarios": results}
+    document: Result = {"meta": meta, "scenarios": results}
+    if args.merge:
+        document = _merged(document, args.output_dir / "results.json")
     document["bar"] = report.bar(document)
     table = report.write(document, args.output_dir)
     print(table)
