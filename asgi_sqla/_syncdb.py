@@ -29,7 +29,8 @@ class SyncDatabase(BaseDatabase):
     (of ``session_options["class_"]``, ``sqlmodel.Session`` say) created when first read,
     which checks out a connection at its first statement.  The middleware commits or
     rolls it back before the status line is sent, as for an async ``Database``, in a
-    worker thread of the package's own: the event loop never waits for the database.
+    worker thread under a thread limit of its own: the event loop never waits for the
+    database, and the commit never waits for the framework's threads.
 
     A session's calls from the event loop's thread (an ``async def`` endpoint) raise
     ``BlockingCallError``: they would stop every other request while they wait.  A call

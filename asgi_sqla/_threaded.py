@@ -12,11 +12,11 @@ FastAPI through anyio's thread pool, Quart's ``run_sync``, Litestar's
 * Never on the event loop.  A call from the event loop's thread (an ``async def``
   endpoint using a synchronous session) raises ``BlockingCallError``, unless the
   database was made with ``block_event_loop=True``.
-* The package ends the session in a worker thread of its own (:func:`in_worker`),
-  never on the event loop and never in the framework's thread pool: all of that
-  pool's threads may be waiting for a connection that only an ending gives back.  A
-  session that holds nothing (no transaction, no callback) is closed in place, without
-  a thread.
+* The package ends the session in a worker thread (:func:`in_worker`), never on the
+  event loop, and under a thread limit of its own, never the framework's: all of the
+  framework's threads may be waiting for a connection that only an ending gives back.
+  A session that holds nothing (no transaction, no callback) is closed in place,
+  without a thread.
 * The ending takes the session's lock, so it waits for a call still under way in an
   app thread (a cancelled request whose thread runs on: a thread cannot be
   interrupted).  When the ending rolls back, it first asks the driver to cancel that
@@ -27,14 +27,13 @@ FastAPI through anyio's thread pool, Quart's ``run_sync``, Litestar's
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
-import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from anyio import CapacityLimiter, to_thread
+from anyio.lowlevel import RunVar
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
@@ -61,7 +60,7 @@ __all__ = [
 
 _T = TypeVar("_T")
 
-#: Threads of the package's own pool, for endings, startup checks and disposal.  An
+#: Threads the package's endings, startup checks and disposals may use at once.  An
 #: ending holds a connection, so this bounds endings running at once, not requests.
 _WORKERS = 64
 
@@ -164,41 +163,26 @@ def thread_class(cls: type[Session], loop_allowed: bool) -> type[ThreadSession]:
     )
 
 
-class _Workers:
-    """The package's thread pool: made on first use, and again in a forked child."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
-        os.register_at_fork(after_in_child=self._forget)
-
-    def pool(self) -> ThreadPoolExecutor:
-        pool = self._pool
-        if pool is None:
-            with self._lock:
-                pool = self._pool
-                if pool is None:
-                    pool = self._pool = ThreadPoolExecutor(_WORKERS, "asgi_sqla")
-        return pool
-
-    def _forget(self) -> None:
-        # The parent's threads do not exist in the child (a pre-forking server).
-        self._lock = threading.Lock()
-        self._pool = None
+#: The package's own share of anyio's worker threads, per event loop.
+_limiter: RunVar[CapacityLimiter] = RunVar("asgi_sqla_limiter")
 
 
-_workers = _Workers()
+async def in_worker(fn: Callable[..., _T], *args: Any) -> _T:
+    """Run ``fn(*args)`` in a worker thread, in a copy of this context.
 
-
-def in_worker(fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
-    """Start ``fn(*args)`` in one of the package's threads, in a copy of this context.
-
-    Returns the future of its result: awaiting it directly, or through
-    ``run_to_completion`` (which takes a future as it is, without a task around it).
+    The thread is one of anyio's, which Starlette, FastAPI and Litestar run ``def``
+    code in: the one that just finished the endpoint is usually idle and is reused,
+    which costs far less than waking a thread of another pool.  The calls count
+    against a limiter of the package's own, never the framework's: all the framework's
+    tokens may be held by endpoints waiting for a connection that only an ending here
+    gives back, and anyio starts a new thread whenever none is idle.
     """
-    loop = asyncio.get_running_loop()
-    run = functools.partial(contextvars.copy_context().run, fn, *args)
-    return loop.run_in_executor(_workers.pool(), run)
+    try:
+        limiter = _limiter.get()
+    except LookupError:
+        limiter = CapacityLimiter(_WORKERS)
+        _limiter.set(limiter)
+    return await to_thread.run_sync(fn, *args, limiter=limiter)
 
 
 async def end_thread_session(

@@ -450,16 +450,15 @@ def _sync_section(document: Result) -> list[str]:
         ),
         "",
         "Threads per request: the calls to a worker-thread entry point per request, as "
-        "*total (anyio's `to_thread.run_sync` + asgi_sqla's own pool)*, counted in the "
+        "*total (the framework's `to_thread.run_sync` + asgi_sqla's)*, counted in the "
         "server process. The tutorial takes three: its `def` dependency is entered in a "
         "thread and exited in another, around the endpoint's. asgi_sqla takes two: "
-        "the endpoint's, and one in its own pool to commit and close (none for a session "
+        "the endpoint's, and one to commit and close, in anyio's threads under a limiter "
+        "of its own (none for a session "
         "that opened no transaction); its dependency is an `async def` that takes no "
         "thread. CPU: the uvicorn process's (all threads), per request it served. "
         "`python -m benchmarks.sync_profile` measures the same requests in-process, with "
-        "CPU time per request at 1 and 16 concurrent clients, beside asgi_sqla with its "
-        "endings moved onto anyio's threads: the cost of handing a request from anyio's "
-        "worker thread to the package's pool.",
+        "CPU time per request at 1 and 16 concurrent clients.",
         "",
     ]
     slow_systems = slow.get("systems", {})

@@ -199,9 +199,10 @@ class _Counters:
     """Requests served and worker-thread hops taken, for the whole process.
 
     A hop is one call of a worker-thread entry point: anyio's ``to_thread.run_sync``
-    (what Starlette's ``run_in_threadpool`` and FastAPI's ``def`` dependencies and
-    endpoints go through) or asgi_sqla's ``_threaded.in_worker`` (its own pool, where
-    it ends a sync session).  Counts are read before and after a run and divided by
+    for the framework (what Starlette's ``run_in_threadpool`` and FastAPI's ``def``
+    dependencies and endpoints go through, with anyio's default limiter) or asgi_sqla's
+    ``_threaded.in_worker`` (anyio's threads under a limiter of its own, where it ends
+    a sync session).  Counts are read before and after a run and divided by
     the requests served meanwhile.
     """
 
@@ -233,9 +234,11 @@ def install_thread_counters() -> None:
     """Count every call of anyio's ``to_thread.run_sync`` and asgi_sqla's ``in_worker``.
 
     Both are looked up as module attributes when called (``anyio.to_thread.run_sync``
-    by Starlette and FastAPI, ``in_worker`` by ``_threaded.end_thread_session``), so
-    replacing the attribute counts every call.  For the uvicorn process only: the
-    in-process scenarios do not count.
+    by Starlette, FastAPI and ``in_worker``; ``in_worker`` by
+    ``_threaded.end_thread_session``), so replacing the attribute counts every call.
+    ``in_worker`` passes a ``limiter`` of its own to ``run_sync``: those calls count as
+    the package's, not the framework's.  For the uvicorn process only: the in-process
+    scenarios do not count.
     """
     from asgi_sqla import _threaded
 
@@ -243,7 +246,8 @@ def install_thread_counters() -> None:
     in_worker = _threaded.in_worker
 
     async def counted_run_sync(*args: Any, **kwargs: Any) -> Any:
-        _counters.add("framework_hops")
+        if kwargs.get("limiter") is None:  # the framework's, on anyio's default limiter
+            _counters.add("framework_hops")
         return await run_sync(*args, **kwargs)
 
     async def counted_in_worker(*args: Any) -> Any:

@@ -8,14 +8,13 @@ machine.  For each route (``GET /item``, ``POST /items``) and each concurrency (
 clients), paired rounds (:func:`benchmarks.run.paired_rounds`) of:
 
 * ``by_hand``: FastAPI's SQL tutorial (three hops, all in anyio's worker threads);
-* ``asgi_sqla``: ``SyncDatabase`` (two hops: the endpoint in anyio's threads, the
-  ending in the package's own pool);
-* ``asgi_sqla, endings on anyio's threads``: the same app with the package's
-  ``_threaded.in_worker`` replaced, for this run only, by anyio's
-  ``to_thread.run_sync`` with a limiter of its own (64 tokens, as many as the
-  package's pool has threads).  anyio reuses the thread that has just finished the
-  endpoint, where the package's pool wakes one of its own: the difference between the
-  two asgi_sqla rows is the cost of that hand-over between pools.
+* ``asgi_sqla``: ``SyncDatabase`` (two hops in anyio's worker threads: the endpoint,
+  and the ending under the package's own limiter).
+
+(This diagnostic found that an ending handed to a thread pool of the package's own
+cost 30-65 µs of CPU more per request at 16 clients than one run in anyio's threads,
+which reuse the thread that has just finished the endpoint: the package now runs its
+endings there.)
 
 ``--cprofile FILE`` also writes a cProfile of the event loop's thread for one batch
 of each system (``python -m pstats FILE``).
@@ -30,38 +29,13 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-import anyio
-import anyio.to_thread
-
 from benchmarks.app import AppConfig, create_schema
 from benchmarks.inprocess import InProcessServer
 from benchmarks.run import paired_rounds, postgresql
 from benchmarks.sync_app import build_sync_app
 
 ROUTES = (("GET", "/item", 200), ("POST", "/items", 201))
-ON_ANYIO = "asgi_sqla, endings on anyio's threads"
-_SLUGS = {"by_hand": "by_hand", "asgi_sqla": "asgi_sqla", ON_ANYIO: "asgi_sqla_endings_on_anyio"}
-
-
-class _Endings:
-    """Switches where asgi_sqla runs its endings: its own pool, or anyio's threads."""
-
-    def __init__(self) -> None:
-        from asgi_sqla import _threaded
-
-        self._threaded = _threaded
-        self._own = _threaded.in_worker
-        self._limiter = anyio.CapacityLimiter(64)
-        self.on_anyio = False
-        _threaded.in_worker = self._in_worker
-
-    async def _in_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
-        if self.on_anyio:
-            return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter)
-        return await self._own(fn, *args)
-
-    def restore(self) -> None:
-        self._threaded.in_worker = self._own
+_SLUGS = {"by_hand": "by_hand", "asgi_sqla": "asgi_sqla"}
 
 
 async def _batch(
@@ -86,29 +60,24 @@ async def _route(
     url: str, route: tuple[str, str, int], clients: int, rounds: int, profile: str | None
 ) -> None:
     method, path, expect = route
-    endings = _Endings()
     config = AppConfig(url=url, pool_size=20)
-    try:
-        async with (
-            InProcessServer(build_sync_app("by_hand", config)) as by_hand,
-            InProcessServer(build_sync_app("asgi_sqla", config)) as mine,
-        ):
-            servers = {"by_hand": by_hand, "asgi_sqla": mine, ON_ANYIO: mine}
-            requests = 480 if clients > 1 else 240
+    async with (
+        InProcessServer(build_sync_app("by_hand", config)) as by_hand,
+        InProcessServer(build_sync_app("asgi_sqla", config)) as mine,
+    ):
+        servers = {"by_hand": by_hand, "asgi_sqla": mine}
+        requests = 480 if clients > 1 else 240
 
-            async def measure(system: str) -> tuple[float, ...]:
-                endings.on_anyio = system == ON_ANYIO
-                return await _batch(servers[system], method, path, expect, requests, clients)
+        async def measure(system: str) -> tuple[float, ...]:
+            return await _batch(servers[system], method, path, expect, requests, clients)
 
-            for system in servers:  # warm-up: connections, prepared statements, threads
-                await measure(system)
-            summary = await paired_rounds(
-                measure, list(servers), reference="by_hand", rounds=rounds, failures={}
-            )
-            if profile:
-                await _profile(measure, list(servers), f"{profile}-{path.strip('/')}-{clients}")
-    finally:
-        endings.restore()
+        for system in servers:  # warm-up: connections, prepared statements, threads
+            await measure(system)
+        summary = await paired_rounds(
+            measure, list(servers), reference="by_hand", rounds=rounds, failures={}
+        )
+        if profile:
+            await _profile(measure, list(servers), f"{profile}-{path.strip('/')}-{clients}")
     for system, entry in summary.items():
         ratios = (
             f"wall {entry['ratio']:.3f}x, CPU {entry['cpu_ratio']:.3f}x "
