@@ -236,8 +236,8 @@ def install_thread_counters() -> None:
     Both are looked up as module attributes when called (``anyio.to_thread.run_sync``
     by Starlette, FastAPI and ``in_worker``; ``in_worker`` by
     ``_threaded.end_thread_session``), so replacing the attribute counts every call.
-    ``in_worker`` passes a ``limiter`` of its own to ``run_sync``: those calls count as
-    the package's, not the framework's.  For the uvicorn process only: the in-process
+    ``in_worker`` passes the package's ``limiter`` to ``run_sync``: those calls count
+    as the package's, not the framework's.  For the uvicorn process only: the in-process
     scenarios do not count.
     """
     from asgi_sqla import _threaded
@@ -246,7 +246,10 @@ def install_thread_counters() -> None:
     in_worker = _threaded.in_worker
 
     async def counted_run_sync(*args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("limiter") is None:  # the framework's, on anyio's default limiter
+        # FastAPI exits `yield` dependencies under a limiter of its own: only the
+        # package's limiter tells the package's calls apart.
+        limiter = kwargs.get("limiter")
+        if limiter is None or limiter is not _threaded._limiter.get(None):
             _counters.add("framework_hops")
         return await run_sync(*args, **kwargs)
 
