@@ -113,13 +113,15 @@ meanwhile other sessions wait for theirs (an async session in its task, a synchr
 one blocking its thread).  Sessions opened *inside* the one that holds the turn do not
 wait: those opened later in the same task or in tasks it starts (a ``db.new_session()``
 or ``db.scope()`` block in a handler, the request's own sessions of other databases, a
-request the test sends from inside its ``db.scope()`` block), and for a
-``SyncDatabase`` those opened later in the same call of a worker thread (a
-``db.new_session()`` block in a ``def`` endpoint) or in the requests a test thread
-sends through ``TestClient`` while its ``with db.scope()`` block holds the turn
-(``TestClient`` runs the app in a copy of the test thread's context, which is how
-"inside" is told: a context variable).  Their savepoints sit on top of the holder's,
-so they must end before it, as ``with`` blocks do.  A session that waits longer than
+request the test sends from inside its ``db.scope()`` block).  For a ``SyncDatabase``
+the same holds with threads: sessions opened later in the same thread call, or in the
+requests a test thread sends through ``TestClient`` from inside its ``with
+db.scope()`` block (``TestClient`` runs the app in a copy of the test thread's context:
+"inside" is told by a context variable), do not wait; nor do those opened later in the
+code of the same request (a ``db.new_session()`` block in a ``def`` endpoint, after a
+``def`` dependency used ``db.session``: frameworks run them one after another, each in
+a thread call of its own).  Their savepoints sit on top of the holder's, so they must
+end before it, as ``with`` blocks do.  A session that waits longer than
 ``asgi_sqla_wait_timeout`` seconds (an ini option, 10 by default) raises
 ``ConnectionTurnTimeout`` naming the holder: a test that keeps a session open while it
 waits for another request that needs the database would otherwise hang, where in

@@ -26,6 +26,7 @@ import anyio.to_thread
 import httpx
 import pytest
 from sqlalchemy import event, insert, select
+from sqlalchemy.orm import Session, registry
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -359,6 +360,16 @@ def test_rolled_back_sync_refuses_what_it_cannot_bind(tmp_path: Path) -> None:
 # -- the machinery, through rolled_back_sync() --------------------------------------------
 
 
+class Item:
+    """``items`` mapped, for the ORM's bulk methods."""
+
+    id: int
+    key: str
+
+
+registry().map_imperatively(Item, items)
+
+
 def sync_items_app(
     db: SyncDatabase, *, before_write: Callable[[], object] | None = None
 ) -> SQLAlchemyMiddleware:
@@ -536,4 +547,67 @@ async def test_an_async_test_binds_a_database_and_a_sync_database_under_one_turn
         assert sync_keys(sync_db) == set()
     finally:
         await async_db.dispose()
+        sync_db.dispose()
+
+
+@pytest.mark.anyio
+async def test_an_async_test_may_bind_sync_databases_alone(tmp_path: Path) -> None:
+    sync_db = open_sync_database(f"sqlite:///{tmp_path / 'sync.db'}")
+    transport = httpx.ASGITransport(app=sync_items_app(sync_db))  # def endpoints, in threads
+    try:
+        async with (
+            rolled_back(sync_db) as outer,
+            httpx.AsyncClient(transport=transport, base_url="http://test") as client,
+        ):
+            assert (await client.post("/items/a")).status_code == 201
+            assert (await client.post("/items/bad")).status_code == 400
+
+            rows = outer.connection(sync_db).execute(select(items.c.key))
+            assert rows.scalars().all() == ["a"]
+            with pytest.raises(ConfigurationError, match=r"is a SyncDatabase: pass it"):
+                outer.connection()
+        assert sync_keys(sync_db) == set()
+    finally:
+        sync_db.dispose()
+
+
+def _bulk_save(session: Session) -> None:
+    item = Item()
+    item.key = "bulk"
+    session.bulk_save_objects([item])
+
+
+@pytest.mark.parametrize(
+    "bulk_write",
+    [
+        pytest.param(_bulk_save, id="bulk_save_objects"),
+        pytest.param(lambda s: s.bulk_insert_mappings(Item, [{"key": "bulk"}]), id="insert"),
+        pytest.param(lambda s: s.bulk_update_mappings(Item, [{"id": 1, "key": "b"}]), id="update"),
+    ],
+)
+def test_the_orm_bulk_methods_wait_for_their_turn_too(
+    tmp_path: Path, bulk_write: Callable[[Session], None]
+) -> None:
+    # They reach the connection through the session's transaction, past the session's
+    # own way in: unless they wait for the turn first, they begin a savepoint on top
+    # of the holder's and the plugin's last check refuses them.
+    sync_db = open_sync_database(f"sqlite:///{tmp_path / 'sync.db'}")
+    errors: list[BaseException] = []
+
+    def write_in_a_new_thread() -> None:
+        try:
+            with sync_db.scope() as session:
+                bulk_write(session)
+        except Exception as exc:
+            errors.append(exc)
+
+    try:
+        with rolled_back_sync(sync_db, wait_timeout=0.2), sync_db.scope() as session:
+            session.execute(insert(items).values(key="held"))
+            writer = threading.Thread(target=write_in_a_new_thread)
+            writer.start()
+            writer.join(timeout=10)
+
+        assert [type(error) for error in errors] == [ConnectionTurnTimeout], errors
+    finally:
         sync_db.dispose()
