@@ -202,6 +202,9 @@ def test_db_scope_in_the_test_body(client):
         add_item(session, "undone")
         raise LookupError
     with db.scope() as session:
+        add_item(session, "rolled back")
+        session.rollback()
+    with db.scope() as session:
         add_item(session, "held")
         # The request nests in this block's turn on the connection.
         assert client.post("/items/sent-inside").status_code == 201
@@ -452,6 +455,7 @@ def test_a_session_opened_inside_a_def_endpoint_uses_the_connection_without_wait
         rows = outer.connection(sync_db).execute(select(items.c.key))
 
         assert sorted(rows.scalars()) == ["audit", "request"]
+        assert outer.databases == (sync_db,)
     assert sync_keys(sync_db) == set()
 
 
