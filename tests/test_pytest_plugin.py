@@ -32,7 +32,17 @@ from asgi_sqla import AsgiSqlaError, ConfigurationError, Database, SQLAlchemyMid
 from asgi_sqla.pytest_plugin import ConnectionTurnTimeout, rolled_back
 
 import _postgres
-from _helpers import create_tables, items, keys, open_database, orphan_child, query, started_engine
+from _helpers import (
+    create_tables,
+    items,
+    keys,
+    open_database,
+    open_sync_database,
+    orphan_child,
+    query,
+    started_engine,
+    sync_keys,
+)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 GUIDE = Path(__file__).resolve().parent.parent / "README.md"  # its "Testing your app" section
@@ -804,3 +814,34 @@ async def test_read_session_reads_the_tests_rows_instead_of_a_replica(database_u
             assert (await client.get("/read")).json() == ["a"]
     finally:
         await db.dispose()
+
+
+@pytest.mark.anyio
+async def test_a_join_transaction_mode_of_the_app_gives_way_to_the_tests_savepoints(
+    tmp_path: Path,
+) -> None:
+    # The app's own mode is for its own engine; in a test every session must join the
+    # test's transaction through a savepoint, or its commit would end the test's.
+    options = {"session_options": {"join_transaction_mode": "rollback_only"}}
+    db = await open_database(f"sqlite+aiosqlite:///{tmp_path / 'async.db'}", **options)
+    sync_db = open_sync_database(f"sqlite:///{tmp_path / 'sync.db'}", **options)
+    try:
+        async with rolled_back(db, sync_db) as outer:
+            async with db.scope() as session:
+                await session.execute(insert(items).values(key="async"))
+
+            def write_sync() -> None:
+                with sync_db.scope() as sync_session:
+                    sync_session.execute(insert(items).values(key="sync"))
+
+            await anyio.to_thread.run_sync(write_sync)
+            async_rows = await outer.connection(db).execute(select(items.c.key))
+            assert async_rows.scalars().all() == ["async"]
+            assert outer.connection(sync_db).execute(select(items.c.key)).scalars().all() == [
+                "sync"
+            ]
+        assert await keys(db) == set()
+        assert sync_keys(sync_db) == set()
+    finally:
+        await db.dispose()
+        sync_db.dispose()
