@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,6 +30,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from starlette.testclient import TestClient
 
 from asgi_sqla import ConfigurationError, Database, SQLAlchemyMiddleware, SyncDatabase
 from asgi_sqla.pytest_plugin import ConnectionTurnTimeout, rolled_back, rolled_back_sync
@@ -44,12 +44,6 @@ from _helpers import (
     started_engine,
     sync_keys,
 )
-
-with warnings.catch_warnings():
-    # Starlette 1.x asks for httpx2 under its TestClient; httpx, which this suite has,
-    # still works.  Imported once here, so the pytester runs below find it loaded.
-    warnings.filterwarnings("ignore", "Using `httpx` with `starlette.testclient`")
-    from starlette.testclient import TestClient
 
 # Loaded here, so that the in-process pytester runs find them loaded and do not import
 # them again (see tests/test_pytest_plugin.py).
