@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +60,8 @@ for _module in (
     __import__(_module)
 
 # -- user test files, run with pytester ---------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 INNER_INI = """\
 [pytest]
@@ -268,6 +271,27 @@ def test_a_synchronous_user_test_file_runs_each_test_in_a_transaction_that_leave
 
     result.assert_outcomes(passed=10)
     assert committed(sync_database_url) == [(0,)]
+
+
+def test_the_sqlmodel_example_test_file_passes_and_leaves_no_rows(
+    pytester: pytest.Pytester, sync_database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", sync_database_url)
+    # The example app reads DATABASE_URL when imported: import it afresh.
+    for name in [name for name in sys.modules if name.split(".")[0] == "examples"]:
+        monkeypatch.delitem(sys.modules, name)
+    pytester.makefile(".ini", pytest=INNER_INI)
+
+    result = pytester.runpytest(
+        str(EXAMPLES / "test_sqlmodel_app.py"),
+        "-c",
+        str(pytester.path / "pytest.ini"),
+        "--rootdir",
+        str(pytester.path),
+    )
+
+    result.assert_outcomes(passed=5)
+    assert query(sync_database_url, "SELECT count(*) FROM hero") == [(0,)]
 
 
 def test_without_the_sync_fixture_the_same_tests_leave_their_rows(
