@@ -7,7 +7,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any, NamedTuple, Protocol, cast
+from typing import Any, Generic, NamedTuple, Protocol, cast
 
 from sqlalchemy import URL, Engine, create_engine, event, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 from sqlalchemy.orm import Session
+from typing_extensions import TypeVar
 
 from ._errors import ConfigurationError, DatabaseStartupError
 from ._multidb import commit_one_phase
@@ -37,7 +38,10 @@ from ._stats import Limits, PoolStatus, RequestStats, instrument, pool_status
 from ._threaded import AnySession
 from ._unit import SCOPE_EXITED, SessionContext, current_context
 
-__all__ = ["BaseDatabase", "Database", "commit_below_400", "raise_failure"]
+__all__ = ["BaseDatabase", "Database", "commit_below_400", "raise_failure", "with_class"]
+
+#: The session class: ``AsyncSession``, or the one given as ``session_class``.
+_A = TypeVar("_A", bound=AsyncSession, default=AsyncSession, covariant=True)
 
 #: The pip extra (``pip install 'asgi-sqla[NAME]'``) that installs each driver.
 _DRIVER_EXTRAS = {
@@ -312,7 +316,7 @@ class BaseDatabase(ABC):
         return engine
 
 
-class Database(BaseDatabase):
+class Database(BaseDatabase, Generic[_A]):
     """An async engine that lives as long as the app, and a lazy session per request.
 
     The engine is created when the app starts (``lifespan.startup``) and disposed when
@@ -330,6 +334,10 @@ class Database(BaseDatabase):
         request's transaction commits; by default when the status is below 400.
         ``None`` never commits automatically: the app commits explicitly with
         :meth:`commit`, and whatever is left is rolled back.
+    :param session_class: The class of the sessions (SQLModel's ``AsyncSession``, say), so
+        that the type checker knows it: ``Database(url, session_class=C)`` is a
+        ``Database[C]``.  The same as ``session_options={"class_": C}``, which the type
+        checker cannot read.
     :param session_options: Keyword arguments for ``async_sessionmaker``; the default
         ``expire_on_commit=False`` keeps loaded objects usable after the commit.
     :param stats: Track what each request does with this database (statements, time
@@ -366,6 +374,7 @@ class Database(BaseDatabase):
         *,
         engine: AsyncEngine | Callable[[], AsyncEngine] | None = None,
         commit_on: Callable[[int], bool] | None = commit_below_400,
+        session_class: type[_A] | None = None,
         session_options: Mapping[str, Any] | None = None,
         stats: bool = False,
         warn_held_over: float | None = None,
@@ -376,7 +385,7 @@ class Database(BaseDatabase):
     ) -> None:
         options = {
             "expire_on_commit": False,
-            **check_session_options(session_options, sync=False),
+            **check_session_options(with_class(session_options, session_class), sync=False),
         }
         options["class_"] = guarded_class(options.get("class_", AsyncSession))
         super().__init__(
@@ -395,7 +404,7 @@ class Database(BaseDatabase):
         return cast(AsyncEngine, self._ready_engine())
 
     @property
-    def read_session(self) -> AsyncSession:
+    def read_session(self) -> _A:
         """A session for reads that may be served by a read replica.
 
         Named for what the caller promises (it only reads) rather than where the reads
@@ -411,10 +420,10 @@ class Database(BaseDatabase):
         """
         context = SessionContext.current()
         _require_asyncio()
-        return cast(AsyncSession, context.read_session(self))
+        return cast(_A, context.read_session(self))
 
     @property
-    def session(self) -> AsyncSession:
+    def session(self) -> _A:
         """The ``AsyncSession`` of the current request, websocket or ``db.scope()``.
 
         Created on first read; a connection is checked out at its first statement.
@@ -424,7 +433,7 @@ class Database(BaseDatabase):
         """
         context = SessionContext.current()
         _require_asyncio()
-        return cast(AsyncSession, context.session(self))
+        return cast(_A, context.session(self))
 
     async def commit(self) -> None:
         """Commit the current session's transaction now, if there is a session.
@@ -466,7 +475,7 @@ class Database(BaseDatabase):
         add_on_commit(self._context_session(), callback)
 
     @asynccontextmanager
-    async def scope(self) -> AsyncIterator[AsyncSession]:
+    async def scope(self) -> AsyncIterator[_A]:
         """Make :attr:`session` available outside a request: scripts, workers, tests.
 
         Commits on normal exit (unless ``commit_on`` is None), rolls back on an
@@ -476,10 +485,10 @@ class Database(BaseDatabase):
         context = self._own_unit()
         with context.bind():
             async with context.closing(SCOPE_EXITED):
-                yield cast(AsyncSession, context.session(self))
+                yield cast(_A, context.session(self))
 
     @asynccontextmanager
-    async def new_session(self) -> AsyncIterator[AsyncSession]:
+    async def new_session(self) -> AsyncIterator[_A]:
         """An independent session, with its own connection and transaction.
 
         For work that runs alongside the request's session, such as concurrent child
@@ -489,7 +498,7 @@ class Database(BaseDatabase):
         """
         context = self._own_unit()
         async with context.closing(SCOPE_EXITED):
-            yield cast(AsyncSession, context.session(self))
+            yield cast(_A, context.session(self))
 
     def _make_session(self, **options: Any) -> AnySession:
         _require_asyncio()
@@ -646,6 +655,20 @@ def _note_commit(sync_session: Any) -> None:
         context.committed_any = True
 
 
+def with_class(options: Mapping[str, Any] | None, session_class: type[Any] | None) -> object:
+    """``session_options`` with ``session_class`` as its ``class_`` (given one way only)."""
+    if session_class is None:
+        return options
+    if options is not None and "class_" in options:
+        raise ConfigurationError(
+            "The session class was given twice, as session_class= and in "
+            "session_options['class_']: pass it once, as session_class=."
+        )
+    if not isinstance(options, Mapping) and options is not None:
+        return options  # check_session_options says what is wrong with it
+    return {**(options or {}), "class_": session_class}
+
+
 def raise_failure(outcome: Outcome) -> None:
     """Raise the error of a failed ending (``release()``)."""
     if outcome.error is not None:
@@ -699,7 +722,7 @@ def _check_driver(url: URL, *, sync: bool) -> URL:
 
 
 def _replica_set(
-    db: Database, replicas: Iterable[str | URL] | None, cooldown: float
+    db: BaseDatabase, replicas: Iterable[str | URL] | None, cooldown: float
 ) -> ReplicaSet | None:
     check_number("replica_cooldown", cooldown, "seconds", example=30.0)
     if replicas is None:
@@ -712,7 +735,7 @@ def _replica_set(
     return ReplicaSet(db, urls, float(cooldown)) if urls else None
 
 
-async def _check_two_phase(db: Database, engine: AsyncEngine) -> None:
+async def _check_two_phase(db: BaseDatabase, engine: AsyncEngine) -> None:
     """Fail startup when the database cannot run PREPARE TRANSACTION."""
     if engine.dialect.name != "postgresql":
         raise DatabaseStartupError(

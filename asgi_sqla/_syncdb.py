@@ -5,12 +5,13 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, cast
+from typing import Any, Generic, cast
 
 from sqlalchemy import URL, Engine
 from sqlalchemy.orm import Session, sessionmaker
+from typing_extensions import TypeVar
 
-from ._database import BaseDatabase, _engine_source, commit_below_400, raise_failure
+from ._database import BaseDatabase, _engine_source, commit_below_400, raise_failure, with_class
 from ._errors import ConfigurationError
 from ._options import check_bool, check_session_options
 from ._session import add_on_commit, run_committed_callbacks_here, run_to_completion
@@ -19,8 +20,11 @@ from ._unit import SCOPE_EXITED, SessionContext, current_context, run_here
 
 __all__ = ["SyncDatabase"]
 
+#: The session class: ``Session``, or the one given as ``session_class``.
+_S = TypeVar("_S", bound=Session, default=Session, covariant=True)
 
-class SyncDatabase(BaseDatabase):
+
+class SyncDatabase(BaseDatabase, Generic[_S]):
     """A synchronous engine that lives as long as the app, and a lazy ``Session`` per request.
 
     For synchronous drivers and the ``def`` endpoints and dependencies that frameworks
@@ -43,6 +47,11 @@ class SyncDatabase(BaseDatabase):
         ``mysql+pymysql://``); ``DATABASE_URL`` from the environment when omitted.
     :param engine: A ready ``Engine`` (yours to dispose), or a zero-argument factory
         returning one (called at startup, disposed at shutdown).
+    :param session_class: The class of the sessions (``sqlmodel.Session``, say), so that
+        the type checker knows it: ``SyncDatabase(url, session_class=sqlmodel.Session)``
+        is a ``SyncDatabase[sqlmodel.Session]``, whose ``db.session.exec()`` checks.
+        The same as ``session_options={"class_": ...}``, which the type checker cannot
+        read.
     :param block_event_loop: Allow the sessions' calls from the event loop's thread.
         For tests and tools on SQLite, where a call takes microseconds; never for a
         server that talks to a database over the network.
@@ -62,6 +71,7 @@ class SyncDatabase(BaseDatabase):
         *,
         engine: Engine | Callable[[], Engine] | None = None,
         commit_on: Callable[[int], bool] | None = commit_below_400,
+        session_class: type[_S] | None = None,
         session_options: Mapping[str, Any] | None = None,
         stats: bool = False,
         warn_held_over: float | None = None,
@@ -77,7 +87,7 @@ class SyncDatabase(BaseDatabase):
             )
         options = {
             "expire_on_commit": False,
-            **check_session_options(session_options, sync=True),
+            **check_session_options(with_class(session_options, session_class), sync=True),
         }
         options["class_"] = thread_class(options.get("class_", Session), block_event_loop)
         super().__init__(
@@ -96,14 +106,14 @@ class SyncDatabase(BaseDatabase):
         return cast(Engine, self._ready_engine())
 
     @property
-    def session(self) -> Session:
+    def session(self) -> _S:
         """The ``Session`` of the current request, websocket or ``db.scope()``.
 
         Created on first read (anywhere, the event loop's thread included: that takes
         no connection); a connection is checked out at its first statement.  Raises
         ``NoSessionContextError`` outside a request, websocket or ``db.scope()``.
         """
-        return cast(Session, SessionContext.current().session(self))
+        return cast(_S, SessionContext.current().session(self))
 
     def commit(self) -> None:
         """Commit the current session's transaction now, if there is a session.
@@ -152,7 +162,7 @@ class SyncDatabase(BaseDatabase):
         add_on_commit(self._context_session(), callback)
 
     @contextmanager
-    def scope(self) -> Iterator[Session]:
+    def scope(self) -> Iterator[_S]:
         """Make :attr:`session` available outside a request: scripts, workers, tests.
 
         Commits on normal exit (unless ``commit_on`` is None), rolls back on an
@@ -162,10 +172,10 @@ class SyncDatabase(BaseDatabase):
         check_off_loop(self._block_event_loop)
         context = self._own_unit()
         with context.bind(), context.closing_here(SCOPE_EXITED):
-            yield cast(Session, context.session(self))
+            yield cast(_S, context.session(self))
 
     @contextmanager
-    def new_session(self) -> Iterator[Session]:
+    def new_session(self) -> Iterator[_S]:
         """An independent session, with its own connection and transaction.
 
         For work that runs alongside the request's session, such as a thread pool of
@@ -176,7 +186,7 @@ class SyncDatabase(BaseDatabase):
         check_off_loop(self._block_event_loop)
         context = self._own_unit()
         with context.closing_here(SCOPE_EXITED):
-            yield cast(Session, context.session(self))
+            yield cast(_S, context.session(self))
 
     def _check_answers(self) -> None:
         engine = self.engine

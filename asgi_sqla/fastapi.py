@@ -42,8 +42,7 @@ dependency opening ``Session(engine)``) with it and keep every endpoint as it is
 
     from sqlmodel import Session
 
-    db = SyncDatabase("postgresql+psycopg://app@db/app",
-                      session_options={"class_": Session})
+    db = SyncDatabase("postgresql+psycopg://app@db/app", session_class=Session)
     SessionDep = Annotated[Session, Depends(session_dependency(db))]
 
     @app.post("/heroes/")
@@ -63,7 +62,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any, overload
+from typing import Any, TypeVar, overload
 
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
@@ -74,8 +73,8 @@ from ._syncdb import SyncDatabase
 
 __all__ = ["session_dependency"]
 
-SessionDependency = Callable[[], Awaitable[AsyncSession]]
-SyncSessionDependency = Callable[[], Awaitable[Session]]
+_A = TypeVar("_A", bound=AsyncSession)
+_S = TypeVar("_S", bound=Session)
 
 _COLLECTED = (
     "The Database of this dependency was garbage-collected: nothing but the dependency "
@@ -89,9 +88,9 @@ _dependencies: weakref.WeakKeyDictionary[BaseDatabase, Callable[[], Awaitable[An
 
 
 @overload
-def session_dependency(db: Database) -> SessionDependency: ...
+def session_dependency(db: Database[_A]) -> Callable[[], Awaitable[_A]]: ...
 @overload
-def session_dependency(db: SyncDatabase) -> SyncSessionDependency: ...
+def session_dependency(db: SyncDatabase[_S]) -> Callable[[], Awaitable[_S]]: ...
 def session_dependency(db: BaseDatabase) -> Callable[[], Awaitable[Any]]:
     """Return the FastAPI dependency giving ``db``'s session in the current request.
 

@@ -92,8 +92,7 @@ class HeroUpdate(SQLModel):
 # threads already, so no `check_same_thread`).  The middleware creates the engine at
 # startup and disposes it at shutdown.
 db = SyncDatabase(
-    os.environ.get("DATABASE_URL", "sqlite:///./example.db"),
-    session_options={"class_": sqlmodel.Session},
+    os.environ.get("DATABASE_URL", "sqlite:///./example.db"), session_class=sqlmodel.Session
 )
 
 

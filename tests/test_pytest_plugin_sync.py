@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -277,12 +276,13 @@ def test_the_sqlmodel_example_test_file_passes_and_leaves_no_rows(
     pytester: pytest.Pytester, sync_database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("DATABASE_URL", sync_database_url)
-    # The example app reads DATABASE_URL when imported: import it afresh.
-    for name in [name for name in sys.modules if name.split(".")[0] == "examples"]:
-        monkeypatch.delitem(sys.modules, name)
+    # In a process of its own: the example reads DATABASE_URL when imported, and its
+    # SQLModel tables live in SQLModel's one metadata, which a second import would
+    # define again.
+    monkeypatch.setenv("PYTHONPATH", str(EXAMPLES.parent))
     pytester.makefile(".ini", pytest=INNER_INI)
 
-    result = pytester.runpytest(
+    result = pytester.runpytest_subprocess(
         str(EXAMPLES / "test_sqlmodel_app.py"),
         "-c",
         str(pytester.path / "pytest.ini"),

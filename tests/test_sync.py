@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import copy_context
 from typing import Any
@@ -42,6 +42,7 @@ from asgi_sqla import (
     SQLAlchemyMiddleware,
     SyncDatabase,
 )
+from asgi_sqla.fastapi import session_dependency
 from asgi_sqla.types import Message, Receive, Scope, Send
 
 from _helpers import (
@@ -538,26 +539,28 @@ async def test_a_failed_sync_commit_rolls_back_the_databases_after_it(
 # -- Starlette and SQLModel ---------------------------------------------------------------
 
 
-class Hero(sqlmodel.SQLModel, table=True):
+class Sidekick(sqlmodel.SQLModel, table=True):
+    # Not "hero": examples/sqlmodel_app.py, imported by other tests of this process,
+    # defines that table in the same SQLModel.metadata.
     id: int | None = sqlmodel.Field(default=None, primary_key=True)
     name: str
 
 
 async def test_sqlmodel_sessions_in_starlette_def_endpoints(sync_database_url: str) -> None:
-    db = SyncDatabase(sync_database_url, session_options={"class_": sqlmodel.Session}, stats=True)
-    sqlmodel.SQLModel.metadata.create_all(db.engine, tables=[Hero.__table__])  # type: ignore[attr-defined]
+    db = SyncDatabase(sync_database_url, session_class=sqlmodel.Session, stats=True)
+    sqlmodel.SQLModel.metadata.create_all(db.engine, tables=[Sidekick.__table__])  # type: ignore[attr-defined]
 
     def create(request: Request) -> PlainTextResponse:
         session = db.session
         assert isinstance(session, sqlmodel.Session)
-        session.add(Hero(name=request.path_params["name"]))
+        session.add(Sidekick(name=request.path_params["name"]))
         session.flush()
         return PlainTextResponse("created", status_code=201)
 
     def names(request: Request) -> PlainTextResponse:
         session = db.session
         assert isinstance(session, sqlmodel.Session)
-        heroes = session.exec(sqlmodel.select(Hero).order_by(Hero.name)).all()
+        heroes = session.exec(sqlmodel.select(Sidekick).order_by(Sidekick.name)).all()
         stats = db.stats
         assert stats is not None
         assert stats.statements == 1
@@ -592,10 +595,15 @@ def test_the_session_types_are_known_to_the_type_checker(
     sync = SyncDatabase(sync_database_url)
     async_ = Database(f"sqlite+aiosqlite:///{tmp_path / 'a.db'}")
 
+    models = SyncDatabase(sync_database_url, session_class=sqlmodel.Session)
+
     def read() -> None:  # never called: checked by mypy --strict in `make test`
         assert_type(sync.session, Session)
         assert_type(async_.session, AsyncSession)
         assert_type(sync.engine, Engine)
+        assert_type(models.session, sqlmodel.Session)
+        assert_type(session_dependency(models), Callable[[], Awaitable[sqlmodel.Session]])
+        assert_type(session_dependency(async_), Callable[[], Awaitable[AsyncSession]])
 
     assert callable(read)
 
@@ -621,6 +629,19 @@ def test_a_wrong_configuration_is_refused_when_the_database_is_made(
 ) -> None:
     with pytest.raises(ConfigurationError, match=message):
         make()
+
+
+def test_the_session_class_is_given_once(sync_database_url: str) -> None:
+    with pytest.raises(ConfigurationError, match="given twice"):
+        SyncDatabase(
+            sync_database_url,
+            session_class=sqlmodel.Session,
+            session_options={"class_": sqlmodel.Session},
+        )
+    db = SyncDatabase(sync_database_url, session_class=sqlmodel.Session)
+    with db.scope() as session:
+        assert isinstance(session, sqlmodel.Session)
+    db.dispose()
 
 
 def test_two_phase_commit_is_refused_for_a_sync_database(sync_database_url: str) -> None:
@@ -762,11 +783,11 @@ async def test_threads_asking_for_the_session_at_once_share_one_and_leak_nothing
 
 async def test_an_object_added_without_a_flush_is_committed(sync_database_url: str) -> None:
     db = SyncDatabase(sync_database_url)
-    sqlmodel.SQLModel.metadata.create_all(db.engine, tables=[Hero.__table__])  # type: ignore[attr-defined]
-    app = SQLAlchemyMiddleware(threaded_app(lambda: db.session.add(Hero(name="Tarantula"))), db)
+    sqlmodel.SQLModel.metadata.create_all(db.engine, tables=[Sidekick.__table__])  # type: ignore[attr-defined]
+    app = SQLAlchemyMiddleware(threaded_app(lambda: db.session.add(Sidekick(name="Tarantula"))), db)
     try:
         assert (await call_http(app)).status == 200
         with db.engine.connect() as connection:
-            assert connection.execute(text("SELECT count(*) FROM hero")).scalar() == 1
+            assert connection.execute(text("SELECT count(*) FROM sidekick")).scalar() == 1
     finally:
         db.dispose()
