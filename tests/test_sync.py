@@ -791,3 +791,47 @@ async def test_an_object_added_without_a_flush_is_committed(sync_database_url: s
             assert connection.execute(text("SELECT count(*) FROM sidekick")).scalar() == 1
     finally:
         db.dispose()
+
+
+def test_an_engine_of_the_apps_own_is_used_and_left_to_the_app(sync_database_url: str) -> None:
+    from sqlalchemy import create_engine
+
+    engine = create_engine(sync_database_url)
+    db = SyncDatabase(engine=engine)
+    with db.scope() as session:
+        assert session.execute(text("SELECT 1")).scalar() == 1
+    db.dispose()
+    assert db.engine is engine  # not disposed nor replaced: the app's to dispose
+    engine.dispose()
+
+
+def test_an_engine_factory_is_called_at_first_use_and_its_engine_disposed(
+    sync_database_url: str,
+) -> None:
+    from sqlalchemy import create_engine
+
+    made: list[Engine] = []
+
+    def factory() -> Engine:
+        made.append(create_engine(sync_database_url))
+        return made[-1]
+
+    db = SyncDatabase(engine=factory)
+    assert made == []
+    with db.scope() as session:
+        session.execute(text("SELECT 1"))
+    assert db.engine is made[0]
+    db.dispose()
+    assert db.engine is made[1]  # a new one after dispose()
+    db.dispose()
+
+
+def test_an_engine_factory_returning_an_async_engine_is_refused(tmp_path: Any) -> None:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    def factory() -> Any:  # wrong on purpose: what the type checker would refuse
+        return create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/a.db")
+
+    db = SyncDatabase(engine=factory)
+    with pytest.raises(ConfigurationError, match="SyncDatabase needs an Engine"):
+        db.engine  # noqa: B018
