@@ -158,21 +158,98 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
 
 
+#: Builds a system's app: :func:`benchmarks.app.build_app`, or the sync scenario's.
+Build = Callable[[str, AppConfig], ASGIApp]
+
+
 @contextlib.asynccontextmanager
 async def started_apps(
-    systems: Sequence[str], config: AppConfig, failures: dict[str, str]
+    systems: Sequence[str], config: AppConfig, failures: dict[str, str], build: Build = build_app
 ) -> AsyncIterator[dict[str, InProcessServer]]:
     """Build and start (lifespan) each system's app; a system that fails goes to ``failures``."""
     async with contextlib.AsyncExitStack() as stack:
         servers: dict[str, InProcessServer] = {}
         for system in systems:
             try:
-                server = InProcessServer(build_app(system, config))
+                server = InProcessServer(build(system, config))
                 servers[system] = await stack.enter_async_context(server)
             except Exception as exc:
                 failures[system] = f"n/a: {_short(exc)}"
                 log(f"  {system}: could not start: {failures[system]}")
         yield servers
+
+
+#: The real-server scenarios' routes: name -> (method, path).
+ROUTES = {"read": ("GET", "/item"), "write": ("POST", "/items")}
+
+
+@contextlib.contextmanager
+def uvicorn_apps(
+    target: str, systems: Sequence[str], config: AppConfig, failures: dict[str, str]
+) -> Iterator[dict[str, _servers.Server]]:
+    """Each system's app under uvicorn: ``target`` with ``BENCH_SYSTEM`` set to the system.
+
+    A system whose server does not start goes to ``failures``.  The servers' logs are
+    deleted once they have stopped.
+    """
+    logs: list[Path] = []
+    try:
+        with contextlib.ExitStack() as stack:
+            servers: dict[str, _servers.Server] = {}
+            for system in systems:
+                env = {**config.env(), "BENCH_SYSTEM": system}
+                try:
+                    server = stack.enter_context(
+                        _servers.serve(target, "uvicorn", env=env, ready_path="/ping")
+                    )
+                except Exception as exc:
+                    failures[system] = f"n/a: {_short(exc)}"
+                    log(f"  {system}: uvicorn did not start: {failures[system]}")
+                    continue
+                servers[system] = server
+                logs.append(server.log_path)
+            yield servers
+    finally:
+        for log_path in logs:
+            log_path.unlink(missing_ok=True)
+
+
+def warm_up(
+    servers: dict[str, _servers.Server], connections: int, generator: str, seconds: float = 1.0
+) -> None:
+    """Load every route of every server for ``seconds``: pool filled, statements prepared."""
+    for server in servers.values():
+        for method, path in ROUTES.values():
+            run_load(
+                server.url + path,
+                method=method,
+                connections=connections,
+                duration=seconds,
+                generator=generator,
+            )
+
+
+#: A real server's samples: route -> figure (``rps``, ``p50``, ``p99``, ``cpu``...) ->
+#: system -> one value per round.
+Series = dict[str, dict[str, dict[str, list[float]]]]
+
+
+def summarise_routes(
+    series: Series, errors: dict[str, dict[str, int]], *, cpu_scale: float = 1.0
+) -> dict[str, dict[str, Result]]:
+    """Per route and system: requests/s and CPU per request (``cpu`` times ``cpu_scale``, in
+    µs) as :func:`summarise` gives them, the medians of p50 and p99, and the errors."""
+    by_route: dict[str, dict[str, Result]] = {}
+    for route, values in series.items():
+        summary = summarise(values.get("rps", {}), reference=BASELINE)
+        cpu = summarise(values.get("cpu", {}), reference=BASELINE, scale=cpu_scale, prefix="cpu_")
+        for system, entry in summary.items():
+            entry.update(cpu.get(system, {}))
+            entry["p50_ms"] = statistics.median(values["p50"][system])
+            entry["p99_ms"] = statistics.median(values["p99"][system])
+            entry["errors"] = errors[route].get(system, 0)
+        by_route[route] = summary
+    return by_route
 
 
 Measure = Callable[[str], Awaitable[tuple[float, ...]]]
@@ -410,6 +487,21 @@ def _transactions_open(admin_url: str) -> int:
 
 async def slow_clients(settings: Settings, url: str, admin_url: str) -> Result:
     """40 concurrent streamed responses read slowly, through a pool of 2."""
+    return await slow_clients_of(
+        SYSTEMS, build_app, settings, url, admin_url, rounds=settings.slow_rounds
+    )
+
+
+async def slow_clients_of(
+    systems: Sequence[str],
+    build: Build,
+    settings: Settings,
+    url: str,
+    admin_url: str,
+    *,
+    rounds: int,
+) -> Result:
+    """The slow-client scenario for ``systems``, each app made by ``build``, in ``rounds``."""
     await create_schema(url)
     config = AppConfig(
         url=url,
@@ -420,11 +512,10 @@ async def slow_clients(settings: Settings, url: str, admin_url: str) -> Result:
     failures: dict[str, str] = {}
     errors: dict[str, int] = {}
     held: dict[str, bool] = {}
-    async with started_apps(SYSTEMS, config, failures) as servers:
-        systems = list(servers)
+    async with started_apps(systems, config, failures, build) as servers:
         # The probe: one slow request alone; at its first body chunk, is a transaction
         # of this app still open on the server?
-        for system in systems:
+        for system in servers:
             seen: list[int] = []
 
             async def look(seen: list[int] = seen) -> None:
@@ -455,9 +546,9 @@ async def slow_clients(settings: Settings, url: str, admin_url: str) -> Result:
 
         summary = await paired_rounds(
             measure,
-            [s for s in systems if s not in failures],
+            [s for s in servers if s not in failures],
             reference=BASELINE,
-            rounds=settings.slow_rounds,
+            rounds=rounds,
             failures=failures,
             metrics=(("", 1.0),),
         )
@@ -471,7 +562,7 @@ async def slow_clients(settings: Settings, url: str, admin_url: str) -> Result:
         "pool_size": settings.slow_pool,
         "chunks": settings.slow_chunks,
         "chunk_delay_s": settings.slow_chunk_delay,
-        "rounds": settings.slow_rounds,
+        "rounds": rounds,
         "systems": summary,
         "failures": failures,
     }
@@ -525,40 +616,18 @@ def real_server(settings: Settings, url: str) -> Result:
     asyncio.run(create_schema(url))
     generator = load_generator()
     config = AppConfig(url=url, pool_size=settings.server_pool, max_overflow=0)
-    routes = {"read": ("GET", "/item"), "write": ("POST", "/items")}
     failures: dict[str, str] = {}
-    samples: dict[str, dict[str, list[float]]] = {route: {} for route in routes}
-    p50: dict[str, dict[str, list[float]]] = {route: {} for route in routes}
-    p99: dict[str, dict[str, list[float]]] = {route: {} for route in routes}
-    cpu: dict[str, dict[str, list[float]]] = {route: {} for route in routes}
-    errors: dict[str, dict[str, int]] = {route: {} for route in routes}
-    logs: list[Path] = []
-    with contextlib.ExitStack() as stack:
-        servers: dict[str, _servers.Server] = {}
-        for system in SYSTEMS:
-            env = {**config.env(), "BENCH_SYSTEM": system}
-            try:
-                server = stack.enter_context(
-                    _servers.serve("benchmarks.server:app", "uvicorn", env=env, ready_path="/ping")
-                )
-            except Exception as exc:
-                failures[system] = f"n/a: {_short(exc)}"
-                log(f"  {system}: uvicorn did not start: {failures[system]}")
-                continue
-            servers[system] = server
-            logs.append(server.log_path)
+    series: Series = {route: {} for route in ROUTES}
+    errors: dict[str, dict[str, int]] = {route: {} for route in ROUTES}
+
+    def record(route: str, system: str, name: str, value: float) -> None:
+        series[route].setdefault(name, {}).setdefault(system, []).append(value)
+
+    with uvicorn_apps("benchmarks.server:app", SYSTEMS, config, failures) as servers:
         systems = list(servers)
-        for system in systems:  # warm-up: pool filled, statements prepared
-            for method, path in routes.values():
-                run_load(
-                    servers[system].url + path,
-                    method=method,
-                    connections=settings.server_connections,
-                    duration=1.0,
-                    generator=generator,
-                )
+        warm_up(servers, settings.server_connections, generator)
         for _round, order in rotations(systems, settings.server_rounds):
-            for route, (method, path) in routes.items():
+            for route, (method, path) in ROUTES.items():
                 for system in order:
                     result = run_load(
                         servers[system].url + path,
@@ -568,24 +637,13 @@ def real_server(settings: Settings, url: str) -> Result:
                         generator=generator,
                         server_pid=servers[system].process.pid,
                     )
-                    samples[route].setdefault(system, []).append(result.rps)
+                    record(route, system, "rps", result.rps)
                     if result.server_cpu_us is not None:
-                        cpu[route].setdefault(system, []).append(result.server_cpu_us)
-                    p50[route].setdefault(system, []).append(result.p50_ms)
-                    p99[route].setdefault(system, []).append(result.p99_ms)
+                        record(route, system, "cpu", result.server_cpu_us)
+                    record(route, system, "p50", result.p50_ms)
+                    record(route, system, "p99", result.p99_ms)
                     errors[route][system] = errors[route].get(system, 0) + result.errors
-    for log_path in logs:
-        log_path.unlink(missing_ok=True)
-    by_route: dict[str, dict[str, Result]] = {}
-    for route in routes:
-        summary = summarise(samples[route], reference=BASELINE)
-        cpu_summary = summarise(cpu[route], reference=BASELINE, prefix="cpu_")
-        for system, entry in summary.items():
-            entry.update(cpu_summary.get(system, {}))
-            entry["p50_ms"] = statistics.median(p50[route][system])
-            entry["p99_ms"] = statistics.median(p99[route][system])
-            entry["errors"] = errors[route].get(system, 0)
-        by_route[route] = summary
+    by_route = summarise_routes(series, errors)
     return {
         "unit": "requests/s",
         "reference": BASELINE,
@@ -594,7 +652,7 @@ def real_server(settings: Settings, url: str) -> Result:
         "duration_s": settings.server_duration,
         "rounds": settings.server_rounds,
         "pool_size": settings.server_pool,
-        "routes": {route: f"{m} {p}" for route, (m, p) in routes.items()},
+        "routes": {route: f"{m} {p}" for route, (m, p) in ROUTES.items()},
         "systems": by_route,
         "failures": failures,
     }

@@ -23,12 +23,10 @@ apps of :mod:`benchmarks.sync_app`, PostgreSQL through ``postgresql+psycopg://``
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import os
 import statistics
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
@@ -36,16 +34,17 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from benchmarks.app import AppConfig, create_schema
-from benchmarks.inprocess import InProcessServer
 from benchmarks.load import load_generator, process_cpu_seconds, run_load
 from benchmarks.run import (
     BASELINE,
-    _short,
-    _transactions_open,
+    ROUTES,
+    Series,
     log,
-    paired_rounds,
     rotations,
-    summarise,
+    slow_clients_of,
+    summarise_routes,
+    uvicorn_apps,
+    warm_up,
 )
 from benchmarks.sync_app import SYNC_SYSTEMS, build_sync_app
 
@@ -61,7 +60,6 @@ Result = dict[str, Any]
 #: The systems under uvicorn: the brief's pair (the function-scope variant differs from
 #: ``by_hand`` only once the response is sent, which the slow-client part measures).
 SERVER_SYSTEMS = ("by_hand", "asgi_sqla")
-ROUTES = {"read": ("GET", "/item"), "write": ("POST", "/items")}
 #: The libraries whose versions the figures depend on.
 VERSIONS = ("fastapi", "starlette", "anyio", "uvicorn", "sqlalchemy", "psycopg", "asgi-sqla")
 
@@ -132,40 +130,17 @@ def real_server(settings: Settings, url: str) -> Result:
     generator = load_generator()
     config = AppConfig(url=url, pool_size=settings.sync_pool, max_overflow=0)
     failures: dict[str, str] = {}
-    series: dict[str, dict[str, dict[str, list[float]]]] = {route: {} for route in ROUTES}
+    series: Series = {route: {} for route in ROUTES}
     errors: dict[str, dict[str, int]] = {route: {} for route in ROUTES}
 
     def record(route: str, system: str, name: str, value: float) -> None:
         series[route].setdefault(name, {}).setdefault(system, []).append(value)
 
-    with contextlib.ExitStack() as stack:
-        servers: dict[str, _servers.Server] = {}
-        for system in SERVER_SYSTEMS:
-            env = {**config.env(), "BENCH_SYSTEM": system}
-            try:
-                server = stack.enter_context(
-                    _servers.serve(
-                        "benchmarks.sync_server:app", "uvicorn", env=env, ready_path="/ping"
-                    )
-                )
-            except Exception as exc:
-                failures[system] = f"n/a: {_short(exc)}"
-                log(f"  {system}: uvicorn did not start: {failures[system]}")
-                continue
-            stack.callback(server.log_path.unlink, missing_ok=True)
-            servers[system] = server
+    with uvicorn_apps("benchmarks.sync_server:app", SERVER_SYSTEMS, config, failures) as servers:
         if BASELINE not in servers:
             raise RuntimeError(f"the baseline failed: {failures.get(BASELINE)}")
         systems = list(servers)
-        for system in systems:  # warm-up: pool filled, statements prepared
-            for method, path in ROUTES.values():
-                run_load(
-                    servers[system].url + path,
-                    method=method,
-                    connections=settings.sync_connections,
-                    duration=1.0,
-                    generator=generator,
-                )
+        warm_up(servers, settings.sync_connections, generator)
         for _round, order in rotations(systems, settings.sync_rounds):
             for route, (method, path) in ROUTES.items():
                 for system in order:
@@ -189,15 +164,10 @@ def real_server(settings: Settings, url: str) -> Result:
                         cpu = (after.cpu_seconds - before.cpu_seconds) / max(served, 1)
                         record(route, system, "cpu", cpu)
                     errors[route][system] = errors[route].get(system, 0) + result.errors
-    by_route: dict[str, dict[str, Result]] = {}
-    for route in ROUTES:
+    by_route = summarise_routes(series, errors, cpu_scale=1e6)
+    for route, summary in by_route.items():
         values = series[route]
-        summary = summarise(values["rps"], reference=BASELINE)
-        cpu_summary = summarise(values.get("cpu", {}), reference=BASELINE, scale=1e6, prefix="cpu_")
         for system, entry in summary.items():
-            entry.update(cpu_summary.get(system, {}))
-            entry["p50_ms"] = statistics.median(values["p50"][system])
-            entry["p99_ms"] = statistics.median(values["p99"][system])
             framework = statistics.median(values["framework_hops"][system])
             package = statistics.median(values["package_hops"][system])
             entry["threads_per_request"] = {
@@ -205,8 +175,6 @@ def real_server(settings: Settings, url: str) -> Result:
                 "package": round(package, 3),
                 "total": round(framework + package, 3),
             }
-            entry["errors"] = errors[route].get(system, 0)
-        by_route[route] = summary
     return {
         "unit": "requests/s",
         "reference": BASELINE,
@@ -233,87 +201,12 @@ def _per(after: _Counts, before: _Counts, served: int, which: int) -> float:
 # -- 2. slow clients, small pool -------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def _started(
-    config: AppConfig, failures: dict[str, str]
-) -> AsyncIterator[dict[str, InProcessServer]]:
-    """Start (lifespan) each system's app in this process; a failure goes to ``failures``."""
-    async with contextlib.AsyncExitStack() as stack:
-        servers: dict[str, InProcessServer] = {}
-        for system in SYNC_SYSTEMS:
-            try:
-                server = InProcessServer(build_sync_app(system, config))
-                servers[system] = await stack.enter_async_context(server)
-            except Exception as exc:
-                failures[system] = f"n/a: {_short(exc)}"
-                log(f"  {system}: could not start: {failures[system]}")
-        yield servers
-
-
 async def slow_clients(settings: Settings, url: str, admin_url: str) -> Result:
-    """40 concurrent streamed responses read slowly, through a pool of 2, ``def`` endpoints."""
-    await create_schema(url)
-    config = AppConfig(
-        url=url,
-        pool_size=settings.slow_pool,
-        max_overflow=0,
-        stream_chunks=settings.slow_chunks,
+    """40 concurrent streamed responses read slowly, through a pool of 2, ``def`` endpoints.
+
+    The async scenario's measurement (:func:`benchmarks.run.slow_clients_of`), probe
+    included, on the apps of :mod:`benchmarks.sync_app`.
+    """
+    return await slow_clients_of(
+        SYNC_SYSTEMS, build_sync_app, settings, url, admin_url, rounds=settings.sync_slow_rounds
     )
-    failures: dict[str, str] = {}
-    errors: dict[str, int] = {}
-    held: dict[str, bool] = {}
-    async with _started(config, failures) as servers:
-        systems = list(servers)
-        # The probe, as in the async scenario: one slow request alone; at its first body
-        # chunk, is a transaction of this app still open on the server?
-        for system in systems:
-            seen: list[int] = []
-
-            async def look(seen: list[int] = seen) -> None:
-                seen.append(await asyncio.to_thread(_transactions_open, admin_url))
-
-            outcome = await servers[system].request(
-                "GET", "/stream", chunk_delay=0.02, on_first_chunk=look
-            )
-            held[system] = bool(seen and seen[0] > 0)
-            if outcome.status != 200:
-                failures[system] = f"n/a: GET /stream answered {outcome.status} {outcome.error}"
-        if BASELINE in failures:
-            raise RuntimeError(f"the baseline failed: {failures[BASELINE]}")
-
-        async def measure(system: str) -> tuple[float, ...]:
-            server = servers[system]
-            started = time.perf_counter()
-            outcomes = await asyncio.gather(
-                *(
-                    server.request("GET", "/stream", chunk_delay=settings.slow_chunk_delay)
-                    for _ in range(settings.slow_clients)
-                )
-            )
-            elapsed = time.perf_counter() - started
-            bad = sum(1 for o in outcomes if o.status != 200 or o.error)
-            errors[system] = errors.get(system, 0) + bad
-            return (settings.slow_clients / elapsed,)
-
-        summary = await paired_rounds(
-            measure,
-            [s for s in systems if s not in failures],
-            reference=BASELINE,
-            rounds=settings.sync_slow_rounds,
-            failures=failures,
-            metrics=(("", 1.0),),
-        )
-    for system, entry in summary.items():
-        entry["errors"] = errors.get(system, 0)
-        entry["holds_transaction_during_body"] = held.get(system)
-    return {
-        "unit": "requests/s",
-        "reference": BASELINE,
-        "clients": settings.slow_clients,
-        "pool_size": settings.slow_pool,
-        "chunks": settings.slow_chunks,
-        "chunk_delay_s": settings.slow_chunk_delay,
-        "rounds": settings.sync_slow_rounds,
-        "systems": summary,
-        "failures": failures,
-    }

@@ -15,19 +15,22 @@ fixture reads to ruff as a redefinition of an unused import.)
 
 from __future__ import annotations
 
+import signal
 import uuid
 from typing import Any
 
 import pytest
 
 from _helpers import eventually, query, server_backends
-from _servers import SERVERS, server_available
+from _servers import SERVERS, Server, server_available
 
 #: What asgi_sqla logs when the commit after a successful response fails.
 COMMIT_FAILED = "ERROR asgi_sqla: The transaction failed to commit"
 #: What ``sqlalchemy.pool`` logs (see ``server_logging_env``) when the middleware
 #: disposes the engine: disposed, not merely dropped by the exiting process.
 POOL_DISPOSED = "INFO sqlalchemy.pool.impl.AsyncAdaptedQueuePool: Pool disposed"
+#: The same for a ``SyncDatabase``'s engine (disposed in the package's worker thread).
+SYNC_POOL_DISPOSED = "INFO sqlalchemy.pool.impl.QueuePool: Pool disposed"
 #: How each server exits when the app answers ``lifespan.startup.failed``: hypercorn
 #: 0.18 logs the failure but exits with 0.
 STARTUP_FAILURE_EXIT_CODES = {"uvicorn": 3, "hypercorn": 0, "granian": 1}
@@ -78,3 +81,22 @@ def no_transaction_left_open(url: str) -> bool:
     if not url.startswith("postgresql"):
         return True
     return eventually(lambda: all(state == "idle" for _, state, _ in server_backends(url)))
+
+
+def assert_sigint_stops_the_server_cleanly(
+    server: Server, database_url: str, pool_disposed: str
+) -> None:
+    """SIGINT stops ``server``: exit code 0, the pool disposed, no backend left on the database.
+
+    ``pool_disposed`` (:data:`POOL_DISPOSED`, :data:`SYNC_POOL_DISPOSED`) is logged by
+    the pool itself (see ``server_logging_env``): the middleware disposed the engine at
+    shutdown, the exiting process did not merely drop it.
+    """
+    server.process.send_signal(signal.SIGINT)
+    returncode = server.process.wait(timeout=20)
+    log = server.log
+
+    assert returncode == 0, log
+    assert pool_disposed in log, log
+    if database_url.startswith("postgresql"):
+        assert eventually(lambda: server_backends(database_url) == [])

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, cast
 
 import anyio
+import pytest
 from sqlalchemy import (
     Column,
     Engine,
@@ -281,6 +284,71 @@ async def idle_in_transaction(
         await anyio.sleep(0.01)  # polling interval, bounded by the deadline
 
 
+# --- Cancelling a request ----------------------------------------------------------------
+
+#: What :func:`cancel_request` hands its trigger: a call that cancels the request.
+Cancel = Callable[[], object]
+
+#: The two ways a request gets cancelled (see :func:`cancel_request`).
+CANCEL_STYLES = ("cancel-scope", "task-cancel")
+
+
+async def cancel_request(
+    style: str,
+    request: Callable[[], Awaitable[object]],
+    trigger: Callable[[Cancel], Awaitable[None]],
+) -> float:
+    """Run ``request()`` in a task of its own; ``trigger(cancel)`` decides when to cancel it.
+
+    ``style``: "task-cancel" (``Task.cancel()``, as a server or ``asyncio.timeout``
+    does) or "cancel-scope" (an anyio cancel scope, as ``anyio.fail_after`` or a task
+    group does, which delivers the cancellation again at every await).  Fails if the
+    request finished instead of being cancelled.  Returns ``time.monotonic()`` as the
+    request's task unwound, after the middleware's cleanup returned.
+    """
+    assert style in CANCEL_STYLES, style
+    finished: list[bool] = []
+    ended: list[float] = []
+
+    async def run() -> None:
+        try:
+            await request()
+            finished.append(True)
+        finally:
+            ended.append(time.monotonic())
+
+    with anyio.fail_after(15):
+        if style == "cancel-scope":
+            scope = anyio.CancelScope()
+
+            async def in_scope() -> None:
+                with scope:
+                    await run()
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(in_scope)
+                await trigger(scope.cancel)
+            assert scope.cancelled_caught
+        else:
+            task = asyncio.ensure_future(run())
+            await trigger(task.cancel)
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    assert finished == []
+    [end] = ended
+    return end
+
+
+def when_running(admin: Any, like: str) -> Callable[[Cancel], Awaitable[None]]:
+    """A trigger that cancels once the server is running a statement matching ``like``."""
+
+    async def trigger(cancel: Cancel) -> None:
+        await wait_for_active_query(admin, like)
+        cancel()
+
+    return trigger
+
+
 # --- A server process's database and log, seen from the test process ------------------
 #
 # For the integration tests that run an example app in a real server (tests/_servers.py)
@@ -430,7 +498,9 @@ def sync_checked_out(db: SyncDatabase) -> int:
 #: Seconds a COMMIT of an ``items`` row whose key starts with "slow" takes, on PostgreSQL.
 SLOW_COMMIT_SECONDS = 0.5
 
-_SLOW_COMMIT_DDL = [
+#: The deferred trigger that makes such a COMMIT slow: a COMMIT a test can see running
+#: (``pg_stat_activity``), and kill, cancel or let a deadline expire during.
+SLOW_COMMIT_DDL = [
     f"""
     CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
@@ -445,6 +515,21 @@ _SLOW_COMMIT_DDL = [
     """,
 ]
 
+#: The pool of a slow-commit database, unless a test's options say otherwise: one
+#: connection and no overflow, so that a leaked connection blocks the next request.
+_SLOW_COMMIT_POOL = {"pool_size": 1, "max_overflow": 0, "pool_timeout": 5}
+
+
+async def open_slow_commit_database(url: str, **options: Any) -> Database:
+    """A PostgreSQL ``Database`` with ``items`` and :data:`SLOW_COMMIT_DDL`, a pool of one
+    connection (no overflow, unless ``options`` say otherwise)."""
+    database = Database(url, **{**_SLOW_COMMIT_POOL, **options})
+    await create_tables(database)
+    async with database.engine.begin() as connection:
+        for statement in SLOW_COMMIT_DDL:
+            await connection.execute(text(statement))
+    return database
+
 
 def open_slow_commit_sync_database(url: str, **options: Any) -> SyncDatabase:
     """:func:`open_sync_database` on PostgreSQL, with a pool of one connection (no
@@ -452,10 +537,9 @@ def open_slow_commit_sync_database(url: str, **options: Any) -> SyncDatabase:
     ``SLOW_COMMIT_SECONDS`` when it commits a key starting with "slow" (a deferred
     trigger): a COMMIT the test can see running, and kill or cancel.
     """
-    options = {"pool_size": 1, "max_overflow": 0, "pool_timeout": 5, **options}
-    database = open_sync_database(url, **options)
+    database = open_sync_database(url, **{**_SLOW_COMMIT_POOL, **options})
     with database.engine.begin() as connection:
-        for statement in _SLOW_COMMIT_DDL:
+        for statement in SLOW_COMMIT_DDL:
             connection.execute(text(statement))
     return database
 

@@ -8,8 +8,7 @@ that arrives meanwhile is re-raised once the cleanup has finished.
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -24,102 +23,37 @@ from asgi_sqla import Database, SQLAlchemyMiddleware
 from asgi_sqla.types import ASGIApp, Receive, Scope, Send
 
 from _helpers import (
+    CANCEL_STYLES,
     ASGIRecorder,
+    Cancel,
     add_key,
     call_http,
+    cancel_request,
     checked_out,
-    create_tables,
     http_scope,
     idle_in_transaction,
     keys,
+    open_slow_commit_database,
     plain_response,
     settled_backends,
     wait_for_active_query,
+    when_running,
 )
 
 pytestmark = pytest.mark.anyio
 
 #: A statement that runs until it is cancelled.
 SLOW_QUERY = "SELECT pg_sleep(10)"
-#: Seconds a COMMIT of a row whose key starts with "slow" takes (a deferred trigger).
-SLOW_COMMIT_SECONDS = 0.5
-
-_SLOW_COMMIT_DDL = [
-    f"""
-    CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-        PERFORM pg_sleep({SLOW_COMMIT_SECONDS});
-        RETURN NULL;
-    END $$
-    """,
-    """
-    CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON items
-    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
-    WHEN (NEW.key LIKE 'slow%') EXECUTE FUNCTION slow_commit()
-    """,
-]
 
 
 @pytest.fixture
 async def db(postgresql_url: str) -> AsyncIterator[Database]:
-    database = Database(postgresql_url, pool_size=1, max_overflow=0, pool_timeout=5)
-    await create_tables(database)
-    async with database.engine.begin() as connection:
-        for statement in _SLOW_COMMIT_DDL:
-            await connection.execute(text(statement))
+    """One connection, no overflow; the COMMIT of a key starting with "slow" takes 0.5 s."""
+    database = await open_slow_commit_database(postgresql_url)
     try:
         yield database
     finally:
         await database.dispose()
-
-
-Cancel = Callable[[], object]
-
-
-async def cancel_request(
-    style: str,
-    request: Callable[[], Awaitable[object]],
-    trigger: Callable[[Cancel], Awaitable[None]],
-) -> None:
-    """Run ``request()`` in a task of its own; ``trigger(cancel)`` decides when to cancel it.
-
-    ``style`` is "anyio" (a cancel scope around the request) or "asyncio"
-    (``Task.cancel()``).  Fails if the request finished instead of being cancelled.
-    """
-    finished: list[bool] = []
-
-    async def run() -> None:
-        await request()
-        finished.append(True)
-
-    with anyio.fail_after(15):
-        if style == "anyio":
-            scope = anyio.CancelScope()
-
-            async def in_scope() -> None:
-                with scope:
-                    await run()
-
-            async with anyio.create_task_group() as group:
-                group.start_soon(in_scope)
-                await trigger(scope.cancel)
-            assert scope.cancelled_caught
-        else:
-            task = asyncio.ensure_future(run())
-            await trigger(task.cancel)
-            with pytest.raises(asyncio.CancelledError):
-                await task
-    assert finished == []
-
-
-def when_running(admin: Any, like: str) -> Callable[[Cancel], Awaitable[None]]:
-    """A trigger that cancels once the server is running a statement matching ``like``."""
-
-    async def trigger(cancel: Cancel) -> None:
-        await wait_for_active_query(admin, like)
-        cancel()
-
-    return trigger
 
 
 async def assert_nothing_leaked(db: Database, admin: Any) -> None:
@@ -142,10 +76,7 @@ async def assert_next_request_works(db: Database, key: str = "next") -> None:
     assert checked_out(db) == 0
 
 
-STYLES = ["anyio", "asyncio"]
-
-
-@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("style", CANCEL_STYLES)
 async def test_cancelling_a_request_mid_query_rolls_back_and_frees_the_connection(
     db: Database, pg_admin: Any, style: str
 ) -> None:
@@ -167,7 +98,7 @@ async def test_cancelling_a_request_mid_query_rolls_back_and_frees_the_connectio
     await assert_next_request_works(db)
 
 
-@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("style", CANCEL_STYLES)
 async def test_cancelling_a_request_mid_commit_finishes_the_commit_and_sends_only_its_status(
     db: Database, pg_admin: Any, style: str
 ) -> None:
@@ -192,7 +123,7 @@ async def test_cancelling_a_request_mid_commit_finishes_the_commit_and_sends_onl
     await assert_next_request_works(db)
 
 
-@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("style", CANCEL_STYLES)
 async def test_cancelling_a_request_mid_close_still_returns_the_connection(
     db: Database, pg_admin: Any, style: str
 ) -> None:
@@ -394,9 +325,8 @@ async def test_a_cancelled_request_leaves_no_statement_running_on_the_server(
         else:
             recorder = ASGIRecorder([{"type": "http.request", "body": b"", "more_body": False}])
             wrapped = SQLAlchemyMiddleware(app, db)
-            style = "asyncio" if how == "task-cancel" else "anyio"
             await cancel_request(
-                style,
+                how,
                 lambda: recorder(wrapped, http_scope()),
                 when_running(pg_admin, "%pg_sleep(10)%"),
             )

@@ -40,8 +40,11 @@ from asgi_sqla import SQLAlchemyMiddleware, SyncDatabase
 from asgi_sqla.types import Receive, Scope, Send
 
 from _helpers import (
+    CANCEL_STYLES,
     ASGIRecorder,
+    Cancel,
     call_http,
+    cancel_request,
     http_scope,
     items,
     open_slow_commit_sync_database,
@@ -51,6 +54,7 @@ from _helpers import (
     sync_checked_out,
     sync_keys,
     wait_for_active_query,
+    when_running,
 )
 
 pytestmark = pytest.mark.anyio
@@ -127,51 +131,6 @@ class Checkins:
 
     def _on_checkin(self, *args: Any) -> None:
         self.times.append(time.monotonic())
-
-
-Cancel = Callable[[], object]
-
-
-async def run_cancelled(
-    style: str,
-    request: Callable[[], Awaitable[object]],
-    trigger: Callable[[Cancel], Awaitable[None]],
-) -> float:
-    """Run ``request()`` in a task; ``trigger(cancel)`` cancels it.  Returns when it ended.
-
-    ``style``: "task-cancel" (``Task.cancel()``, as a server or ``asyncio.timeout`` does)
-    or "cancel-scope" (an anyio cancel scope, as ``anyio.fail_after`` or a task group
-    does, which delivers the cancellation again at every await).  Fails unless the
-    request was cancelled.  The time returned is taken as the request's task unwinds,
-    after the middleware's cleanup returned.
-    """
-    ended: list[float] = []
-
-    async def run() -> None:
-        try:
-            await request()
-        finally:
-            ended.append(time.monotonic())
-
-    with anyio.fail_after(15):
-        if style == "cancel-scope":
-            scope = anyio.CancelScope()
-
-            async def in_scope() -> None:
-                with scope:
-                    await run()
-
-            async with anyio.create_task_group() as group:
-                group.start_soon(in_scope)
-                await trigger(scope.cancel)
-            assert scope.cancelled_caught
-        else:
-            task = asyncio.ensure_future(run())
-            await trigger(task.cancel)
-            with pytest.raises(asyncio.CancelledError):
-                await task
-    [end] = ended
-    return end
 
 
 def report(request: pytest.FixtureRequest, held: float) -> None:
@@ -258,7 +217,7 @@ async def test_a_request_cancelled_while_its_thread_runs_a_statement_cancels_it_
     wrapped = SQLAlchemyMiddleware(app, db)
     event.listen(db.engine, "rollback", on_rollback)
     try:
-        ended = await run_cancelled(style, lambda: recorder(wrapped, http_scope()), trigger)
+        ended = await cancel_request(style, lambda: recorder(wrapped, http_scope()), trigger)
     finally:
         event.remove(db.engine, "rollback", on_rollback)
 
@@ -313,7 +272,7 @@ async def test_under_an_anyio_cancel_scope_the_statement_runs_to_its_end_then_th
 
     recorder = ASGIRecorder([{"type": "http.request", "body": b"", "more_body": False}])
     wrapped = SQLAlchemyMiddleware(app, db)
-    ended = await run_cancelled("cancel-scope", lambda: recorder(wrapped, http_scope()), trigger)
+    ended = await cancel_request("cancel-scope", lambda: recorder(wrapped, http_scope()), trigger)
 
     [cancelled] = cancelled_at
     [checkin] = checkins.times
@@ -338,7 +297,7 @@ def slow_db(sync_postgresql_url: str) -> Iterator[SyncDatabase]:
         database.dispose()
 
 
-@pytest.mark.parametrize("style", ["task-cancel", "cancel-scope"])
+@pytest.mark.parametrize("style", CANCEL_STYLES)
 async def test_a_request_cancelled_mid_commit_finishes_the_commit_and_sends_only_its_status(
     slow_db: SyncDatabase, pg_admin: Any, style: str
 ) -> None:
@@ -355,13 +314,11 @@ async def test_a_request_cancelled_mid_commit_finishes_the_commit_and_sends_only
         await anyio.to_thread.run_sync(work)
         await plain_response(send, 201)
 
-    async def trigger(cancel: Cancel) -> None:
-        await wait_for_active_query(pg_admin, "COMMIT%")
-        cancel()
-
     recorder = ASGIRecorder([{"type": "http.request", "body": b"", "more_body": False}])
     wrapped = SQLAlchemyMiddleware(app, slow_db)
-    await run_cancelled(style, lambda: recorder(wrapped, http_scope()), trigger)
+    await cancel_request(
+        style, lambda: recorder(wrapped, http_scope()), when_running(pg_admin, "COMMIT%")
+    )
 
     assert recorder.sent == [{"type": "http.response.start", "status": 201, "headers": []}]
     assert sync_keys(slow_db) == {"slow-commit"}

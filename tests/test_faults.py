@@ -27,7 +27,6 @@ import sys
 import traceback
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -56,6 +55,7 @@ from _helpers import (
     eventually,
     http_scope,
     keys,
+    open_slow_commit_database,
     plain_response,
     postgres_unavailable,
     wait_for_active_query,
@@ -63,34 +63,6 @@ from _helpers import (
 from _servers import Server, serve
 
 pytestmark = pytest.mark.anyio
-
-#: Seconds a COMMIT of a row whose key starts with "slow" takes (a deferred trigger).
-SLOW_COMMIT_SECONDS = 0.5
-
-SLOW_COMMIT_DDL = [
-    f"""
-    CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
-    BEGIN
-        PERFORM pg_sleep({SLOW_COMMIT_SECONDS});
-        RETURN NULL;
-    END $$
-    """,
-    """
-    CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON items
-    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
-    WHEN (NEW.key LIKE 'slow%') EXECUTE FUNCTION slow_commit()
-    """,
-]
-
-
-async def open_slow_commit_database(url: str, **options: Any) -> Database:
-    """A ``Database`` (one connection, no overflow) with ``items`` and the slow COMMIT."""
-    database = Database(url, **{"pool_size": 1, "max_overflow": 0, "pool_timeout": 5, **options})
-    await create_tables(database)
-    async with database.engine.begin() as connection:
-        for statement in SLOW_COMMIT_DDL:
-            await connection.execute(text(statement))
-    return database
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +30,7 @@ from httpx_ws import WebSocketDisconnect, WebSocketSession, WebSocketUpgradeErro
 from _framework import (
     COMMIT_FAILED,
     POOL_DISPOSED,
+    assert_sigint_stops_the_server_cleanly,
     event_mentions,
     events,
     no_transaction_left_open,
@@ -40,7 +40,6 @@ from _framework import (
 )
 from _helpers import (
     eventually,
-    server_backends,
     server_logging_env,
     server_reported_an_app_error,
 )
@@ -422,12 +421,4 @@ def test_sigint_stops_the_server_cleanly_after_disposing_the_engine(
     server: Server, module_database_url: str
 ) -> None:
     # Keep this test last: it stops the example's server.
-    server.process.send_signal(signal.SIGINT)
-    returncode = server.process.wait(timeout=20)
-    log = server.log
-
-    assert returncode == 0, log
-    # Logged by the pool itself (see server_logging_env): disposed, not merely dropped.
-    assert POOL_DISPOSED in log, log
-    if module_database_url.startswith("postgresql"):
-        assert eventually(lambda: server_backends(module_database_url) == [])
+    assert_sigint_stops_the_server_cleanly(server, module_database_url, POOL_DISPOSED)

@@ -18,14 +18,19 @@ so each writes keys of its own.  The last test stops the server.
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import httpx
 import pytest
 
-from _framework import COMMIT_FAILED, no_transaction_left_open, unique
+from _framework import (
+    COMMIT_FAILED,
+    SYNC_POOL_DISPOSED,
+    assert_sigint_stops_the_server_cleanly,
+    no_transaction_left_open,
+    unique,
+)
 from _helpers import (
     eventually,
     open_sync_database,
@@ -39,9 +44,6 @@ from _servers import Server, serve
 #: The exception line of the traceback the server logs for ``/misuse`` (the source
 #: lines of the traceback name the error too, so the test looks for this one).
 BLOCKING_CALL = "asgi_sqla.BlockingCallError: A synchronous Session ran a database call"
-#: What ``sqlalchemy.pool`` logs (see ``server_logging_env``) when the middleware
-#: disposes the synchronous engine at shutdown.
-POOL_DISPOSED = "INFO sqlalchemy.pool.impl.QueuePool: Pool disposed"
 
 
 @dataclass(frozen=True)
@@ -317,12 +319,4 @@ def test_sigint_stops_the_server_cleanly_after_disposing_the_engine(
     server: Server, served_database_url: str
 ) -> None:
     # Keep this test last: it stops the combination's server.
-    server.process.send_signal(signal.SIGINT)
-    returncode = server.process.wait(timeout=20)
-    log = server.log
-
-    assert returncode == 0, log
-    # Logged by the pool itself: disposed (in the package's worker thread), not dropped.
-    assert POOL_DISPOSED in log, log
-    if served_database_url.startswith("postgresql"):
-        assert eventually(lambda: server_backends(served_database_url) == [])
+    assert_sigint_stops_the_server_cleanly(server, served_database_url, SYNC_POOL_DISPOSED)

@@ -46,6 +46,7 @@ from asgi_sqla.fastapi import session_dependency
 from asgi_sqla.types import Message, Receive, Scope, Send
 
 from _helpers import (
+    ASGIRecorder,
     call_http,
     items,
     keys,
@@ -705,25 +706,42 @@ def conflicting_db(sync_postgresql_url: str) -> Iterator[SyncDatabase]:
         database.dispose()
 
 
+class RetryRoute:
+    """``POST /w``, a retry route, served by a ``def`` handler on ``db``.
+
+    Each run of the handler adds the key ``run-N`` (N counts the runs), then calls
+    ``then(N)``; a run that returns answers 201.
+    """
+
+    def __init__(self, db: SyncDatabase, then: Callable[[int], None]) -> None:
+        self.db = db
+        self.then = then
+        self.runs = 0
+        app = Starlette(routes=[Route("/w", self.handler, methods=["POST"])])
+        self.app = SQLAlchemyMiddleware(app, db, retry=["/w"])
+
+    def handler(self, request: Request) -> PlainTextResponse:
+        self.runs += 1
+        add(self.db, f"run-{self.runs}")
+        self.then(self.runs)
+        return PlainTextResponse("saved", status_code=201)
+
+    async def call(self) -> ASGIRecorder:
+        return await call_http(self.app, "/w", method="POST")
+
+
 async def test_a_retry_route_reruns_a_def_handler_after_a_serialization_failure(
     conflicting_db: SyncDatabase,
 ) -> None:
-    runs = 0
-
-    def handler(request: Request) -> PlainTextResponse:
-        nonlocal runs
-        runs += 1
-        add(conflicting_db, f"run-{runs}")
-        if runs == 1:
+    def conflict_on_the_first_run(run: int) -> None:
+        if run == 1:
             conflicting_db.session.execute(text("SELECT raise_conflict()"))
-        return PlainTextResponse("saved", status_code=201)
 
-    app = Starlette(routes=[Route("/w", handler, methods=["POST"])])
-    middleware = SQLAlchemyMiddleware(app, conflicting_db, retry=["/w"])
-    recorder = await call_http(middleware, "/w", method="POST")
+    route = RetryRoute(conflicting_db, then=conflict_on_the_first_run)
+    recorder = await route.call()
 
     assert recorder.status == 201
-    assert runs == 2
+    assert route.runs == 2
     assert sync_keys(conflicting_db) == {"run-2"}
     assert sync_checked_out(conflicting_db) == 0
 
@@ -731,22 +749,15 @@ async def test_a_retry_route_reruns_a_def_handler_after_a_serialization_failure(
 async def test_a_retry_route_is_not_rerun_once_the_def_handler_committed(
     conflicting_db: SyncDatabase,
 ) -> None:
-    runs = 0
-
-    def handler(request: Request) -> PlainTextResponse:
-        nonlocal runs
-        runs += 1
-        add(conflicting_db, f"run-{runs}")
+    def commit_then_conflict(run: int) -> None:
         conflicting_db.commit()
         conflicting_db.session.execute(text("SELECT raise_conflict()"))
-        return PlainTextResponse("unreachable")  # pragma: no cover
 
-    app = Starlette(routes=[Route("/w", handler, methods=["POST"])])
-    middleware = SQLAlchemyMiddleware(app, conflicting_db, retry=["/w"])
+    route = RetryRoute(conflicting_db, then=commit_then_conflict)
     with pytest.raises(DBAPIError):
-        await call_http(middleware, "/w", method="POST")
+        await route.call()
 
-    assert runs == 1
+    assert route.runs == 1
     assert sync_keys(conflicting_db) == {"run-1"}
     assert sync_checked_out(conflicting_db) == 0
 

@@ -26,12 +26,11 @@ from sqlalchemy import func, select
 from sqlalchemy import text as sql
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
-from asgi_sqla import Database, SQLAlchemyMiddleware
+from asgi_sqla import Database
 
-from .soak_shared import SCHEMA, Deadline, engine_options, items, metadata, orphans
+from .soak_shared import SCHEMA, engine_options, items, metadata, orphans, soak_app
 
 _url = os.environ["DATABASE_URL"]
 db = Database(_url, **engine_options(_url))
@@ -64,17 +63,6 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         for statement in SCHEMA:
             await connection.exec_driver_sql(statement)
     yield
-
-
-async def health(request: Request) -> Response:
-    return PlainTextResponse("ok")
-
-
-async def pool(request: Request) -> Response:
-    pool = db.engine.sync_engine.pool
-    return JSONResponse(
-        {"checked_out": pool.checkedout(), "size": pool.size()}  # type: ignore[attr-defined]
-    )
 
 
 async def write(request: Request) -> Response:
@@ -146,17 +134,4 @@ async def _slow_chunks(key: str, seconds: float) -> AsyncIterator[bytes]:
         await anyio.sleep(seconds)
 
 
-app = SQLAlchemyMiddleware(
-    Deadline(
-        Starlette(
-            routes=[
-                Route("/health", health),
-                Route("/pool", pool),
-                Route("/write", write, methods=["POST"]),
-            ],
-            lifespan=lifespan,
-        )
-    ),
-    db,
-    retry_after=1,
-)
+app = soak_app(db, write, lifespan)

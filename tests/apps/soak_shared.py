@@ -1,4 +1,5 @@
-"""What the soak's two apps share: the schema, the engine options, the request deadline.
+"""What the soak's two apps share: the schema, the engine options, the request deadline,
+the routes other than ``POST /write`` and the app around them.
 
 ``tests/apps/soak_app.py`` (async endpoints on a ``Database``) and
 ``tests/apps/soak_sync_app.py`` (``def`` endpoints on a ``SyncDatabase``) answer the
@@ -12,12 +13,19 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import anyio
 from sqlalchemy import Column, Float, ForeignKey, Integer, MetaData, String, Table
-from starlette.responses import PlainTextResponse
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
 
+from asgi_sqla import Database, SQLAlchemyMiddleware, SyncDatabase
 from asgi_sqla.types import ASGIApp, Message, Receive, Scope, Send
 
 _handler = logging.StreamHandler(sys.stderr)
@@ -146,3 +154,41 @@ def _deadline(scope: Scope) -> float | None:
         if name == b"deadline_ms":
             return float(value) / 1000
     return None
+
+
+def soak_app(
+    db: Database | SyncDatabase,
+    write: Callable[[Request], Any],
+    lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]],
+) -> ASGIApp:
+    """The soak's app on ``db``: ``write`` serves ``POST /write``, under :class:`Deadline`.
+
+    ``GET /health`` answers without touching the database; ``GET /pool`` tells how many
+    connections the pool has checked out, and its size.  The middleware answers 503
+    with ``Retry-After: 1`` when the pool runs dry.
+    """
+
+    async def health(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    async def pool(request: Request) -> Response:
+        engine = db.engine
+        pool = (engine.sync_engine if isinstance(engine, AsyncEngine) else engine).pool
+        return JSONResponse(
+            {"checked_out": pool.checkedout(), "size": pool.size()}  # type: ignore[attr-defined]
+        )
+
+    return SQLAlchemyMiddleware(
+        Deadline(
+            Starlette(
+                routes=[
+                    Route("/health", health),
+                    Route("/pool", pool),
+                    Route("/write", write, methods=["POST"]),
+                ],
+                lifespan=lifespan,
+            )
+        ),
+        db,
+        retry_after=1,
+    )

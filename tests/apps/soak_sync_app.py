@@ -24,12 +24,11 @@ from sqlalchemy import text as sql
 from sqlalchemy.exc import OperationalError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
 
-from asgi_sqla import SQLAlchemyMiddleware, SyncDatabase
+from asgi_sqla import SyncDatabase
 
-from .soak_shared import SCHEMA, Deadline, engine_options, items, metadata, orphans
+from .soak_shared import SCHEMA, engine_options, items, metadata, orphans, soak_app
 
 _url = os.environ["DATABASE_URL"]
 db = SyncDatabase(_url, **engine_options(_url))
@@ -70,17 +69,6 @@ def _create_schema() -> None:
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     await anyio.to_thread.run_sync(_create_schema)
     yield
-
-
-async def health(request: Request) -> Response:
-    return PlainTextResponse("ok")
-
-
-async def pool(request: Request) -> Response:
-    pool = db.engine.pool
-    return JSONResponse(
-        {"checked_out": pool.checkedout(), "size": pool.size()}  # type: ignore[attr-defined]
-    )
 
 
 def write(request: Request) -> Response:
@@ -144,17 +132,4 @@ def _slow_chunks(key: str, seconds: float) -> Iterator[bytes]:
         time.sleep(seconds)
 
 
-app = SQLAlchemyMiddleware(
-    Deadline(
-        Starlette(
-            routes=[
-                Route("/health", health),
-                Route("/pool", pool),
-                Route("/write", write, methods=["POST"]),
-            ],
-            lifespan=lifespan,
-        )
-    ),
-    db,
-    retry_after=1,
-)
+app = soak_app(db, write, lifespan)

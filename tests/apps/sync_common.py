@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import event, text
 from sqlalchemy.orm import Session
@@ -42,19 +42,6 @@ def _enable_sqlite_foreign_keys(dbapi_connection: Any, connection_record: Any) -
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys = ON")
     cursor.close()
-
-
-def enable_sqlite_foreign_keys(db: SyncDatabase) -> None:
-    """Make SQLite check ``children``'s deferred foreign key (it does so per connection)."""
-    if db.engine.dialect.name == "sqlite":
-        event.listen(db.engine, "connect", _enable_sqlite_foreign_keys)
-
-
-def sync_database() -> SyncDatabase:
-    """A ``SyncDatabase`` on ``DATABASE_URL``, foreign keys checked on SQLite too."""
-    db = SyncDatabase(os.environ["DATABASE_URL"])
-    enable_sqlite_foreign_keys(db)
-    return db
 
 
 def health_report(db: SyncDatabase) -> dict[str, object]:
@@ -127,3 +114,25 @@ class Streams:
 
     def release(self, key: str) -> None:
         self._event(key).set()
+
+
+class AppParts(NamedTuple):
+    """What each app is built around: its database, the checkout counter, the streams."""
+
+    db: SyncDatabase
+    counter: CheckoutCounter
+    streams: Streams
+
+
+def app_parts(db: SyncDatabase | None = None) -> AppParts:
+    """``db`` (by default a ``SyncDatabase`` on ``DATABASE_URL``) with its helpers.
+
+    On SQLite, foreign keys are turned on before the first connection, so that the
+    COMMIT of ``children``'s deferred foreign key fails there too (SQLite checks them
+    per connection, and only when asked).
+    """
+    if db is None:
+        db = SyncDatabase(os.environ["DATABASE_URL"])
+    if db.engine.dialect.name == "sqlite":
+        event.listen(db.engine, "connect", _enable_sqlite_foreign_keys)
+    return AppParts(db, CheckoutCounter(db), Streams())

@@ -13,18 +13,9 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 
 from examples.sqlmodel_app import SessionDep, app, db
 
-from .sync_common import (
-    CheckoutCounter,
-    Streams,
-    enable_sqlite_foreign_keys,
-    misuse,
-    write_item,
-    write_orphan,
-)
+from .sync_common import app_parts, misuse, write_item, write_orphan
 
-enable_sqlite_foreign_keys(db)
-counter = CheckoutCounter(db)
-streams = Streams()
+_, counter, streams = app_parts(db)
 
 
 @app.get("/pool")

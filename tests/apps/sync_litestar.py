@@ -18,19 +18,9 @@ from sqlalchemy.orm import Session
 from asgi_sqla import SQLAlchemyMiddleware
 from asgi_sqla.litestar import provide_session
 
-from .sync_common import (
-    CheckoutCounter,
-    Streams,
-    health_report,
-    misuse,
-    sync_database,
-    write_item,
-    write_orphan,
-)
+from .sync_common import app_parts, health_report, misuse, write_item, write_orphan
 
-db = sync_database()
-counter = CheckoutCounter(db)
-streams = Streams()
+db, counter, streams = app_parts()
 
 
 @get("/health")

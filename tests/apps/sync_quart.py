@@ -18,19 +18,9 @@ from quart.utils import run_sync
 from asgi_sqla import SQLAlchemyMiddleware
 from asgi_sqla.quart import init_app
 
-from .sync_common import (
-    CheckoutCounter,
-    Streams,
-    health_report,
-    misuse,
-    sync_database,
-    write_item,
-    write_orphan,
-)
+from .sync_common import app_parts, health_report, misuse, write_item, write_orphan
 
-db = sync_database()
-counter = CheckoutCounter(db)
-streams = Streams()
+db, counter, streams = app_parts()
 
 app = Quart(__name__)
 app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, db)  # type: ignore[method-assign]

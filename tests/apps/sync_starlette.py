@@ -15,19 +15,9 @@ from starlette.routing import Route
 
 from asgi_sqla import SQLAlchemyMiddleware
 
-from .sync_common import (
-    CheckoutCounter,
-    Streams,
-    health_report,
-    misuse,
-    sync_database,
-    write_item,
-    write_orphan,
-)
+from .sync_common import app_parts, health_report, misuse, write_item, write_orphan
 
-db = sync_database()
-counter = CheckoutCounter(db)
-streams = Streams()
+db, counter, streams = app_parts()
 
 
 async def health(request: Request) -> Response:
