@@ -191,8 +191,8 @@ async def end_thread_session(
     """Commit (or roll back) and close ``session``, returning its connection.
 
     Like ``_session.end_session``: the session is retired first, and the work is
-    shielded from cancellation.  It runs in one of the package's threads, or in this
-    thread when ``here`` (an ending driven synchronously: ``db.scope()``,
+    shielded from cancellation.  It runs in a worker thread (:func:`in_worker`), or in
+    this thread when ``here`` (an ending driven synchronously: ``db.scope()``,
     ``db.release()`` in a worker thread), or in place when the session holds nothing.
     """
     retire(session, reason)
