@@ -147,7 +147,7 @@ def add_background_task(func: Callable[..., Any], *args: Any, **kwargs: Any) -> 
     its exceptions), with sessions of its own: ``db.session`` inside it opens one,
     committed when ``func`` returns, rolled back if it raises.  ``func`` may be a
     coroutine function or, as with Quart, a plain function run in a worker thread
-    (where an ``AsyncSession`` cannot be used).
+    (where a ``SyncDatabase``'s session is used, and an ``AsyncSession`` cannot be).
 
     :param func: The function to run.
     :param args: Its positional arguments.

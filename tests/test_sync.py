@@ -47,6 +47,7 @@ from asgi_sqla.types import Message, Receive, Scope, Send
 
 from _helpers import (
     ASGIRecorder,
+    as_asgi_app,
     call_http,
     items,
     keys,
@@ -846,3 +847,37 @@ def test_an_engine_factory_returning_an_async_engine_is_refused(tmp_path: Any) -
     db = SyncDatabase(engine=factory)
     with pytest.raises(ConfigurationError, match="SyncDatabase needs an Engine"):
         db.engine  # noqa: B018
+
+
+async def test_a_quart_def_view_and_its_def_background_task_each_commit(
+    sync_db: SyncDatabase,
+) -> None:
+    from quart import Quart
+
+    from asgi_sqla.quart import add_background_task, init_app
+
+    app = Quart(__name__)
+    threads: dict[str, str] = {}
+
+    def task(key: str) -> None:  # a plain function: Quart runs it in a worker thread
+        threads["task"] = threading.current_thread().name
+        add(sync_db, key)
+
+    @app.post("/")
+    def view() -> tuple[str, int]:  # a plain view: Quart runs it in a worker thread too
+        threads["view"] = threading.current_thread().name
+        add(sync_db, "view")
+        add_background_task(task, "task")
+        return "created", 201
+
+    app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, sync_db)  # type: ignore[method-assign]
+    init_app(app)
+
+    recorder = await call_http(as_asgi_app(app), "/", method="POST")
+    with anyio.fail_after(10):
+        await asyncio.gather(*app.background_tasks)
+
+    assert recorder.status == 201
+    assert threading.main_thread().name not in threads.values()
+    assert sync_keys(sync_db) == {"view", "task"}
+    assert sync_checked_out(sync_db) == 0
