@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from ._errors import BlockingCallError, ConcurrentSessionUseError, SessionEndedError
@@ -103,6 +104,16 @@ class ThreadSession(_GuardedSyncSession):
             return super()._guarded(call, *args, **kwargs)
         finally:
             lock.release()
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        except DBAPIError:
+            # As ``GuardedSession.commit``: the COMMIT itself failed, and the connection's
+            # state is not known (SQLite keeps the failed transaction open, with its write
+            # lock, and the pool would not roll it back).  Discard it.
+            _invalidate(self)
+            raise
 
 
 #: A session a ``Database`` makes (``AsyncSession``) or a ``SyncDatabase`` makes (``Session``).
