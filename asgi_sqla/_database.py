@@ -438,10 +438,12 @@ class Database(BaseDatabase, Generic[_A]):
     async def commit(self) -> None:
         """Commit the current session's transaction now, if there is a session.
 
-        The session stays usable; its next statement begins a new transaction.
+        The session stays usable; its next statement begins a new transaction.  Raises
+        ``SessionEndedError`` once the request has finished (a task that outlived it):
+        its writes were ended with it, and there is nothing this call could commit.
         """
         context = current_context.get()
-        session = context.existing(self) if context is not None else None
+        session = context.committable(self) if context is not None else None
         if context is not None and session is not None:
             await run_to_completion(commit_one_phase(cast(GuardedSession, session)))
             context.committed_any = True
@@ -456,7 +458,8 @@ class Database(BaseDatabase, Generic[_A]):
         """Commit (or roll back) and close the current session, returning its connection.
 
         A later read of :attr:`session` opens a new session.  Does nothing when no
-        session is open.
+        session is open; with ``commit=True``, raises ``SessionEndedError`` once the
+        request has finished, as :meth:`commit` does.
         """
         context = current_context.get()
         if context is not None:

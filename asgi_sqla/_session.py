@@ -56,6 +56,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.util.concurrency import in_greenlet
 
 from ._errors import (
+    BlockingCallError,
     ConcurrentSessionUseError,
     RollbackOnlyError,
     SessionEndedError,
@@ -110,6 +111,9 @@ _CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
 
 #: Seconds between two looks at a call still running on a session the package ends.
 _IDLE_CHECK_INTERVAL = 0.05
+
+#: The guard's refusals, raised before a call starts: they change nothing.
+_REFUSED = (ConcurrentSessionUseError, SessionEndedError, BlockingCallError)
 
 #: The synchronous session the package is ending in this context: its own calls pass
 #: the ended mark (set by ``retire()`` before the package commits or closes).
@@ -168,6 +172,10 @@ class _GuardedSyncSession(Session):
     def commit(self) -> None:
         try:
             self._guarded(super().commit)
+        except _REFUSED:
+            # Refused before it started (another task or thread is inside a call): the
+            # transaction is as it was, and its owner may still commit it.
+            raise
         except Exception:
             self._forget_transaction()  # it did not commit: its callbacks never run
             raise

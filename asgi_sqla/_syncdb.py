@@ -119,10 +119,13 @@ class SyncDatabase(BaseDatabase, Generic[_S]):
         """Commit the current session's transaction now, if there is a session.
 
         The session stays usable; its next statement begins a new transaction.  The
-        on_commit callbacks of the transaction run here, after the commit.
+        on_commit callbacks of the transaction run here, after the commit.  Raises
+        ``SessionEndedError`` once the request has finished (a thread that outlived a
+        cancelled request): its writes were ended with it, and there is nothing this
+        call could commit.
         """
         context = current_context.get()
-        session = context.existing(self) if context is not None else None
+        session = context.committable(self) if context is not None else None
         if context is not None and session is not None:
             thread_session = cast(ThreadSession, session)
             thread_session.commit()
@@ -139,11 +142,15 @@ class SyncDatabase(BaseDatabase, Generic[_S]):
         """Commit (or roll back) and close the current session, returning its connection.
 
         A later read of :attr:`session` opens a new session.  Does nothing when no
-        session is open.  Runs in the calling thread (a worker thread: not the event
-        loop's).
+        session is open; with ``commit=True``, raises ``SessionEndedError`` once the
+        request has finished, as :meth:`commit` does.  Runs in the calling thread (a
+        worker thread: not the event loop's).
         """
         context = current_context.get()
-        if context is not None and context.existing(self) is not None:
+        if context is None:
+            return
+        session = context.committable(self) if commit else context.existing(self)
+        if session is not None:
             check_off_loop(self._block_event_loop)
             raise_failure(run_here(context.release(self, commit=commit, here=True)))
 

@@ -36,6 +36,7 @@ from anyio import CapacityLimiter, to_thread
 from anyio.lowlevel import RunVar
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from ._errors import BlockingCallError, ConcurrentSessionUseError, SessionEndedError
@@ -102,6 +103,16 @@ class ThreadSession(_GuardedSyncSession):
             return super()._guarded(call, *args, **kwargs)
         finally:
             lock.release()
+
+    def commit(self) -> None:
+        try:
+            super().commit()
+        except DBAPIError:
+            # As ``GuardedSession.commit``: the COMMIT itself failed, and the connection's
+            # state is not known (SQLite keeps the failed transaction open, with its write
+            # lock, and the pool would not roll it back).  Discard it.
+            _invalidate(self)
+            raise
 
 
 #: A session a ``Database`` makes (``AsyncSession``) or a ``SyncDatabase`` makes (``Session``).

@@ -112,6 +112,13 @@ RECEIVE_WAITED = (
     "db.session again after each receive() for a new session."
 )
 RELEASED = "This session was ended by db.release(). Read db.session again for a new session."
+_NOTHING_TO_COMMIT = (
+    "db.commit() or db.release() was called after the request had finished, or while its "
+    "last transaction was ending: what was written through db.session was committed or "
+    "rolled back with the request, and this call cannot commit it (is this a thread or "
+    "task that outlived the request?). Use `with db.new_session() as session:` "
+    "(`async with` for a Database) for work that runs after the request."
+)
 SCOPE_EXITED = "The db.scope() block that owned this session has exited."
 
 
@@ -354,6 +361,23 @@ class SessionContext:
         """Return ``db``'s session if one is open in this context."""
         return self._sessions.get(db)
 
+    def committable(self, db: ManagedDatabase) -> AnySession | None:
+        """``db``'s open session, for ``db.commit()``; None when there is nothing to commit.
+
+        Raises ``SessionEndedError`` once the unit is closing or closed: the caller's
+        writes were ended with the request, and returning would claim a commit that
+        this call did not make.
+        """
+        session = self._sessions.get(db)
+        if session is None:
+            self._refuse_commit_once_closing()
+        return session
+
+    def _refuse_commit_once_closing(self) -> None:
+        state = self._state
+        if state is _CLOSING or state is _CLOSED:
+            raise SessionEndedError(_NOTHING_TO_COMMIT)
+
     @property
     def pool_exhausted(self) -> bool:
         """True when an open session failed to get a connection: the pool timed out."""
@@ -470,6 +494,8 @@ class SessionContext:
                 if session is not None:
                     sessions[key] = session
         if not sessions:
+            if commit:
+                self._refuse_commit_once_closing()
             return NOTHING_ENDED
         decider = Decider(None, failed=False, manual=False, release=commit)
         outcome, cancelled = await end_sessions(
