@@ -25,6 +25,7 @@ How a statement is made to wait depends on the database (:class:`WaitingStatemen
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import threading
 from abc import ABC, abstractmethod
@@ -75,11 +76,16 @@ class Pause:
         """Called in the app thread: it has paused (more calls change nothing)."""
         if not self._signalled:
             self._signalled = True
-            self.loop.call_soon_threadsafe(_set, self.entered, None)
+            self._tell(self.entered, None)
 
     def finish(self, result: str) -> None:
         """Called in the app thread: its work is over."""
-        self.loop.call_soon_threadsafe(_set, self.finished, result)
+        self._tell(self.finished, result)
+
+    def _tell(self, future: asyncio.Future[Any], value: Any) -> None:
+        # After an example that failed, the loop may be closed: nobody waits any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(_set, future, value)
 
     def let_go(self) -> None:
         """Let the thread go on (its statement finishes); calling it again changes nothing."""

@@ -910,10 +910,12 @@ class InvariantMachine(RuleBasedStateMachine):
             await self._release_held()
             await self._check()
         finally:
-            if self.pauses:
+            if self.pauses:  # after a failure: no thread may outlive the example
                 for pause in self.pauses.values():
                     pause.resume.set()
                 self.waits.let_all_go()
+                finished = [pause.finished for pause in self.pauses.values()]
+                await asyncio.wait(finished, timeout=STEP_LIMIT)
             db = self.db
             if isinstance(db, SyncDatabase):
                 await asyncio.to_thread(db.dispose)
