@@ -638,18 +638,19 @@ async def test_under_random_faults_every_answer_matches_the_database_and_nothing
     forbidden = [marker for marker in FORBIDDEN_IN_LOG if marker in log]
     # A deadline that expires during the COMMIT at response start leaves the response
     # cut short on purpose: its true status line goes out, then nothing (no lying 504).
-    # The server reports each such response as incomplete; nothing else may be.  In
-    # the sync app the deadline may also expire while the `def` code runs (anyio waits
-    # for its thread, and the 0.5 s pool timeout outlasts the 0.3 s deadline): the
-    # response it then starts ends under the expired deadline, whatever its status (a
-    # 503 ending a session that got no connection), and only its status line goes out.
+    # The server reports each such response as incomplete; nothing else may be.  The
+    # status line is whatever the ending decided: a 2xx, or a 500 when that COMMIT
+    # failed (a backend killed, the restart) just as the deadline expired, which a
+    # loaded machine makes likelier.  In the sync app the deadline may also expire
+    # while the `def` code runs (anyio waits for its thread, and the 0.5 s pool timeout
+    # outlasts the 0.3 s deadline): the response it then starts ends under the expired
+    # deadline too (a 503 ending a session that got no connection).  Only the
+    # deadline's own 504, sent when nothing had started, is complete.
     incomplete = log.count("ASGI callable returned without completing response")
     cut_short = sum(
         1
         for o in run.outcomes
-        if o.request.kind == "deadline-mid-commit"
-        and o.status is not None
-        and (o.status < 300 or variant.name == "sync")
+        if o.request.kind == "deadline-mid-commit" and o.status is not None and o.status != 504
     )
     checks = {
         "no lies": not reconciled.lies,
