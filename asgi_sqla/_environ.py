@@ -138,9 +138,9 @@ def read_environment(
     """The URL and the keywords for ``Database`` (``SyncDatabase`` when ``sync``) that
     the variables of ``prefix`` set.
 
-    Keywords in ``given`` (passed by the caller, who wins) are not read.  A variable
-    set to the empty string counts as unset, as ``Database()`` does for
-    ``DATABASE_URL``.
+    Keywords in ``given`` (passed by the caller, who wins) are not read.  Whitespace
+    around a value is ignored, and a variable set to the empty string counts as unset,
+    as ``Database()`` does for ``DATABASE_URL``.
     """
     start = _variable_prefix(prefix)
     if "url" in given or "engine" in given:
@@ -149,7 +149,8 @@ def read_environment(
             "yourself, call the class itself, e.g. Database(url, pool_size=5)."
         )
     url_variable = f"{start}DATABASE_URL"
-    url = environ.get(url_variable, "")
+    # A value read from a file (a container's secret) often ends with a newline.
+    url = environ.get(url_variable, "").strip()
     if not url:
         raise ConfigurationError(
             f"{url_variable} is not set: set it to the database's URL, e.g. "

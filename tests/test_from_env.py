@@ -105,6 +105,15 @@ async def test_a_prefix_reads_its_own_variables_and_not_the_default_ones(
     await db.dispose()
 
 
+def test_whitespace_around_the_url_is_ignored(
+    monkeypatch: pytest.MonkeyPatch, sqlite_url: str
+) -> None:
+    # As when the value comes from a file that ends with a newline: $(cat secret-file).
+    monkeypatch.setenv("DATABASE_URL", f" {sqlite_url}\n")
+
+    assert str(Database.from_env().engine.url) == sqlite_url
+
+
 def test_the_prefix_is_used_as_written(monkeypatch: pytest.MonkeyPatch, sqlite_url: str) -> None:
     monkeypatch.setenv("analytics_DATABASE_URL", sqlite_url)
 
@@ -140,7 +149,7 @@ def test_a_prefix_that_is_not_a_string_is_refused() -> None:
         Database.from_env(3)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("value", [None, ""])
+@pytest.mark.parametrize("value", [None, "", " \n"])
 @pytest.mark.parametrize(
     ("prefix", "variable"), [(None, "DATABASE_URL"), ("ANALYTICS", "ANALYTICS_DATABASE_URL")]
 )
