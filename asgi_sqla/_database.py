@@ -18,8 +18,9 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 from sqlalchemy.orm import Session
-from typing_extensions import TypeVar
+from typing_extensions import Self, TypeVar
 
+from ._environ import read_environment
 from ._errors import ConfigurationError, DatabaseStartupError
 from ._multidb import commit_one_phase
 from ._options import check_bool, check_engine_options, check_number, check_session_options
@@ -116,6 +117,33 @@ class BaseDatabase(ABC):
         self._track_commits = False
         #: Set by a middleware with ``two_phase=True``: startup checks the server allows it.
         self._two_phase_check = False
+
+    @classmethod
+    def from_env(cls, prefix: str | None = None, /, **options: Any) -> Self:
+        """A database configured by environment variables, for an app configured by its
+        deployment (twelve-factor style).
+
+        Reads ``DATABASE_URL`` (required), and the engine options ``DATABASE_POOL_SIZE``,
+        ``DATABASE_MAX_OVERFLOW``, ``DATABASE_POOL_TIMEOUT``, ``DATABASE_POOL_RECYCLE``,
+        ``DATABASE_POOL_PRE_PING``, ``DATABASE_ECHO`` and, for ``Database`` only,
+        ``DATABASE_REPLICAS`` (comma-separated URLs) when they are set.  With a
+        ``prefix``, every name starts with it: ``from_env("ANALYTICS")`` reads
+        ``ANALYTICS_DATABASE_URL``, ``ANALYTICS_DATABASE_POOL_SIZE``...  Like the
+        constructor, it reads the variables at once and connects to nothing.
+
+        :param prefix: Letters, digits and underscores, the ``_`` after it added here.
+        :param options: Keywords of the class, as for the constructor (``stats=True``,
+            ``connect_args={...}``); one given here wins over its variable, which is
+            then not read.  Not ``url`` nor ``engine``: those come from the variables.
+        :raises ConfigurationError: The URL variable is missing, or a variable's value is
+            not of its form; the message names the variable, and never shows a URL.
+        """
+        sync = cls._engine_type is Engine
+        url, found = read_environment(prefix, os.environ, sync=sync, given=options)
+        # The constructors of Database and SyncDatabase take the URL first; this base
+        # class's takes an _EngineSource.
+        construct = cast(Callable[..., Self], cls)
+        return construct(url, **found, **options)
 
     def __repr__(self) -> str:
         if self._url is not None:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +49,13 @@ def _command(target: str, server: str, port: int) -> list[str]:
         ]
     if server == "hypercorn":
         return [*("-m", "hypercorn", target, "--bind", f"127.0.0.1:{port}")]
+    if server == "gunicorn":
+        # The worker class of the uvicorn-worker package: uvicorn.workers.UvicornWorker is
+        # deprecated: importing it emits a DeprecationWarning (uvicorn 0.54).
+        return [
+            *("-m", "gunicorn", target, "--bind", f"127.0.0.1:{port}"),
+            *("--worker-class", "uvicorn_worker.UvicornWorker"),
+        ]
     if server == "granian":
         return [
             *("-m", "granian", "--interface", "asgi", "--host", "127.0.0.1"),
@@ -81,8 +88,11 @@ def serve(
     ready_path: str = "/",
     startup_timeout: float = 20.0,
     stop_signal: int = signal.SIGINT,
+    args: Sequence[str] = (),
 ) -> Iterator[Server]:
     """Start ``target`` (``module:attribute``) under ``server``; stop it gracefully at exit.
+
+    ``args`` are appended to the server's command line (``("--workers", "2")``).
 
     Readiness is polled with a deadline: the block starts once ``ready_path`` answers
     any HTTP status.  At exit the server gets ``stop_signal`` (SIGINT: a graceful
@@ -94,7 +104,7 @@ def serve(
     )
     process_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **(env or {})}
     process = subprocess.Popen(
-        [sys.executable, *_command(target, server, port)],
+        [sys.executable, *_command(target, server, port), *args],
         cwd=ROOT,
         env=process_env,
         stdout=log_file,
