@@ -161,10 +161,25 @@ def open_page(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Calla
         sys.modules.pop(name, None)
 
 
+def with_state_copies(app: Any) -> Any:
+    """``app``, given a shallow copy of the lifespan state per request, as ASGI requires.
+
+    asgi-lifespan 2.1 hands every request the state dict itself, and Litestar keeps a
+    request's parsed body in it: the next request would read the previous one's body.
+    """
+
+    async def copying(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan" and "state" in scope:
+            scope["state"] = dict(scope["state"])
+        await app(scope, receive, send)
+
+    return copying
+
+
 @asynccontextmanager
 async def serving(app: Any) -> AsyncIterator[httpx.AsyncClient]:
     """A client of ``app``, whose lifespan runs around the requests."""
-    async with LifespanManager(app) as manager:
+    async with LifespanManager(with_state_copies(app)) as manager:
         transport = httpx.ASGITransport(app=manager.app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             yield client
@@ -200,7 +215,8 @@ def run_test_file(page: Page, pytester: pytest.Pytester, test_file: str, passed:
     anyio.run(seed_notes, page)
     pytester.makefile(".ini", pytest=INNER_INI)
     pytester.makepyfile(**page.files)
-    result = pytester.runpytest(f"{test_file}.py")
+    # Without the plugins the test files do not use: loading them took 4 s per run here.
+    result = pytester.runpytest(f"{test_file}.py", "-p", "no:faker", "-p", "no:hypothesispytest")
     result.assert_outcomes(passed=passed)
     assert page.rows("SELECT count(*) FROM notes") == [(0,)]
 
@@ -313,6 +329,73 @@ async def _(page: Page, pytester: pytest.Pytester) -> None:
 
 
 @check("context-async-sqlalchemy", "test_app")
+def _(page: Page, pytester: pytest.Pytester) -> None:
+    run_test_file(page, pytester, "test_app", passed=2)
+
+
+# asgi-sqlalchemy
+
+
+@check("asgi-sqlalchemy", "app")
+async def _(page: Page, pytester: pytest.Pytester) -> None:
+    await check_notes_app(page)
+
+
+@check("asgi-sqlalchemy", "fastapi_app")
+async def _(page: Page, pytester: pytest.Pytester) -> None:
+    await check_notes_app(page, "fastapi_app")
+
+
+@check("asgi-sqlalchemy", "counting")
+async def _(page: Page, pytester: pytest.Pytester) -> None:
+    app = await seed_notes(page, "apple", "apricot", "banana")
+    counting = page.load("counting")
+
+    assert await counting.counts("ap", "an", "cherry") == [2, 1, 0]
+    await app.db.dispose()
+
+
+@check("asgi-sqlalchemy", "purge")
+async def _(page: Page, pytester: pytest.Pytester) -> None:
+    await seed_notes(page, "", "kept", "")
+
+    await page.load("purge").main()
+
+    assert page.rows("SELECT text FROM notes") == [("kept",)]
+
+
+@check("asgi-sqlalchemy", "test_app")
+def _(page: Page, pytester: pytest.Pytester) -> None:
+    run_test_file(page, pytester, "test_app", passed=2)
+
+
+# advanced-alchemy
+
+
+@check("advanced-alchemy", "app")
+async def _(page: Page, pytester: pytest.Pytester) -> None:
+    await check_notes_app(page)
+
+
+@check("advanced-alchemy", "counting")
+async def _(page: Page, pytester: pytest.Pytester) -> None:
+    app = await seed_notes(page, "apple", "apricot", "banana")
+    counting = page.load("counting")
+
+    assert await counting.counts("ap", "an", "cherry") == [2, 1, 0]
+    await app.db.dispose()
+
+
+@check("advanced-alchemy", "purge")
+async def _(page: Page, pytester: pytest.Pytester) -> None:
+    await seed_notes(page, "", "kept", "")
+
+    await page.load("purge").main()
+
+    assert page.rows("SELECT text FROM notes") == [("kept",)]
+
+
+@check("advanced-alchemy", "test_app")
 def _(page: Page, pytester: pytest.Pytester) -> None:
     run_test_file(page, pytester, "test_app", passed=2)
 
