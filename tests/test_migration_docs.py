@@ -28,7 +28,7 @@ import anyio
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
-from sqlalchemy import URL, MetaData, create_engine, make_url
+from sqlalchemy import URL, MetaData, create_engine, make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from asgi_sqla import Database
@@ -64,8 +64,8 @@ needs_from_env = pytest.mark.skipif(
 
 
 def python_blocks(page: str) -> list[str]:
-    text = (DOCS / f"{page}.md").read_text()
-    return re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+    markdown = (DOCS / f"{page}.md").read_text()
+    return re.findall(r"```python\n(.*?)```", markdown, re.DOTALL)
 
 
 def code_files(page: str) -> dict[str, str]:
@@ -109,10 +109,13 @@ def test_every_python_block_is_run_or_marked_as_the_peers(page: str) -> None:
 class Page:
     """A page's asgi_sqla blocks, written as modules to a directory and importable."""
 
-    def __init__(self, name: str, directory: Path, url: str) -> None:
+    def __init__(
+        self, name: str, directory: Path, url: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         self.name = name
         self.directory = directory
         self.url = url
+        self.monkeypatch = monkeypatch
         self.files = code_files(name)
         for module, code in self.files.items():
             (directory / f"{module}.py").write_text(code)
@@ -148,7 +151,7 @@ def open_page(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Calla
 
     def open_page(name: str, *, sync: bool = False, url: str | None = None) -> Page:
         driver = "sqlite" if sync else "sqlite+aiosqlite"
-        page = Page(name, tmp_path, url or f"{driver}:///{tmp_path / 'notes.db'}")
+        page = Page(name, tmp_path, url or f"{driver}:///{tmp_path / 'notes.db'}", monkeypatch)
         names.extend(page.files)
         monkeypatch.setenv("DATABASE_URL", page.url)
         monkeypatch.chdir(tmp_path)
@@ -234,6 +237,7 @@ MARKS: dict[tuple[str, str], tuple[pytest.MarkDecorator, ...]] = {
     ("fastapi-async-sqlalchemy", "per_task_app"): (needs_session_per_task,),
     # PostgreSQL's WAL position: the block runs on PostgreSQL (through asyncpg).
     ("context-async-sqlalchemy", "lsn_app"): (needs_before_commit, pytest.mark.postgresql),
+    ("fastapi-sqla", "read_only"): (needs_from_env,),
 }
 
 
@@ -396,6 +400,49 @@ async def _(page: Page, pytester: pytest.Pytester) -> None:
 
 
 @check("advanced-alchemy", "test_app")
+def _(page: Page, pytester: pytest.Pytester) -> None:
+    run_test_file(page, pytester, "test_app", passed=2)
+
+
+# fastapi-sqla: a SyncDatabase, `def` endpoints
+
+
+@check("fastapi-sqla", "app")
+async def _(page: Page, pytester: pytest.Pytester) -> None:
+    await check_notes_app(page)
+
+
+@check("fastapi-sqla", "read_only")
+async def _(page: Page, pytester: pytest.Pytester) -> None:
+    page.monkeypatch.setenv("READ_ONLY_DATABASE_URL", f"sqlite+aiosqlite:///{page.directory}/ro.db")
+    page.monkeypatch.setenv("READ_ONLY_POOL_SIZE", "3")
+    read_only = page.load("read_only")
+
+    async with read_only.read_only_db.scope() as session:
+        assert await session.scalar(text("SELECT 1")) == 1
+    assert read_only.read_only_db.engine.pool.size() == 3
+    await read_only.read_only_db.dispose()
+
+
+@check("fastapi-sqla", "counting")
+def _(page: Page, pytester: pytest.Pytester) -> None:
+    app = anyio.run(seed_notes, page, "apple", "apricot", "banana")
+    counting = page.load("counting")
+
+    assert counting.counts("ap", "an", "cherry") == [2, 1, 0]
+    app.db.dispose()
+
+
+@check("fastapi-sqla", "purge")
+def _(page: Page, pytester: pytest.Pytester) -> None:
+    anyio.run(seed_notes, page, "", "kept", "")
+
+    page.load("purge").main()
+
+    assert page.rows("SELECT text FROM notes") == [("kept",)]
+
+
+@check("fastapi-sqla", "test_app")
 def _(page: Page, pytester: pytest.Pytester) -> None:
     run_test_file(page, pytester, "test_app", passed=2)
 
