@@ -58,9 +58,6 @@ needs_session_per_task = pytest.mark.skipif(
 needs_before_commit = pytest.mark.skipif(
     not hasattr(Database, "before_commit"), reason="needs db.before_commit() (merging)"
 )
-needs_from_env = pytest.mark.skipif(
-    not hasattr(Database, "from_env"), reason="needs Database.from_env() (merging)"
-)
 
 
 def python_blocks(page: str) -> list[str]:
@@ -237,7 +234,6 @@ MARKS: dict[tuple[str, str], tuple[pytest.MarkDecorator, ...]] = {
     ("fastapi-async-sqlalchemy", "per_task_app"): (needs_session_per_task,),
     # PostgreSQL's WAL position: the block runs on PostgreSQL (through asyncpg).
     ("context-async-sqlalchemy", "lsn_app"): (needs_before_commit, pytest.mark.postgresql),
-    ("fastapi-sqla", "read_only"): (needs_from_env,),
 }
 
 
@@ -415,7 +411,7 @@ async def _(page: Page, pytester: pytest.Pytester) -> None:
 @check("fastapi-sqla", "read_only")
 async def _(page: Page, pytester: pytest.Pytester) -> None:
     page.monkeypatch.setenv("READ_ONLY_DATABASE_URL", f"sqlite+aiosqlite:///{page.directory}/ro.db")
-    page.monkeypatch.setenv("READ_ONLY_POOL_SIZE", "3")
+    page.monkeypatch.setenv("READ_ONLY_DATABASE_POOL_SIZE", "3")
     read_only = page.load("read_only")
 
     async with read_only.read_only_db.scope() as session:
