@@ -112,8 +112,8 @@ class PasswordListener:
             # made, and every caller treats it so.  The provider's own exception is the
             # cause; its message is not repeated here.
             raise dialect.loaded_dbapi.OperationalError(
-                f"The password provider {_name(provider)} raised {type(exc).__name__} (the "
-                "cause, below), so no connection was made: check the provider and the "
+                f"The password provider {_name(provider)} raised {type(exc).__name__} (this "
+                "exception's cause), so no connection was made: check the provider and the "
                 "secret store it reads."
             ) from exc
         if not isinstance(value, str) or not value:

@@ -343,6 +343,46 @@ async def test_pooled_connections_keep_working_after_a_rotation_and_new_ones_ask
         await db.dispose()
 
 
+@pytest.mark.postgresql
+@pytest.mark.parametrize("driver", ["postgresql+asyncpg", "postgresql+psycopg"])
+async def test_a_request_cancelled_while_the_provider_awaits_leaks_no_connection(
+    role: Role, driver: str
+) -> None:
+    """A client gone, or a deadline, while an async provider waits for its store: the
+    pool's only slot is given back, and the next request gets it."""
+    calls = 0
+    asked, store_answers = anyio.Event(), anyio.Event()
+
+    async def provider() -> str:
+        nonlocal calls
+        calls += 1
+        asked.set()
+        await store_answers.wait()
+        return role.password
+
+    db = Database(
+        role.with_driver(driver, "wrong"),
+        password=provider,
+        pool_size=1,
+        max_overflow=0,
+        pool_timeout=2,
+    )
+    try:
+        with anyio.move_on_after(10) as waiting:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(one_request, db)
+                await asked.wait()
+                tg.cancel_scope.cancel()  # the request, cancelled inside the provider
+        assert not waiting.cancelled_caught
+        assert db.pool_status().checked_out == 0
+        store_answers.set()
+        assert await one_request(db) == ([200], None)
+        assert calls == 2
+        assert db.pool_status().checked_out == 0
+    finally:
+        await db.dispose()
+
+
 # -- the engines the provider serves ---------------------------------------------------------
 
 
