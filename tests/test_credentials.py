@@ -449,17 +449,28 @@ async def test_replicas_connect_with_the_providers_password(
 
 
 @pytest.mark.postgresql
-async def test_an_engine_factory_gets_the_provider(role: Role) -> None:
-    def factory() -> AsyncEngine:
-        return create_async_engine(role.with_driver("postgresql+asyncpg", "wrong"))
+async def test_an_engine_factory_gets_the_provider_once_per_connection(role: Role) -> None:
+    calls = 0
 
-    db = Database(engine=factory, password=lambda: role.password)
+    def provider() -> str:
+        nonlocal calls
+        calls += 1
+        return role.password
+
+    made = [create_async_engine(role.with_driver("postgresql+asyncpg", "wrong"))]
+
+    def factory() -> AsyncEngine:
+        return made[-1]  # the same engine again after a dispose, then a new one
+
+    db = Database(engine=factory, password=provider)
     try:
-        async with db.scope() as session:
-            assert await session.scalar(text("SELECT current_user")) == role.name
-        await db.dispose()  # a second engine from the factory asks the provider too
-        async with db.scope() as session:
-            assert await session.scalar(text("SELECT current_user")) == role.name
+        for engine_number in (1, 1, 2):
+            if engine_number == 2:
+                made.append(create_async_engine(role.with_driver("postgresql+asyncpg", "x")))
+            async with db.scope() as session:
+                assert await session.scalar(text("SELECT current_user")) == role.name
+            await db.dispose()  # the next scope connects anew
+        assert calls == 3
     finally:
         await db.dispose()
 
