@@ -87,8 +87,10 @@ class PasswordListener:
         self._can_await = can_await
 
     def __call__(self, dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
-        # Set for this attempt only: SQLAlchemy 2.1 passes a copy of the engine's
-        # arguments to each call (sqlalchemy/engine/create.py, ``connect()``).
+        # SQLAlchemy 2.1 passes each attempt a copy of the engine's arguments
+        # (sqlalchemy/engine/create.py, ``connect()``); 2.0 passes the engine's own dict,
+        # where two threads connecting at once may each use the other's answer, both
+        # current.  Nothing awaits between this line and the driver's connect call.
         cparams["password"] = self._password(dialect)
 
     def _password(self, dialect: Any) -> str:
