@@ -88,9 +88,9 @@ class PasswordListener:
 
     def __call__(self, dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
         # SQLAlchemy 2.1 passes each attempt a copy of the engine's arguments
-        # (sqlalchemy/engine/create.py, ``connect()``); 2.0 passes the engine's own dict,
-        # where two threads connecting at once may each use the other's answer, both
-        # current.  Nothing awaits between this line and the driver's connect call.
+        # (sqlalchemy/engine/create.py, ``connect()``).  Were the dict shared (older
+        # versions), two threads connecting at once could swap answers, both current;
+        # nothing awaits between this line and the driver's connect call.
         cparams["password"] = self._password(dialect)
 
     def _password(self, dialect: Any) -> str:
