@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 from sqlalchemy.orm import Session
 from typing_extensions import Self, TypeVar
 
+from ._credentials import PasswordListener, PasswordProvider, check_provider, install_provider
 from ._environ import read_environment
 from ._errors import ConfigurationError, DatabaseStartupError
 from ._multidb import commit_one_phase
@@ -93,6 +94,7 @@ class BaseDatabase(ABC):
         stats: bool,
         warn_held_over: float | None,
         warn_statements_over: int | None,
+        password: object = None,
     ) -> None:
         self._warn_held, self._warn_statements = _limits(warn_held_over, warn_statements_over)
         check_bool("stats", stats)
@@ -100,6 +102,18 @@ class BaseDatabase(ABC):
         self._instrumented: Engine | None = None
         self._url, self._engine, self._engine_factory, self._engine_options = source
         self._owns_engine = self._engine is None
+        provider = check_provider(
+            password,
+            url=self._url,
+            ready_engine=self._engine is not None,
+            sync=self._engine_type is Engine,
+        )
+        #: Sets the provider's password on each new connection of the engines made here.
+        self._password_listener = (
+            PasswordListener(provider, can_await=self._engine_type is AsyncEngine)
+            if provider is not None
+            else None
+        )
         if commit_on is not None and not callable(commit_on):
             raise ConfigurationError(
                 "commit_on must be a function (status_code) -> bool, or None to never "
@@ -284,7 +298,7 @@ class BaseDatabase(ABC):
             engine = self._engine_factory()
             if not isinstance(engine, self._engine_type):
                 raise ConfigurationError(_wrong_engine(self, engine))
-            return engine
+            return self._authenticating(engine)
         url = self._url
         assert url is not None  # either a URL, an engine or a factory was given
         return self._engine_for(url)
@@ -296,7 +310,7 @@ class BaseDatabase(ABC):
         options = {"hide_parameters": True, **self._engine_options}
         create = create_engine if self._engine_type is Engine else _create_async_engine
         try:
-            return create(url, **options)
+            engine = create(url, **options)
         except ImportError as exc:
             driver = url.get_driver_name()
             extra = _DRIVER_EXTRAS.get(driver)
@@ -305,6 +319,14 @@ class BaseDatabase(ABC):
                 f"The driver for {mask_url(url)} could not be loaded "
                 f"({mask_text(str(exc), url)}): {fix}."
             ) from None
+        return self._authenticating(engine)
+
+    def _authenticating(self, engine: AsyncEngine | Engine) -> AsyncEngine | Engine:
+        """``engine``, which asks the ``password`` provider for each new connection's
+        password when the database has one (a ``do_connect`` listener)."""
+        if self._password_listener is not None:
+            install_provider(_sync_engine(engine), self._password_listener)
+        return engine
 
     @property
     @abstractmethod
@@ -380,6 +402,14 @@ class Database(BaseDatabase, Generic[_A]):
         startup is logged at WARNING and skipped, not a startup failure.
     :param replica_cooldown: Seconds a replica that failed (no connection, or a dropped
         one) is left out before reads try it again.
+    :param password: A zero-argument function returning the password (a ``str``), or an
+        ``async def`` one, called for every new connection of the engines the
+        ``Database`` creates (the primary's and the replicas'), whose password it
+        replaces: rotating credentials (AWS RDS IAM tokens, Vault leases).  Pooled
+        connections are not asked again.  A provider that raises fails that connection
+        attempt (``sqlalchemy.exc.OperationalError``, the provider's exception as the
+        cause).  Not with a ready ``engine``; with an engine factory, yes.
+        See docs/credentials.md.
     :param engine_options: Passed to ``create_async_engine`` for the engines the
         ``Database`` creates (the URL's and the replicas'), with ``hide_parameters=True``
         unless given: a failed statement's exception (logged when a commit fails)
@@ -409,6 +439,7 @@ class Database(BaseDatabase, Generic[_A]):
         warn_statements_over: int | None = None,
         replicas: Iterable[str | URL] | None = None,
         replica_cooldown: float = 30.0,
+        password: PasswordProvider | None = None,
         **engine_options: Any,
     ) -> None:
         options = {
@@ -423,6 +454,7 @@ class Database(BaseDatabase, Generic[_A]):
             stats=stats,
             warn_held_over=warn_held_over,
             warn_statements_over=warn_statements_over,
+            password=password,
         )
         self._replicas = _replica_set(self, replicas, replica_cooldown)
 

@@ -55,6 +55,9 @@ class SyncDatabase(BaseDatabase, Generic[_S]):
     :param block_event_loop: Allow the sessions' calls from the event loop's thread.
         For tests and tools on SQLite, where a call takes microseconds; never for a
         server that talks to a database over the network.
+    :param password: A zero-argument function returning the password (a ``str``), called
+        in the connecting thread for every new connection, as for :class:`Database`;
+        not an ``async def`` one, which nothing here could await.
 
     ``commit_on``, ``session_options`` (keywords of ``sessionmaker``), ``stats``,
     ``warn_held_over``, ``warn_statements_over`` and ``engine_options`` (passed to
@@ -77,6 +80,7 @@ class SyncDatabase(BaseDatabase, Generic[_S]):
         warn_held_over: float | None = None,
         warn_statements_over: int | None = None,
         block_event_loop: bool = False,
+        password: Callable[[], str] | None = None,
         **engine_options: Any,
     ) -> None:
         check_bool("block_event_loop", block_event_loop)
@@ -97,6 +101,7 @@ class SyncDatabase(BaseDatabase, Generic[_S]):
             stats=stats,
             warn_held_over=warn_held_over,
             warn_statements_over=warn_statements_over,
+            password=password,
         )
         self._block_event_loop = block_event_loop
 
