@@ -271,6 +271,11 @@ async def test_rotating_the_password_mid_run_fails_no_request(
                 break
             started += 1
             number = started
+            if number % (REQUESTS // (ROTATIONS + 1)) == 0 and number < REQUESTS:
+                # At the start of a request, not its end: by its end the other clients
+                # may have started every remaining request, leaving no connection to be
+                # made with the last password.
+                store.rotate()
             try:
                 recorder = await call_http(app, f"/k{number}")
                 if recorder.status != 201:
@@ -279,8 +284,6 @@ async def test_rotating_the_password_mid_run_fails_no_request(
                 failures.append(f"request {number}: {type(exc).__name__}: {exc}")
             if failures:  # a failed login never ends its attempt: no rotation would follow
                 stop.cancel()
-            if number % (REQUESTS // (ROTATIONS + 1)) == 0 and number < REQUESTS:
-                store.rotate()
 
     try:
         with anyio.fail_after(30):
