@@ -103,6 +103,7 @@ class BaseDatabase(ABC):
         check_bool("stats", stats)
         self._stats = stats or warn_held_over is not None or warn_statements_over is not None
         self._instrumented: Engine | None = None
+        self._instrumented_replicas: tuple[AsyncEngine, ...] | None = None
         self._url, self._engine, self._engine_factory, self._engine_options = source
         self._owns_engine = self._engine is None
         if commit_on is not None and not callable(commit_on):
@@ -166,7 +167,18 @@ class BaseDatabase(ABC):
             engines = replicas.engines = tuple(
                 cast(AsyncEngine, self._engine_for(url)) for url in replicas.urls
             )
+        if self._stats and self._instrumented_replicas is not engines:
+            # Here rather than where they are made: every read session's engine is
+            # picked from this tuple, so engines made before statistics were turned on
+            # (``_track_stats``) are instrumented before their first counted statement.
+            self._instrument_replicas(engines)
         return engines
+
+    def _instrument_replicas(self, engines: tuple[AsyncEngine, ...]) -> None:
+        """Count the statements of the replica ``engines`` in :attr:`stats` (``replica_*``)."""
+        for engine in engines:
+            instrument(engine.sync_engine, self._current_stats, replica=True)
+        self._instrumented_replicas = engines
 
     @property
     def stats(self) -> RequestStats | None:
