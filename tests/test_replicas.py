@@ -567,3 +567,27 @@ async def test_server_timing_instruments_replica_engines_made_before_the_middlew
         r'db;dur=0\.0;desc="0 queries", db-replica;dur=[\d.]+;desc="1 query"',
         server_timing_of(recorder),
     )
+
+
+async def test_a_replica_connection_held_too_long_warns_on_its_own(
+    pair: Pair, driver: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = Database(
+        with_driver(pair.primary, driver),
+        replicas=[with_driver(pair.replica, driver)],
+        warn_held_over=0,
+    )
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await read_where(db)  # the primary is not used: it held nothing
+        await plain_response(send, 200)
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="asgi_sqla"):
+            await call_http(SQLAlchemyMiddleware(app, db), "/report")
+    finally:
+        await db.dispose()
+
+    messages = [r.getMessage() for r in caplog.records if r.name == "asgi_sqla"]
+    assert len(messages) == 1, messages
+    assert messages[0].startswith("GET /report held a read replica connection of Database(")
