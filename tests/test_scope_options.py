@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import pytest
 from sqlalchemy import inspect, select, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, registry
 from typing_extensions import assert_type
@@ -36,6 +36,7 @@ from _helpers import (
     keys,
     open_database,
     open_sync_database,
+    orphan_child,
     plain_response,
     sync_checked_out,
     sync_keys,
@@ -143,6 +144,15 @@ async def test_autoflush_and_expire_on_commit_of_a_block_take_effect(db: Databas
     assert await keys(db) == {"pending", "flushed"}
 
 
+@pytest.mark.anyio
+async def test_a_block_keeps_its_options_after_release(db: Database) -> None:
+    async with db.scope(**BLOCK_OPTIONS) as first:
+        await db.release()
+        second = db.session
+        assert second is not first
+        assert settings(second) == BLOCK_SETTINGS
+
+
 # -- commit policy -------------------------------------------------------------------------
 
 
@@ -157,6 +167,16 @@ async def test_commit_true_commits_on_exit_even_when_commit_on_is_none(db: Datab
         await add_key(db, "default")
 
     assert await keys(db) == {"committed", "new session"}
+    assert checked_out(db) == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("db_options", [{"commit_on": None}])
+async def test_a_failed_commit_of_a_commit_true_block_is_raised_from_it(db: Database) -> None:
+    with pytest.raises(IntegrityError, match=r"(?i)foreign key"):
+        async with db.scope(commit=True):
+            await orphan_child(db)
+
     assert checked_out(db) == 0
 
 
