@@ -24,7 +24,13 @@ from ._credentials import PasswordListener, PasswordProvider, check_provider, in
 from ._environ import read_environment
 from ._errors import ConfigurationError, DatabaseStartupError
 from ._multidb import commit_one_phase
-from ._options import check_bool, check_engine_options, check_number, check_session_options
+from ._options import (
+    check_block_options,
+    check_bool,
+    check_engine_options,
+    check_number,
+    check_session_options,
+)
 from ._outcome import Outcome
 from ._replicas import ReplicaSet, replica_class, track_writes
 from ._secrets import mask_text, mask_url
@@ -100,6 +106,7 @@ class BaseDatabase(ABC):
         check_bool("stats", stats)
         self._stats = stats or warn_held_over is not None or warn_statements_over is not None
         self._instrumented: Engine | None = None
+        self._instrumented_replicas: tuple[AsyncEngine, ...] | None = None
         self._url, self._engine, self._engine_factory, self._engine_options = source
         self._owns_engine = self._engine is None
         provider = check_provider(
@@ -202,7 +209,18 @@ class BaseDatabase(ABC):
             engines = replicas.engines = tuple(
                 cast(AsyncEngine, self._engine_for(url)) for url in replicas.urls
             )
+        if self._stats and self._instrumented_replicas is not engines:
+            # Here rather than where they are made: every read session's engine is
+            # picked from this tuple, so engines made before statistics were turned on
+            # (``_track_stats``) are instrumented before their first counted statement.
+            self._instrument_replicas(engines)
         return engines
+
+    def _instrument_replicas(self, engines: tuple[AsyncEngine, ...]) -> None:
+        """Count the statements of the replica ``engines`` in :attr:`stats` (``replica_*``)."""
+        for engine in engines:
+            instrument(engine.sync_engine, self._current_stats, replica=True)
+        self._instrumented_replicas = engines
 
     @property
     def stats(self) -> RequestStats | None:
@@ -248,12 +266,30 @@ class BaseDatabase(ABC):
         """
         self._context_session()._asgi_sqla_rollback_only = ROLLBACK_ONLY
 
-    def _own_unit(self) -> SessionContext:
-        """A unit of work of this database alone, read-only inside a read-only route."""
+    def _own_unit(
+        self, where: str, commit: bool | None, read_only: bool, options: Mapping[str, Any]
+    ) -> SessionContext:
+        """A unit of work of this database alone, for the block ``where`` (``db.scope``).
+
+        ``commit`` is the block's commit policy, ``options`` its sessionmaker keywords
+        (checked here, before anything opens).  The block is read-only when asked, and
+        inside a read-only route whatever is asked: the route's rule is the stronger.
+        """
+        check_bool("commit", commit, also=(None,), example=f"{where}(commit=True)")
+        check_bool("read_only", read_only, example=f"{where}(read_only=True)")
+        if read_only and commit:
+            raise ConfigurationError(
+                f"{where}(read_only=True, commit=True) asks a read-only block to commit, "
+                "which it cannot: drop one of them."
+            )
         unit = SessionContext((self,))
+        if options:
+            class_ = self._session_options["class_"]
+            unit.session_options = check_block_options(options, class_, where)
         enclosing = current_context.get()
-        if enclosing is not None and enclosing.read_only:
+        if read_only or (enclosing is not None and enclosing.read_only):
             unit.read_only = True
+        unit.commit = commit
         return unit
 
     def _context_session(self) -> AnySession:
@@ -538,28 +574,45 @@ class Database(BaseDatabase, Generic[_A]):
         add_on_commit(self._context_session(), callback)
 
     @asynccontextmanager
-    async def scope(self) -> AsyncIterator[_A]:
+    async def scope(
+        self, *, commit: bool | None = None, read_only: bool = False, **session_options: Any
+    ) -> AsyncIterator[_A]:
         """Make :attr:`session` available outside a request: scripts, workers, tests.
 
         Commits on normal exit (unless ``commit_on`` is None), rolls back on an
-        exception, and always closes the session.  Yields the (lazy) session.  Inside
-        a ``read_only`` route the block is read-only too.
+        exception, and always closes the session.  Yields the (lazy) session.
+
+        :param commit: The block's commit policy on normal exit: None follows
+            ``commit_on`` (commit, unless it is None); True commits even when it is
+            None; False always rolls back.  An exception always rolls back.
+        :param read_only: The block's transactions are read-only and never commit, as
+            in a ``read_only`` route.  Inside such a route the block is read-only
+            whatever is passed.
+        :param session_options: ``async_sessionmaker`` keywords for this block's
+            session (``expire_on_commit``, ``autoflush``, ``info``, ...), over the
+            ``Database``'s own and checked the same way.  Not ``class_`` nor ``bind``:
+            those are the ``Database``'s; nor ``pool_timeout``, which SQLAlchemy sets
+            per pool, not per checkout.  Reads through ``db.read_session`` keep the
+            ``Database``'s options.
         """
-        context = self._own_unit()
+        context = self._own_unit("db.scope", commit, read_only, session_options)
         with context.bind():
             async with context.closing(SCOPE_EXITED):
                 yield cast(_A, context.session(self))
 
     @asynccontextmanager
-    async def new_session(self) -> AsyncIterator[_A]:
+    async def new_session(
+        self, *, commit: bool | None = None, read_only: bool = False, **session_options: Any
+    ) -> AsyncIterator[_A]:
         """An independent session, with its own connection and transaction.
 
         For work that runs alongside the request's session, such as concurrent child
         tasks (one session must never be used by two tasks at once).  Commits on
-        normal exit (unless ``commit_on`` is None), rolls back on an exception.  Inside
-        a ``read_only`` route it is read-only too.
+        normal exit (unless ``commit_on`` is None), rolls back on an exception.
+        ``commit``, ``read_only`` and ``session_options`` are as for :meth:`scope`;
+        inside a ``read_only`` route the session is read-only whatever is passed.
         """
-        context = self._own_unit()
+        context = self._own_unit("db.new_session", commit, read_only, session_options)
         async with context.closing(SCOPE_EXITED):
             yield cast(_A, context.session(self))
 

@@ -22,7 +22,13 @@ from sqlalchemy.orm import Session
 from ._errors import ConfigurationError
 from ._secrets import mask_text, mask_url
 
-__all__ = ["check_bool", "check_engine_options", "check_number", "check_session_options"]
+__all__ = [
+    "check_block_options",
+    "check_bool",
+    "check_engine_options",
+    "check_number",
+    "check_session_options",
+]
 
 _T = TypeVar("_T")
 
@@ -181,28 +187,31 @@ def check_session_options(options: object, *, sync: bool) -> dict[str, Any]:
             f"{type(options).__name__}; pass e.g. session_options={{'expire_on_commit': True}}."
         )
     checked = dict(options)
-    _check_session_values(checked)
+    _check_session_values(checked, "session_options")
     if sync:
         _check_sync_session_class(checked)
     else:
         _check_session_classes(checked)
-    _try_session_keywords(checked, Session if sync else AsyncSession)
+    _try_session_keywords(checked, checked.get("class_", Session if sync else AsyncSession))
     return checked
 
 
-def _check_session_values(checked: dict[str, Any]) -> None:
+def _check_session_values(checked: dict[str, Any], where: str) -> None:
+    """Check the values of the common options; ``where`` names where they were given."""
+    block = where != "session_options"
     for option, value in checked.items():
         if option in _SESSION_FLAGS:
-            check_bool(option, value, example=f"session_options={{{option!r}: True}}")
+            example = f"{where}({option}=True)" if block else f"{where}={{{option!r}: True}}"
+            check_bool(option, value, example=example)
         elif option == "join_transaction_mode" and value not in _JOIN_MODES:
             raise ConfigurationError(
                 f"join_transaction_mode must be one of {', '.join(map(repr, _JOIN_MODES))}, "
-                f"not {value!r} (in session_options)."
+                f"not {value!r} (in {where})."
             )
         elif option == "info" and not isinstance(value, Mapping):
+            example = f"{where}(info={{...}})" if block else f"{where}={{'info': {{...}}}}"
             raise ConfigurationError(
-                f"info must be a dict, not {value!r} (in session_options); pass e.g. "
-                "session_options={'info': {...}}."
+                f"info must be a dict, not {value!r} (in {where}); pass e.g. {example}."
             )
     if "bind" in checked:
         raise ConfigurationError(
@@ -246,15 +255,56 @@ def _check_sync_session_class(checked: dict[str, Any]) -> None:
         )
 
 
-def _try_session_keywords(checked: dict[str, Any], default: type[Any]) -> None:
-    session_class = checked.get("class_", default)
+def _try_session_keywords(
+    checked: dict[str, Any], session_class: type[Any], where: str = "session_options"
+) -> None:
     keywords = {option: value for option, value in checked.items() if option != "class_"}
     try:
         session_class(**keywords)
     except TypeError as exc:
         unknown = [option for option in keywords if f"'{option}'" in str(exc)]
         names = ", ".join(map(repr, unknown)) or str(exc)
+        given = f"{where} holds" if where == "session_options" else f"{where} was given"
         raise ConfigurationError(
-            f"session_options holds {names}, which {session_class.__name__}() does not "
+            f"{given} {names}, which {session_class.__name__}() does not "
             "take: check the spelling, or remove it."
         ) from None
+
+
+#: Options a block cannot have, and why: what it shares with its ``Database``.
+_NOT_PER_BLOCK = {
+    "class_": "the session class is the Database's: pass session_class= to the Database",
+    "sync_session_class": "the session class is the Database's: pass it to the Database",
+    "bind": "a block's session is bound to the Database's engine; for another database, "
+    "make a Database for it",
+    "binds": "a block's session is bound to the Database's engine; for another database, "
+    "make a Database for it",
+    "twophase": "a block ends one database's session, in one phase; two-phase commit is "
+    "the middleware's two_phase=True",
+    # QueuePool has one timeout, read at every checkout (QueuePool._do_get reads
+    # self._timeout); neither Pool.connect() nor Engine.connect() takes one.
+    "pool_timeout": "SQLAlchemy's pool has one timeout for every checkout, set when the "
+    "engine is made (create_engine(pool_timeout=...)), not one per session; for work "
+    "that must wait less for a connection, give it a Database of its own with its own "
+    "pool_timeout",
+}
+
+
+def check_block_options(
+    options: Mapping[str, Any], session_class: type[Any], where: str
+) -> dict[str, Any]:
+    """A block's session options (``db.scope(**options)``), checked; a copy.
+
+    They are the sessionmaker keywords that may differ from one session of a
+    ``Database`` to the next, checked as ``check_session_options`` checks the
+    Database's, with ``session_class`` (the Database's) taking the keywords.
+    ``where`` names the call in messages (``db.scope``).
+    """
+    checked = dict(options)
+    for option in checked:
+        why = _NOT_PER_BLOCK.get(option)
+        if why is not None:
+            raise ConfigurationError(f"{where}() does not take {option}=: {why}.")
+    _check_session_values(checked, where)
+    _try_session_keywords(checked, session_class, where)
+    return checked

@@ -174,29 +174,36 @@ class SyncDatabase(BaseDatabase, Generic[_S]):
         add_on_commit(self._context_session(), callback)
 
     @contextmanager
-    def scope(self) -> Iterator[_S]:
+    def scope(
+        self, *, commit: bool | None = None, read_only: bool = False, **session_options: Any
+    ) -> Iterator[_S]:
         """Make :attr:`session` available outside a request: scripts, workers, tests.
 
         Commits on normal exit (unless ``commit_on`` is None), rolls back on an
         exception, and always closes the session, in the calling thread.  Yields the
-        (lazy) session.  Inside a ``read_only`` route the block is read-only too.
+        (lazy) session.  ``commit``, ``read_only`` and ``session_options``
+        (``sessionmaker`` keywords) are as for :meth:`Database.scope`; inside a
+        ``read_only`` route the block is read-only whatever is passed.
         """
         check_off_loop(self._block_event_loop)
-        context = self._own_unit()
+        context = self._own_unit("db.scope", commit, read_only, session_options)
         with context.bind(), context.closing_here(SCOPE_EXITED):
             yield cast(_S, context.session(self))
 
     @contextmanager
-    def new_session(self) -> Iterator[_S]:
+    def new_session(
+        self, *, commit: bool | None = None, read_only: bool = False, **session_options: Any
+    ) -> Iterator[_S]:
         """An independent session, with its own connection and transaction.
 
         For work that runs alongside the request's session, such as a thread pool of
         the app's own (one session must never be used by two threads at once).
         Commits on normal exit (unless ``commit_on`` is None), rolls back on an
-        exception.  Inside a ``read_only`` route it is read-only too.
+        exception.  ``commit``, ``read_only`` and ``session_options`` are as for
+        :meth:`scope`; inside a ``read_only`` route it is read-only whatever is passed.
         """
         check_off_loop(self._block_event_loop)
-        context = self._own_unit()
+        context = self._own_unit("db.new_session", commit, read_only, session_options)
         with context.closing_here(SCOPE_EXITED):
             yield cast(_S, context.session(self))
 

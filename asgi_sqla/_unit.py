@@ -205,6 +205,11 @@ class SessionContext:
     read_only = False
     #: Nothing commits automatically (a ``manual_commit`` route).
     manual = False
+    #: A block's own commit policy (``db.scope(commit=...)``): True commits on success
+    #: whatever ``commit_on`` says, False always rolls back; None: ``commit_on`` decides.
+    commit: bool | None = None
+    #: Sessionmaker keywords for this unit's sessions (``db.scope(**options)``).
+    session_options: Mapping[str, Any] | None = None
     #: Commit several databases with two-phase commit.
     two_phase = False
     #: Something of this unit's work was committed (an ending, or a session's commit
@@ -292,7 +297,13 @@ class SessionContext:
         if session is not None:
             return session
         self._check_open(db)
-        session = db._make_session(twophase=True) if self.two_phase else db._make_session()
+        options = self.session_options
+        if self.two_phase:
+            session = db._make_session(twophase=True)
+        elif options is not None:
+            session = db._make_session(**options)
+        else:
+            session = db._make_session()
         if self.read_only:
             make_read_only(session)
         with _sessions_lock:
@@ -390,7 +401,7 @@ class SessionContext:
 
     def decide(self, status: int | None, *, failed: bool = False) -> Decider:
         """The rule that ends this unit's transactions for ``status`` (None: success)."""
-        return Decider(status, failed=failed, manual=self.manual)
+        return Decider(status, failed=failed, manual=self.manual, commit=self.commit)
 
     async def end(
         self, status: int | None = None, *, reason: str, failed: bool = False, here: bool = False
@@ -584,19 +595,27 @@ class Decider:
     """Decides, per database, whether an ending commits, and says why.
 
     The order of the rules is the order of precedence: the app failed; the session is
-    read-only or rollback-only; the route commits by hand; the database never commits
+    read-only or rollback-only; ``db.release(commit=...)`` said; the route commits by
+    hand; the block's own ``commit`` policy said; the database never commits
     automatically; its ``commit_on`` policy for the status.
     """
 
-    __slots__ = ("failed", "manual", "release", "status")
+    __slots__ = ("commit", "failed", "manual", "release", "status")
 
     def __init__(
-        self, status: int | None, *, failed: bool, manual: bool, release: bool | None = None
+        self,
+        status: int | None,
+        *,
+        failed: bool,
+        manual: bool,
+        release: bool | None = None,
+        commit: bool | None = None,
     ) -> None:
         self.status = status
         self.failed = failed
         self.manual = manual
         self.release = release  # db.release(commit=...): the app decided
+        self.commit = commit  # db.scope(commit=...): the block's policy
 
     def __call__(self, db: ManagedDatabase, session: AnySession) -> tuple[bool, str]:
         if self.failed:
@@ -610,6 +629,10 @@ class Decider:
             return False, "rolled back: db.release(commit=False)"
         if self.manual:
             return False, "rolled back: a manual_commit route commits only by hand"
+        if self.commit is not None:
+            if self.commit:
+                return True, "committed: the block's commit=True"
+            return False, "rolled back: the block's commit=False"
         commit_on = db.commit_on
         if commit_on is None:
             return False, "rolled back: commit_on is None"

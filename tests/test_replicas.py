@@ -10,8 +10,10 @@ primary with a seeded ``items`` row and replayed on the standby before the test 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import re
 import socket
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -23,7 +25,7 @@ import psycopg
 import pytest
 from sqlalchemy import URL, func, select, text, update
 
-from asgi_sqla import Database, SessionEndedError, SQLAlchemyMiddleware
+from asgi_sqla import Database, RequestStats, SessionEndedError, SQLAlchemyMiddleware
 from asgi_sqla.types import ASGIApp, Message, Receive, Scope, Send
 
 import _postgres
@@ -434,3 +436,158 @@ async def test_without_replicas_read_session_is_the_session(postgresql_url: str)
         await db.dispose()
     assert seen == {"same": True}
     assert db.replica_engines == ()
+
+
+# -- statistics --------------------------------------------------------------------------
+
+
+async def warmed_up(db: Database) -> Database:
+    """``db`` with its engines connected once: a first connection runs the dialect's own
+    statements, which no request should be charged for."""
+    for engine in (db.engine, *db.replica_engines):
+        async with engine.connect():
+            pass
+    return db
+
+
+def server_timing_of(recorder: Any) -> str:
+    start = next(m for m in recorder.sent if m["type"] == "http.response.start")
+    [value] = [v.decode() for k, v in start["headers"] if k == b"server-timing"]
+    return str(value)
+
+
+async def test_statistics_count_replica_statements_apart_from_the_primary(
+    pair: Pair, driver: str
+) -> None:
+    db = Database(
+        with_driver(pair.primary, driver), replicas=[with_driver(pair.replica, driver)], stats=True
+    )
+    seen: dict[str, Any] = {}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen["stats"] = db.stats
+        await read_where(db)
+        await db.read_session.scalars(select(items.c.key))
+        await db.session.scalar(IN_RECOVERY)
+        await add_key(db, "written")  # from here on, reads go to the primary
+        await read_where(db)
+        seen["before the end"] = dataclasses.replace(db.stats or RequestStats())
+        await plain_response(send, 201)
+
+    try:
+        await warmed_up(db)
+        recorder = await call_http(SQLAlchemyMiddleware(app, db, server_timing=True))
+    finally:
+        await db.dispose()
+
+    assert recorder.status == 201
+    before, stats = seen["before the end"], seen["stats"]
+    assert (before.statements, before.replica_statements) == (3, 2)
+    assert before.duration > 0
+    assert before.replica_duration > 0
+    assert stats.all_statements == 5
+    assert stats.held > 0  # both connections went back, and were timed
+    assert stats.replica_held > 0
+    assert re.fullmatch(
+        r'db;dur=[\d.]+;desc="3 queries", db-replica;dur=[\d.]+;desc="2 queries"',
+        server_timing_of(recorder),
+    )
+
+
+async def test_a_read_that_fell_back_to_the_primary_is_counted_on_the_primary(
+    pair: Pair, driver: str
+) -> None:
+    db = Database(with_driver(pair.primary, driver), replicas=[dead_url(driver)], stats=True)
+    seen: dict[str, Any] = {}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen["on standby"] = await read_where(db)
+        seen["stats"] = db.stats
+        await plain_response(send, 200)
+
+    try:
+        async with db.engine.connect():  # warm up the primary (the replica never answers)
+            pass
+        recorder = await call_http(SQLAlchemyMiddleware(app, db, server_timing=True))
+    finally:
+        await db.dispose()
+
+    stats = seen["stats"]
+    assert seen["on standby"] is False
+    assert (stats.statements, stats.replica_statements, stats.replica_held) == (1, 0, 0.0)
+    assert re.fullmatch(r'db;dur=[\d.]+;desc="1 query"', server_timing_of(recorder))
+
+
+async def test_the_statement_warning_counts_the_replicas_statements(
+    pair: Pair, driver: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = Database(
+        with_driver(pair.primary, driver),
+        replicas=[with_driver(pair.replica, driver)],
+        warn_statements_over=2,
+    )
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        for _ in range(3):  # an N+1 pattern, on the replica
+            await read_where(db)
+        await plain_response(send, 200)
+
+    caplog.set_level(logging.DEBUG, logger="asgi_sqla")
+    try:
+        await warmed_up(db)
+        await call_http(SQLAlchemyMiddleware(app, db))
+    finally:
+        await db.dispose()
+
+    [warning] = [r for r in caplog.records if "N+1" in r.getMessage()]
+    assert "sent 3 statements to" in warning.getMessage()
+    assert "3 of them to its read replicas (more than 2)" in warning.getMessage()
+    assert getattr(warning, "replica_statements", None) == 3
+    [summary] = [r for r in caplog.records if r.levelno == logging.DEBUG and "/:" in r.getMessage()]
+    assert ": 0 statements, " in summary.getMessage()
+    assert "; read replicas: 3 statements, " in summary.getMessage()
+
+
+async def test_server_timing_instruments_replica_engines_made_before_the_middleware(
+    pair: Pair, driver: str
+) -> None:
+    db = Database(with_driver(pair.primary, driver), replicas=[with_driver(pair.replica, driver)])
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await read_where(db)
+        await plain_response(send, 200)
+
+    try:
+        await warmed_up(db)  # engines made while statistics are off
+        recorder = await call_http(SQLAlchemyMiddleware(app, db, server_timing=True))
+    finally:
+        await db.dispose()
+
+    assert re.fullmatch(
+        r'db;dur=0\.0;desc="0 queries", db-replica;dur=[\d.]+;desc="1 query"',
+        server_timing_of(recorder),
+    )
+
+
+async def test_a_replica_connection_held_too_long_warns_on_its_own(
+    pair: Pair, driver: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = Database(
+        with_driver(pair.primary, driver),
+        replicas=[with_driver(pair.replica, driver)],
+        warn_held_over=0,
+    )
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await read_where(db)  # the primary is not used: it held nothing
+        await plain_response(send, 200)
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="asgi_sqla"):
+            await call_http(SQLAlchemyMiddleware(app, db), "/report")
+    finally:
+        await db.dispose()
+
+    messages = [r.getMessage() for r in caplog.records if r.name == "asgi_sqla"]
+    assert len(messages) == 1, messages
+    assert messages[0].startswith("GET /report held a read replica connection of Database(")

@@ -73,7 +73,7 @@ class _ConnectionSessions:
         self._maker: async_sessionmaker[GuardedSession] = async_sessionmaker(connection, **options)
 
     def make(self, **options: Any) -> GuardedSession:
-        return self._maker(**options)
+        return self._maker(**_joined(options))
 
     def make_read(self, engine: AsyncEngine) -> GuardedSession | None:
         return None  # read on the primary session: replicas cannot see the test's rows
@@ -98,10 +98,22 @@ class _SyncConnectionSessions:
         self._maker: sessionmaker[ThreadSession] = sessionmaker(connection, **options)
 
     def make(self, **options: Any) -> ThreadSession:
-        return self._maker(**options)
+        return self._maker(**_joined(options))
 
     def make_read(self, engine: AsyncEngine) -> GuardedSession | None:
         return None  # a SyncDatabase has no replicas
+
+
+def _joined(options: dict[str, Any]) -> dict[str, Any]:
+    """A session's own options (``db.scope(**options)``), still joined through a SAVEPOINT.
+
+    A block's ``join_transaction_mode`` is about a Connection it is bound to, which in
+    production it never is (its bind is the engine): here it would undo the test's
+    isolation (``control_fully`` commits the test's transaction), so it is overridden.
+    """
+    if "join_transaction_mode" in options:
+        return {**options, "join_transaction_mode": "create_savepoint"}
+    return options
 
 
 @asynccontextmanager
