@@ -398,6 +398,35 @@ async def test_a_request_cancelled_while_it_waits_leaves_the_queue(database_url:
         assert (await call_http(app)).status == 200
 
 
+@pytest.mark.parametrize("ended_by", ["the app's deadline", "admission_timeout"])
+async def test_a_request_whose_wait_ended_without_a_place_holds_none(
+    database_url: str, ended_by: str
+) -> None:
+    timeout = 10 if ended_by == "the app's deadline" else 0.2
+    async with opened(database_url, admission_limit=1, admission_timeout=timeout) as db:
+        gave_up = anyio.Event()
+        finish = anyio.Event()
+
+        async def patient(scope: Scope, receive: Receive, send: Send) -> None:
+            # The request goes on after its statement's wait ended: it holds no place.
+            with anyio.move_on_after(0.2), suppress(DatabaseBusyError):
+                await db.session.execute(text("SELECT 1"))
+            gave_up.set()
+            await finish.wait()
+            await plain_response(send, 204)
+
+        async with anyio.create_task_group() as group:
+            async with held(db):
+                group.start_soon(call_http, SQLAlchemyMiddleware(patient, db))
+                await gave_up.wait()
+            # The place the holder gave back is free, not kept for the patient request.
+            admitted = await call_http(SQLAlchemyMiddleware(query_app(db), db))
+            finish.set()
+
+    assert admitted.status == 200
+    assert checked_out(db) == 0
+
+
 class WebSocketClient:
     """The server side of one websocket: the test pushes messages, the app receives them."""
 
@@ -627,24 +656,31 @@ async def churn(db: Database, times: int) -> None:
 async def test_a_pool_saturated_for_the_configured_time_warns_once_per_episode(
     sqlite_or_asyncpg_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    options = {"pool_size": 3, "max_overflow": 1, "warn_pool_saturated_for": 0.3}
-    async with opened(sqlite_or_asyncpg_url, **options, pool_saturated_share=0.75) as db:
+    options = {"pool_size": 3, "max_overflow": 0, "warn_pool_saturated_for": 1.0}
+    async with opened(sqlite_or_asyncpg_url, **options) as db:
+
+        def levels() -> list[str]:
+            return [r.levelname for r in saturation_records(caplog)]
+
         with caplog.at_level(logging.INFO, logger="asgi_sqla"):
-            for _ in range(2):  # two episodes
-                connections = await hold(db, 3)  # 3 of 4: the share
-                await anyio.sleep(0.35)  # the episode lasts (what is measured: no event)
-                await churn(db, 5)  # the pool moves: a saturated pool's events
+            for episode in range(2):
+                connections = await hold(db, 3)  # the whole pool (the share is 90%)
+                await anyio.sleep(1.05)  # the episode lasts (what is measured: no event)
+                for _ in range(5):  # a busy pool: each connection given back is taken again
+                    await connections.pop().close()
+                    connections.append(await db.engine.connect())
+                # One warning, and these brief dips did not end the episode.
+                assert levels() == ["WARNING", "INFO"] * episode + ["WARNING"]
                 await give_back(connections)
-                await anyio.sleep(0.05)  # below the share for longer than the grace
+                await anyio.sleep(0.15)  # below the share for longer than the grace (0.1 s)
                 await churn(db, 1)  # the next event sees the episode has ended
+                assert levels() == ["WARNING", "INFO"] * (episode + 1)
 
     records = saturation_records(caplog)
-    levels = [r.levelname for r in records]
-    assert levels == ["WARNING", "INFO", "WARNING", "INFO"], [r.getMessage() for r in records]
     warning = records[0].getMessage()
-    assert "4 of its 4 connections checked out" in warning  # the peak: 3 held + 1 churned
-    assert "pool_size=3, max_overflow=1" in warning
-    assert "warned at 75% for 0.3 s" in warning
+    assert "3 of its 3 connections checked out" in warning
+    assert "pool_size=3, max_overflow=0" in warning
+    assert "warned at 90% for 1 s" in warning
     assert "no longer saturated" in records[1].getMessage()
 
 
