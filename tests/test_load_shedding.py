@@ -13,10 +13,12 @@ from __future__ import annotations
 import logging
 import math
 import random
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, suppress
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -761,3 +763,17 @@ def test_wrong_shedding_options_are_refused(
     driver = "sqlite+aiosqlite" if kind is Database else "sqlite"
     with pytest.raises(ConfigurationError, match=named):
         kind(f"{driver}:///{tmp_path / 'test.db'}", **options)
+
+
+GUIDE = Path(__file__).resolve().parent.parent / "docs" / "load-shedding.md"
+
+
+def test_the_guides_python_blocks_run() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.DOTALL)
+    assert blocks, "docs/load-shedding.md has no Python block"
+    for block in blocks:
+        namespace: dict[str, Any] = {}
+        exec(compile(block, str(GUIDE), "exec"), namespace)  # connects to nothing
+        db = namespace["db"]
+        assert isinstance(db, Database)
+        assert isinstance(namespace["application"], SQLAlchemyMiddleware)
