@@ -341,7 +341,11 @@ class SessionContext:
         return session
 
     def _ticket(self, db: ManagedDatabase, admission: Admission) -> Ticket:
-        """This round's ticket at ``db``, shared by its sessions (under ``_sessions_lock``)."""
+        """This round's ticket at ``db``, shared by its sessions.
+
+        Called under ``_sessions_lock``, or on the event loop's thread (read sessions
+        are an async ``Database``'s), so that it is taken with the round's sessions.
+        """
         tickets = self._tickets
         if tickets is None:
             tickets = self._tickets = {}
