@@ -45,7 +45,7 @@ with open("pyproject.toml", "rb") as f:
 endef
 export PRINT_DEV_GROUP
 
-.PHONY: help venv run test pytest check lint typecheck imports format bench-overhead bench bench-sync clean distclean
+.PHONY: help venv run test pytest check lint typecheck imports format bench-overhead bench bench-sync bench-shedding clean distclean
 
 help: ## list the targets
 	@echo "usage: make TARGET [VARIABLE=value ...]   (variables: see the top of the Makefile)"
@@ -134,6 +134,11 @@ bench: $(BENCH_STAMP) bench-wrk ## asgi_sqla against its peers, interleaved; pri
 # figures replace the `sync` section of benchmarks/results.* and leave the rest as it was.
 bench-sync: $(BENCH_STAMP) bench-wrk ## only the sync scenario (FastAPI def endpoints, SyncDatabase), merged into results.*
 	$(BENCH_VENV)/bin/python -m benchmarks --only sync --merge $(BENCH_ARGS)
+
+# About two minutes: uvicorn on PostgreSQL (asyncpg), pool of 5, wrk with 50 connections,
+# with and without admission_limit=5; prints the table of docs/load-shedding.md.
+bench-shedding: $(BENCH_STAMP) bench-wrk ## load shedding (admission_limit) against the pool's queue, under wrk
+	$(BENCH_VENV)/bin/python -m benchmarks.shedding $(BENCH_ARGS)
 
 clean: ## delete caches, coverage data, build artefacts and example.db (keeps the virtualenv)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache htmlcov build dist *.egg-info

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
 from sqlalchemy.orm import Session
 from typing_extensions import Self, TypeVar
 
+from ._admission import Admission
 from ._credentials import PasswordListener, PasswordProvider, check_provider, install_provider
 from ._environ import read_environment
 from ._errors import ConfigurationError, DatabaseStartupError
@@ -33,6 +34,7 @@ from ._options import (
 )
 from ._outcome import Outcome
 from ._replicas import ReplicaSet, replica_class, track_writes
+from ._saturation import pool_capacity, watch_saturation
 from ._secrets import mask_text, mask_url
 from ._session import (
     ROLLBACK_ONLY,
@@ -101,6 +103,10 @@ class BaseDatabase(ABC):
         warn_held_over: float | None,
         warn_statements_over: int | None,
         password: object = None,
+        admission_limit: int | None = None,
+        admission_timeout: float = 0.0,
+        warn_pool_saturated_for: float | None = None,
+        pool_saturated_share: float = 0.9,
     ) -> None:
         self._warn_held, self._warn_statements = _limits(warn_held_over, warn_statements_over)
         check_bool("stats", stats)
@@ -138,6 +144,11 @@ class BaseDatabase(ABC):
         self._track_commits = False
         #: Set by a middleware with ``two_phase=True``: startup checks the server allows it.
         self._two_phase_check = False
+        self._admission = _admission(self, admission_limit, admission_timeout)
+        self._saturation = _saturation(warn_pool_saturated_for, pool_saturated_share)
+        self._saturation_watched: Engine | None = None
+        if self._saturation is not None:
+            self._check_pool_bounded()
 
     @classmethod
     def from_env(cls, prefix: str | None = None, /, **options: Any) -> Self:
@@ -187,7 +198,26 @@ class BaseDatabase(ABC):
         if self._replicas is not None and self._writes_tracked is not sync_engine:
             track_writes(sync_engine, self._note_write)  # read-your-writes
             self._writes_tracked = sync_engine
+        saturation = self._saturation
+        if saturation is not None and self._saturation_watched is not sync_engine:
+            watch_saturation(self, sync_engine, *saturation)
+            self._saturation_watched = sync_engine
         return engine
+
+    def _check_pool_bounded(self) -> None:
+        """Refuse now a pool that cannot saturate, when the engine's pool is known.
+
+        For a URL, the pool is the one an engine made with the options would have
+        (made and dropped: no connection); an engine factory's is checked at startup.
+        """
+        engine = self._engine
+        if engine is None and self._url is not None:
+            try:
+                engine = self._engine_for(self._url)
+            except ConfigurationError:
+                return  # the driver is missing: startup says which extra installs it
+        if engine is not None:
+            pool_capacity(self, _sync_engine(engine).pool)
 
     def _current_stats(self) -> RequestStats | None:
         context = current_context.get()
@@ -446,6 +476,25 @@ class Database(BaseDatabase, Generic[_A]):
         attempt (``sqlalchemy.exc.OperationalError``, the provider's exception as the
         cause).  Not with a ready ``engine``; with an engine factory, yes.
         See docs/credentials.md.
+    :param admission_limit: Load shedding: at most this many requests (HTTP requests,
+        websocket rounds) use this database's connections at once.  A request takes a
+        place when its session first needs a connection (one place, read session
+        included) and gives it back when its sessions end (response start,
+        ``db.release()``, the end of the request or round, on every path).  Past the
+        limit it waits up to ``admission_timeout``, then gets ``DatabaseBusyError``,
+        which the middleware answers with 503 and ``Retry-After``, instead of queueing
+        in the pool until ``pool_timeout``.  ``db.scope()`` and ``db.new_session()``
+        are not counted.  Usually ``pool_size + max_overflow``: see
+        ``docs/load-shedding.md``.
+    :param admission_timeout: Seconds a request past ``admission_limit`` waits for a
+        place, first come first served, before it is refused; 0 refuses at once.
+    :param warn_pool_saturated_for: Log a WARNING, once per episode, when at least
+        ``pool_saturated_share`` of the pool's connections (``pool_size +
+        max_overflow``) have been checked out for this many seconds, and an INFO when
+        the episode ends.  Needs a pool of fixed size (refused with
+        ``ConfigurationError`` on ``NullPool``, ``StaticPool``, ``max_overflow=-1``).
+    :param pool_saturated_share: The share of the pool, above 0 and at most 1, that
+        counts as saturated for ``warn_pool_saturated_for``.
     :param engine_options: Passed to ``create_async_engine`` for the engines the
         ``Database`` creates (the URL's and the replicas'), with ``hide_parameters=True``
         unless given: a failed statement's exception (logged when a commit fails)
@@ -476,6 +525,10 @@ class Database(BaseDatabase, Generic[_A]):
         replicas: Iterable[str | URL] | None = None,
         replica_cooldown: float = 30.0,
         password: PasswordProvider | None = None,
+        admission_limit: int | None = None,
+        admission_timeout: float = 0.0,
+        warn_pool_saturated_for: float | None = None,
+        pool_saturated_share: float = 0.9,
         **engine_options: Any,
     ) -> None:
         options = {
@@ -491,6 +544,10 @@ class Database(BaseDatabase, Generic[_A]):
             warn_held_over=warn_held_over,
             warn_statements_over=warn_statements_over,
             password=password,
+            admission_limit=admission_limit,
+            admission_timeout=admission_timeout,
+            warn_pool_saturated_for=warn_pool_saturated_for,
+            pool_saturated_share=pool_saturated_share,
         )
         self._replicas = _replica_set(self, replicas, replica_cooldown)
 
@@ -697,6 +754,38 @@ def _engine_source(
         f"engine= must be an {wanted.__name__} or a function returning one, not "
         f"{type(engine).__name__}."
     )
+
+
+def _admission(db: BaseDatabase, limit: int | None, timeout: float) -> Admission | None:
+    """Check ``admission_limit`` and ``admission_timeout``; the admission, if limited."""
+    check_number(
+        "admission_limit", limit, "requests", example=10, integer=True, minimum=1, optional=True
+    )
+    check_number("admission_timeout", timeout, "seconds", example=0.5)
+    if limit is None:
+        if timeout:
+            raise ConfigurationError(
+                "admission_timeout is how long a request waits for a place under "
+                "admission_limit, and no admission_limit was given: pass both, e.g. "
+                "admission_limit=10, admission_timeout=0.5."
+            )
+        return None
+    return Admission(db, int(limit), float(timeout))
+
+
+def _saturation(after: float | None, share: float) -> tuple[float, float] | None:
+    """Check ``warn_pool_saturated_for`` and ``pool_saturated_share``: (share, seconds)."""
+    check_number("warn_pool_saturated_for", after, "seconds", example=30.0, optional=True)
+    check_number("pool_saturated_share", share, "the pool's connections", example=0.9)
+    if not 0 < share <= 1:
+        raise ConfigurationError(
+            f"pool_saturated_share is the share of pool_size + max_overflow checked out "
+            f"that counts as saturated, above 0 and at most 1, not {share!r}; pass e.g. "
+            "pool_saturated_share=0.9."
+        )
+    if after is None:
+        return None
+    return float(share), float(after)
 
 
 def _limits(held: float | None, statements: int | None) -> tuple[float | None, int | None]:

@@ -14,6 +14,7 @@ __all__ = [
     "CommitFailedError",
     "ConcurrentSessionUseError",
     "ConfigurationError",
+    "DatabaseBusyError",
     "DatabaseStartupError",
     "NoSessionContextError",
     "ResponseCutShortError",
@@ -32,6 +33,15 @@ class ConfigurationError(AsgiSqlaError, ValueError):
 
 class DatabaseStartupError(AsgiSqlaError):
     """A database did not answer when the application started."""
+
+
+class DatabaseBusyError(AsgiSqlaError):
+    """A request was refused a connection: its database's ``admission_limit`` was reached.
+
+    Raised where the request's session first needs a connection, after waiting
+    ``admission_timeout`` seconds for a place; the middleware answers 503 with
+    ``Retry-After``, as it does when the pool times out.
+    """
 
 
 class NoSessionContextError(AsgiSqlaError, LookupError):

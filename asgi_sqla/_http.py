@@ -17,7 +17,7 @@ from typing import NoReturn
 
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
-from ._errors import CommitFailedError, ResponseCutShortError, exception_chain
+from ._errors import CommitFailedError, DatabaseBusyError, ResponseCutShortError, exception_chain
 from ._log import logger
 from ._routes import ReplayableBody
 from ._session import is_conflict, run_to_completion
@@ -31,8 +31,9 @@ __all__ = ["HTTPOptions", "HTTPResponder", "RetryRequest", "send_error_response"
 _ERROR_BODY = b"Internal Server Error"
 _UNAVAILABLE_BODY = b"Service Unavailable: no database connection was free. Retry shortly."
 _POOL_TIMEOUT = (
-    "No database connection was free within the pool timeout; answered 503 with "
-    "Retry-After instead of %s. Consider a larger pool (pool_size, max_overflow)."
+    "No database connection was free within the pool timeout (or the database's "
+    "admission_limit refused the request); answered 503 with Retry-After instead of "
+    "%s. Consider a larger pool (pool_size, max_overflow) and admission_limit."
 )
 COMMIT_FAILED = (
     "The transaction failed to commit, so the client was sent {sent} instead of the "
@@ -51,6 +52,10 @@ _UNRELATED_AFTER_FAILURE = (
     "The app raised an exception after its transaction failed to commit and its "
     "response was replaced with a 500 (logged above); this exception is another error."
 )
+
+
+#: The errors of a request that could not get a connection: answered 503.
+_UNAVAILABLE = (PoolTimeoutError, DatabaseBusyError)
 
 
 @dataclass(frozen=True)
@@ -214,7 +219,7 @@ class HTTPResponder:
 
     async def _answer_pool_timeout(self, exc: Exception) -> bool:
         """Whether the client got (or now gets) a 503 for ``exc``, a pool timeout."""
-        if not any(isinstance(e, PoolTimeoutError) for e in exception_chain(exc)):
+        if not any(isinstance(e, _UNAVAILABLE) for e in exception_chain(exc)):
             return False
         if self.started:
             # Already answered 503 when the framework's 5xx went out (Starlette's

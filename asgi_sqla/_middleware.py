@@ -42,10 +42,11 @@ class SQLAlchemyMiddleware:
       ``receive()``, and at close; rolled back if the app raises.
     * Any other scope type passes through untouched.
 
-    :param retry_after: When a request could not get a connection (the pool timed out)
-        and its response has not started, the client gets 503 with this
-        ``Retry-After`` instead of a 500, whether the exception reaches the middleware
-        or the app's framework turned it into a 5xx response.
+    :param retry_after: When a request could not get a connection (the pool timed out,
+        or its database's ``admission_limit`` refused it) and its response has not
+        started, the client gets 503 with this ``Retry-After`` instead of a 500,
+        whether the exception reaches the middleware or the app's framework turned it
+        into a 5xx response.
     :param read_only: Path patterns (``/reports/*``) whose transactions are read-only
         and never commit (``READ ONLY`` on PostgreSQL and MySQL).  These patterns, like
         those of ``manual_commit`` and ``retry``, match every spelling of a path that
@@ -104,6 +105,8 @@ class SQLAlchemyMiddleware:
             for db in databases:
                 db._track_commits = True  # a request that committed is never re-run
         self._two_phase = _check_two_phase(two_phase, databases)
+        #: Some database has an ``admission_limit``: this middleware's units count.
+        self._counted = any(db._admission is not None for db in databases)
 
     # Any-typed so that the middleware can stand wherever a framework's own ASGI type
     # is expected (``app.asgi_app = SQLAlchemyMiddleware(...)`` in Quart).
@@ -139,6 +142,8 @@ class SQLAlchemyMiddleware:
             unit.manual = self._manual_commit.match(scope)
         if self._two_phase:
             unit.two_phase = True
+        if self._counted:
+            unit.counted = True
         return unit
 
     def _http_responder(self, scope: Scope, receive: Receive, send: Send) -> HTTPResponder:

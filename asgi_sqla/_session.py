@@ -26,9 +26,12 @@ SQLAlchemy cannot do for us:
   (``close()``, ``reset()``, ``invalidate()``) do nothing on a retired session.
 * It keeps a rollback-only (or read-only) session from committing, by any API: see
   :func:`make_read_only` for exactly what that covers.
-* It remembers a pool timeout (so that the response can say 503) and a serialization
-  failure or deadlock (so that a retrying route can run again) met by a statement, a
-  flush or ``commit()``, even when the app's framework turned the error into a 500.
+* It remembers a pool timeout or a refusal by the ``admission_limit`` (so that the
+  response can say 503) and a serialization failure or deadlock (so that a retrying
+  route can run again) met by a statement, a flush or ``commit()``, even when the
+  app's framework turned the error into a 500.
+* It takes the request's place at the database's ``admission_limit`` (``_admission``)
+  before the session's first connection.
 
 What it does not cover: in-memory bookkeeping that reaches no database (``add()``,
 ``expunge()``, the identity-map part of ``get()`` or ``delete()``), and connections the
@@ -55,9 +58,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.util.concurrency import in_greenlet
 
+from ._admission import Ticket
 from ._errors import (
     BlockingCallError,
     ConcurrentSessionUseError,
+    DatabaseBusyError,
     RollbackOnlyError,
     SessionEndedError,
     exception_chain,
@@ -144,6 +149,9 @@ class _GuardedSyncSession(Session):
     _asgi_sqla_on_commit: list[Callable[[], object]] | None = None
     #: on_commit callbacks whose transaction has committed, waiting to run.
     _asgi_sqla_committed: list[Callable[[], object]] | None = None
+    #: The request's place at the database's ``admission_limit``, taken at the first
+    #: connection (see ``_admission``); None where nothing is counted.
+    _asgi_sqla_ticket: Ticket | None = None
 
     def _execute_internal(self, *args: Any, **kwargs: Any) -> Any:
         # Every statement: execute(), scalar(s)(), get(), refresh(), lazy loads, exec().
@@ -154,7 +162,17 @@ class _GuardedSyncSession(Session):
             raise
 
     def _connection_for_bind(self, *args: Any, **kwargs: Any) -> Any:
-        return self._guarded(super()._connection_for_bind, *args, **kwargs)
+        if self._asgi_sqla_ticket is None:
+            return self._guarded(super()._connection_for_bind, *args, **kwargs)
+        return self._guarded(self._admitted_connection_for_bind, *args, **kwargs)
+
+    def _admitted_connection_for_bind(self, *args: Any, **kwargs: Any) -> Any:
+        # Past the guard (an ended session is refused first), before the transaction
+        # begins: a refusal leaves the session as it was.
+        ticket = self._asgi_sqla_ticket
+        assert ticket is not None  # only called with one
+        ticket.enter()
+        return super()._connection_for_bind(*args, **kwargs)
 
     def flush(self, objects: Any = None) -> None:
         # Guarded before the flush, or an autoflush, changes anything.
@@ -295,7 +313,7 @@ def _may_release(session: _GuardedSyncSession) -> bool:
 
 
 def _note_failure(session: _GuardedSyncSession, exc: Exception) -> None:
-    if isinstance(exc, PoolTimeoutError):
+    if isinstance(exc, (PoolTimeoutError, DatabaseBusyError)):
         # Remembered so that the response can say 503, whatever the app made of it.
         session._asgi_sqla_pool_exhausted = True
     elif isinstance(exc, DBAPIError) and is_conflict(exc):

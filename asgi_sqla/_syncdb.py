@@ -60,9 +60,13 @@ class SyncDatabase(BaseDatabase, Generic[_S]):
         not an ``async def`` one, which nothing here could await.
 
     ``commit_on``, ``session_options`` (keywords of ``sessionmaker``), ``stats``,
-    ``warn_held_over``, ``warn_statements_over`` and ``engine_options`` (passed to
-    ``create_engine``) are as for :class:`Database`, and checked here the same way.
-    Read replicas and two-phase commit are for async databases only.
+    ``warn_held_over``, ``warn_statements_over``, ``admission_limit``,
+    ``admission_timeout``, ``warn_pool_saturated_for``, ``pool_saturated_share`` and
+    ``engine_options`` (passed to ``create_engine``) are as for :class:`Database`, and
+    checked here the same way.  A request past ``admission_limit`` waits for its place
+    in its worker thread (in the event loop's thread, with ``block_event_loop``, it is
+    refused at once: nothing could free a place while it blocked the loop).  Read
+    replicas and two-phase commit are for async databases only.
     """
 
     _engine_type = Engine
@@ -81,6 +85,10 @@ class SyncDatabase(BaseDatabase, Generic[_S]):
         warn_statements_over: int | None = None,
         block_event_loop: bool = False,
         password: Callable[[], str] | None = None,
+        admission_limit: int | None = None,
+        admission_timeout: float = 0.0,
+        warn_pool_saturated_for: float | None = None,
+        pool_saturated_share: float = 0.9,
         **engine_options: Any,
     ) -> None:
         check_bool("block_event_loop", block_event_loop)
@@ -102,6 +110,10 @@ class SyncDatabase(BaseDatabase, Generic[_S]):
             warn_held_over=warn_held_over,
             warn_statements_over=warn_statements_over,
             password=password,
+            admission_limit=admission_limit,
+            admission_timeout=admission_timeout,
+            warn_pool_saturated_for=warn_pool_saturated_for,
+            pool_saturated_share=pool_saturated_share,
         )
         self._block_event_loop = block_event_loop
 

@@ -35,6 +35,10 @@ end.  Two tasks may end the unit at once (a websocket's receiver waits in
 DONE, then ends what is open by then.  Ending returns one :class:`Outcome`, kept as
 :attr:`SessionContext.outcome`.
 
+The middleware's units count against their databases' ``admission_limit``
+(``_admission``): a round's sessions of one database share one ticket, taken with the
+round's sessions for an ending and given back once they have ended.
+
 A ``SyncDatabase``'s sessions are asked for in worker threads, possibly several at once
 and while the event loop's thread ends the unit: adding a session and taking a round's
 sessions for an ending are done under one lock, so every session lands in a round that
@@ -55,11 +59,12 @@ from typing import Any, Protocol, TypeVar, cast
 from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ._admission import Admission, Ticket
 from ._ending import end_sessions
 from ._errors import AsgiSqlaError, NoSessionContextError, SessionEndedError
 from ._outcome import NOTHING_ENDED, Outcome, Result, SingletonEnum
 from ._replicas import ReadRoute, ReplicaSet
-from ._session import GuardedSession, make_read_only
+from ._session import GuardedSession, make_read_only, sync_of
 from ._stats import Limits, RequestStats
 from ._threaded import AnySession
 from .types import Scope
@@ -168,6 +173,7 @@ class ManagedDatabase(Hashable, Protocol):
 
     _replicas: ReplicaSet | None
     _stats: bool
+    _admission: Admission | None
 
     @property
     def engine(self) -> AsyncEngine | Engine: ...
@@ -201,6 +207,11 @@ class SessionContext:
     _ended: str | None = None  # why no session may open again, once CLOSED
     _written: set[Hashable] | None = None  # wrote to these: read them there
     _stats: dict[ManagedDatabase, RequestStats] | None = None  # only when tracked
+    #: This round's places at the databases' ``admission_limit``, when counted.
+    _tickets: dict[ManagedDatabase, Ticket] | None = None
+    #: Counts against the databases' ``admission_limit``: set on the middleware's units
+    #: (requests, websocket rounds), never on scripts' and workers' (``_admission``).
+    counted = False
     #: Sessions opened from now on are read-only (a ``read_only`` route).
     read_only = False
     #: Nothing commits automatically (a ``manual_commit`` route).
@@ -311,7 +322,10 @@ class SessionContext:
             # while the event loop's thread ends the unit: check and add in one step,
             # so that no session lands where no ending will find it.
             self._check_open(db)
-            return self._sessions.setdefault(db, session)
+            added = self._sessions.setdefault(db, session)
+            if added is session and db._admission is not None and self.counted:
+                sync_of(session)._asgi_sqla_ticket = self._ticket(db, db._admission)
+            return added
 
     def read_session(self, db: ManagedDatabase) -> AnySession:
         """``db``'s read session: on a replica, or the primary session (``_replicas``)."""
@@ -332,8 +346,24 @@ class SessionContext:
         # Replicas are an async Database's: its sessions are GuardedSessions.
         primary = cast(Callable[[bool], GuardedSession | None], self._primary_for(db))
         ReadRoute(session, replicas, db.replica_engines, primary)
+        if db._admission is not None and self.counted:  # one place with the primary's
+            sync_of(session)._asgi_sqla_ticket = self._ticket(db, db._admission)
         self._sessions[replicas.slot] = session
         return session
+
+    def _ticket(self, db: ManagedDatabase, admission: Admission) -> Ticket:
+        """This round's ticket at ``db``, shared by its sessions.
+
+        Called under ``_sessions_lock``, or on the event loop's thread (read sessions
+        are an async ``Database``'s), so that it is taken with the round's sessions.
+        """
+        tickets = self._tickets
+        if tickets is None:
+            tickets = self._tickets = {}
+        ticket = tickets.get(db)
+        if ticket is None:
+            ticket = tickets[db] = admission.ticket()
+        return ticket
 
     def _primary_for(self, db: ManagedDatabase) -> Callable[[bool], AnySession | None]:
         def primary(force: bool) -> AnySession | None:
@@ -418,7 +448,9 @@ class SessionContext:
         with _sessions_lock:
             self._transition(Event.END_ROUND)
             sessions, self._sessions = self._sessions, {}
-        return await self._end_sessions(sessions, self.decide(status, failed=failed), reason, here)
+            tickets, self._tickets = self._tickets, None
+        decider = self.decide(status, failed=failed)
+        return await self._end_sessions(sessions, decider, reason, here, tickets)
 
     async def close(
         self, status: int | None = None, *, reason: str, failed: bool = False, here: bool = False
@@ -431,7 +463,9 @@ class SessionContext:
             self._ended = reason
             self._transition(Event.CLOSE)
             sessions, self._sessions = self._sessions, {}
-        return await self._end_sessions(sessions, self.decide(status, failed=failed), reason, here)
+            tickets, self._tickets = self._tickets, None
+        decider = self.decide(status, failed=failed)
+        return await self._end_sessions(sessions, decider, reason, here, tickets)
 
     @asynccontextmanager
     async def closing(self, reason: str) -> AsyncIterator[None]:
@@ -504,14 +538,20 @@ class SessionContext:
                 session = self._sessions.pop(key, None)
                 if session is not None:
                     sessions[key] = session
+            tickets = self._tickets
+            ticket = tickets.pop(db, None) if tickets is not None else None
         if not sessions:
             if commit:
                 self._refuse_commit_once_closing()
             return NOTHING_ENDED
         decider = Decider(None, failed=False, manual=False, release=commit)
-        outcome, cancelled = await end_sessions(
-            sessions, decider, reason=RELEASED, engine_of=_engine_of, here=here
-        )
+        try:
+            outcome, cancelled = await end_sessions(
+                sessions, decider, reason=RELEASED, engine_of=_engine_of, here=here
+            )
+        finally:
+            if ticket is not None:
+                ticket.leave()
         return self._record(outcome, cancelled)
 
     async def _after_ending(self) -> None:
@@ -523,8 +563,14 @@ class SessionContext:
             await done.wait()
 
     async def _end_sessions(
-        self, sessions: dict[Hashable, AnySession], decider: Decider, reason: str, here: bool
+        self,
+        sessions: dict[Hashable, AnySession],
+        decider: Decider,
+        reason: str,
+        here: bool,
+        tickets: Mapping[ManagedDatabase, Ticket] | None,
     ) -> Outcome:
+        """End ``sessions``, then give their places back (``tickets``) and end the round."""
         try:
             if not sessions:
                 return self._record(NOTHING_ENDED, None)
@@ -539,6 +585,9 @@ class SessionContext:
             )
             return self._record(outcome, cancelled)
         finally:
+            if tickets is not None:  # the sessions have ended: their connections are back
+                for ticket in tickets.values():
+                    ticket.leave()
             self._transition(Event.DONE)
             done, self._ending_done = self._ending_done, None
             if done is not None:
