@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
@@ -29,6 +30,7 @@ from ._secrets import mask_text, mask_url
 from ._session import (
     ROLLBACK_ONLY,
     GuardedSession,
+    add_before_commit,
     add_on_commit,
     guarded_class,
     run_to_completion,
@@ -38,7 +40,14 @@ from ._stats import Limits, PoolStatus, RequestStats, instrument, pool_status
 from ._threaded import AnySession
 from ._unit import SCOPE_EXITED, SessionContext, current_context
 
-__all__ = ["BaseDatabase", "Database", "commit_below_400", "raise_failure", "with_class"]
+__all__ = [
+    "BaseDatabase",
+    "Database",
+    "check_hook",
+    "commit_below_400",
+    "raise_failure",
+    "with_class",
+]
 
 #: The session class: ``AsyncSession``, or the one given as ``session_class``.
 _A = TypeVar("_A", bound=AsyncSession, default=AsyncSession, covariant=True)
@@ -477,6 +486,23 @@ class Database(BaseDatabase, Generic[_A]):
         """
         add_on_commit(self._context_session(), callback)
 
+    def before_commit(self, callback: Callable[[Session], object]) -> None:
+        """Call ``callback(session)`` inside the current transaction, just before COMMIT.
+
+        ``session`` is the synchronous ``sqlalchemy.orm.Session`` behind
+        :attr:`session` (its ``sync_session``), still usable: read the WAL position
+        for read-your-writes on a replica, write an audit row.  It runs however the
+        transaction is committed (the middleware, :meth:`commit`, :meth:`release`,
+        ``session.commit()``, an ``async with session.begin():`` block), after pending
+        ORM changes are flushed; never if it rolls back.  ``callback`` is a plain
+        function (SQLAlchemy's ``before_commit`` event is synchronous): its
+        ``session.execute()`` goes through the async driver, as in ``run_sync``.  If it
+        raises, the commit fails and the transaction rolls back: the client gets a
+        500, and the transaction's on_commit callbacks never run.
+        """
+        check_hook(callback)
+        add_before_commit(self._context_session(), callback)
+
     @asynccontextmanager
     async def scope(self) -> AsyncIterator[_A]:
         """Make :attr:`session` available outside a request: scripts, workers, tests.
@@ -670,6 +696,21 @@ def with_class(options: Mapping[str, Any] | None, session_class: type[Any] | Non
     if not isinstance(options, Mapping) and options is not None:
         return options  # check_session_options says what is wrong with it
     return {**(options or {}), "class_": session_class}
+
+
+def check_hook(callback: object) -> None:
+    """Refuse a ``before_commit`` callback that cannot run in SQLAlchemy's event."""
+    if not callable(callback):
+        raise ConfigurationError(
+            f"before_commit() takes a function (session) -> None, not {type(callback).__name__}."
+        )
+    if inspect.iscoroutinefunction(callback):
+        raise ConfigurationError(
+            f"before_commit({getattr(callback, '__name__', callback)!r}) was given a "
+            "coroutine function, and SQLAlchemy's before_commit event is synchronous: "
+            "nothing could await it. Pass a plain function taking the synchronous Session; "
+            "its session.execute() goes through the async driver, as in run_sync()."
+        )
 
 
 def raise_failure(outcome: Outcome) -> None:

@@ -11,10 +11,22 @@ from sqlalchemy import URL, Engine
 from sqlalchemy.orm import Session, sessionmaker
 from typing_extensions import TypeVar
 
-from ._database import BaseDatabase, _engine_source, commit_below_400, raise_failure, with_class
+from ._database import (
+    BaseDatabase,
+    _engine_source,
+    check_hook,
+    commit_below_400,
+    raise_failure,
+    with_class,
+)
 from ._errors import ConfigurationError
 from ._options import check_bool, check_session_options
-from ._session import add_on_commit, run_committed_callbacks_here, run_to_completion
+from ._session import (
+    add_before_commit,
+    add_on_commit,
+    run_committed_callbacks_here,
+    run_to_completion,
+)
 from ._threaded import ThreadSession, check_off_loop, in_worker, thread_class
 from ._unit import SCOPE_EXITED, SessionContext, current_context, run_here
 
@@ -167,6 +179,15 @@ class SyncDatabase(BaseDatabase, Generic[_S]):
                 "it: pass a plain function."
             )
         add_on_commit(self._context_session(), callback)
+
+    def before_commit(self, callback: Callable[[Session], object]) -> None:
+        """Call ``callback(session)`` inside the current transaction, just before COMMIT.
+
+        As :meth:`Database.before_commit`: ``session`` is :attr:`session` itself, and
+        the callback runs in the thread that commits.
+        """
+        check_hook(callback)
+        add_before_commit(self._context_session(), callback)
 
     @contextmanager
     def scope(self) -> Iterator[_S]:
