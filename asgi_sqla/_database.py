@@ -91,6 +91,8 @@ class BaseDatabase(ABC):
     #: Makes a sessions' factory for an engine (or, for replicas, without one).
     _maker_type: Callable[..., Callable[..., Any]]
     _replicas: ReplicaSet | None = None
+    #: Each task other than the first gets a session of its own (``Database`` only).
+    _session_per_task = False
 
     def __init__(
         self,
@@ -361,6 +363,13 @@ class Database(BaseDatabase, Generic[_A]):
         startup is logged at WARNING and skipped, not a startup failure.
     :param replica_cooldown: Seconds a replica that failed (no connection, or a dropped
         one) is left out before reads try it again.
+    :param session_per_task: Give each asyncio task that reads :attr:`session` a
+        session of its own: child tasks of the request (``gather``, task groups) may
+        then use the database at once.  The first task to read it in a request (the
+        request's own, usually) keeps the usual session.  Every session is committed
+        or rolled back with the request's, but each separately: one may commit while
+        another fails (see ``docs/concurrency.md``).  Off by default: two tasks using
+        one session at once get ``ConcurrentSessionUseError``.
     :param engine_options: Passed to ``create_async_engine`` for the engines the
         ``Database`` creates (the URL's and the replicas'), with ``hide_parameters=True``
         unless given: a failed statement's exception (logged when a commit fails)
@@ -390,8 +399,10 @@ class Database(BaseDatabase, Generic[_A]):
         warn_statements_over: int | None = None,
         replicas: Iterable[str | URL] | None = None,
         replica_cooldown: float = 30.0,
+        session_per_task: bool = False,
         **engine_options: Any,
     ) -> None:
+        check_bool("session_per_task", session_per_task)
         options = {
             "expire_on_commit": False,
             **check_session_options(with_class(session_options, session_class), sync=False),
@@ -406,6 +417,7 @@ class Database(BaseDatabase, Generic[_A]):
             warn_statements_over=warn_statements_over,
         )
         self._replicas = _replica_set(self, replicas, replica_cooldown)
+        self._session_per_task = session_per_task
 
     @property
     def engine(self) -> AsyncEngine:

@@ -97,6 +97,13 @@ class SyncDatabase(BaseDatabase, Generic[_S]):
                 "Read replicas are supported by the async Database only; a SyncDatabase "
                 "reads and writes through its one engine."
             )
+        if "session_per_task" in engine_options:
+            raise ConfigurationError(
+                "session_per_task is for the async Database: a request's `def` code may run "
+                "in several of the framework's threads, so a session per thread would "
+                "split one request's work unpredictably. Give the app's own threads a "
+                "session each with `with db.new_session() as session:`."
+            )
         options = {
             "expire_on_commit": False,
             **check_session_options(with_class(session_options, session_class), sync=True),

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Hashable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
@@ -61,10 +62,19 @@ from ._outcome import NOTHING_ENDED, Outcome, Result, SingletonEnum
 from ._replicas import ReadRoute, ReplicaSet
 from ._session import GuardedSession, make_read_only
 from ._stats import Limits, RequestStats
+from ._stats import Outcome as StatsOutcome
 from ._threaded import AnySession
 from .types import Scope
 
-__all__ = ["SCOPE_KEY", "Event", "SessionContext", "State", "current_context", "run_here"]
+__all__ = [
+    "SCOPE_KEY",
+    "Event",
+    "SessionContext",
+    "State",
+    "TaskSessionKey",
+    "current_context",
+    "run_here",
+]
 
 _T = TypeVar("_T")
 
@@ -168,6 +178,7 @@ class ManagedDatabase(Hashable, Protocol):
 
     _replicas: ReplicaSet | None
     _stats: bool
+    _session_per_task: bool
 
     @property
     def engine(self) -> AsyncEngine | Engine: ...
@@ -186,6 +197,49 @@ class ManagedDatabase(Hashable, Protocol):
     def _make_replica_session(self, engine: AsyncEngine) -> GuardedSession | None: ...
 
     def _can_prepare(self) -> bool: ...
+
+
+class TaskSessionKey:
+    """Names the session a child task has of its own (``Database(session_per_task=True)``).
+
+    The key of that session in the unit of work, and so in :attr:`Outcome.results`,
+    beside the databases' own sessions: ``key.db`` is the ``Database``, ``key.task_name``
+    the task's name.  It refers to the task weakly, so a finished task is freed; a new
+    task never matches the key of a finished one, even at the same address.
+    """
+
+    __slots__ = ("_hash", "_task", "db", "task_name")
+
+    def __init__(self, db: ManagedDatabase, task: asyncio.Task[Any]) -> None:
+        self.db = db
+        self.task_name = task.get_name()
+        self._task = weakref.ref(task)
+        self._hash = hash((db, id(task)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        # Two references to one live task are equal; a dead one only to itself.
+        return (
+            isinstance(other, TaskSessionKey) and other.db is self.db and other._task == self._task
+        )
+
+    def __repr__(self) -> str:
+        return f"{self.db!r} in task {self.task_name!r}"
+
+
+def _database_of(key: Hashable) -> ManagedDatabase:
+    """The database whose session is kept under ``key`` (the database, or a task's key)."""
+    if type(key) is TaskSessionKey:
+        return key.db
+    return cast(ManagedDatabase, key)
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    if asyncio._get_running_loop() is None:  # a thread of the app: no task
+        return None
+    return asyncio.current_task()
 
 
 class SessionContext:
@@ -216,6 +270,9 @@ class SessionContext:
     outcome: Outcome | None = None
     _after_close: list[Callable[[], object]] | None = None
     _ending_done: asyncio.Event | None = None  # for tasks waiting to end the unit too
+    #: The task whose sessions are kept under their database (``session_per_task``): the
+    #: first task to open one in this unit.  Other tasks' are under a TaskSessionKey.
+    _owner: weakref.ref[asyncio.Task[Any]] | None = None
     #: A websocket's transactions end when the app waits in ``receive()``.  An adapter
     #: whose framework reads messages ahead (Quart) turns this off and ends them where
     #: the handler waits instead.
@@ -286,21 +343,36 @@ class SessionContext:
             names = ", ".join(repr(d) for d in (*self._databases, db))
             raise NoSessionContextError(_NOT_MANAGED.format(db=db, names=names))
 
+    def _key(self, db: ManagedDatabase) -> Hashable:
+        """Where the current task's session of ``db`` is kept: under ``db``, or, for a
+        ``session_per_task`` database in a task other than the owner, a task's key."""
+        if db._session_per_task:
+            owner = self._owner
+            task = _current_task()
+            if owner is not None and task is not None and owner() is not task:
+                return TaskSessionKey(db, task)
+        return db
+
     def session(self, db: ManagedDatabase) -> AnySession:
         """Return ``db``'s session in this context, creating it on first use."""
-        session = self._sessions.get(db)
+        key = self._key(db) if db._session_per_task else db
+        session = self._sessions.get(key)
         if session is not None:
             return session
         self._check_open(db)
         session = db._make_session(twophase=True) if self.two_phase else db._make_session()
         if self.read_only:
             make_read_only(session)
+        if key is db and db._session_per_task and self._owner is None:
+            task = _current_task()  # the first task to open a session here owns ``db``
+            if task is not None:
+                self._owner = weakref.ref(task)
         with _sessions_lock:
             # A SyncDatabase's session may be asked for by several threads at once, or
             # while the event loop's thread ends the unit: check and add in one step,
             # so that no session lands where no ending will find it.
             self._check_open(db)
-            return self._sessions.setdefault(db, session)
+            return self._sessions.setdefault(key, session)
 
     def read_session(self, db: ManagedDatabase) -> AnySession:
         """``db``'s read session: on a replica, or the primary session (``_replicas``)."""
@@ -308,6 +380,8 @@ class SessionContext:
         written = self._written
         if replicas is None or (written is not None and db in written):
             return self.session(db)
+        if db._session_per_task and self._key(db) is not db:
+            return self.session(db)  # a child task's reads go to its own session
         session = self._sessions.get(replicas.slot)
         if session is not None:
             return session
@@ -358,8 +432,8 @@ class SessionContext:
         return self._stats or {}
 
     def existing(self, db: ManagedDatabase) -> AnySession | None:
-        """Return ``db``'s session if one is open in this context."""
-        return self._sessions.get(db)
+        """Return ``db``'s session (this task's) if one is open in this context."""
+        return self._sessions.get(self._key(db))
 
     def committable(self, db: ManagedDatabase) -> AnySession | None:
         """``db``'s open session, for ``db.commit()``; None when there is nothing to commit.
@@ -368,7 +442,7 @@ class SessionContext:
         writes were ended with the request, and returning would claim a commit that
         this call did not make.
         """
-        session = self._sessions.get(db)
+        session = self._sessions.get(self._key(db))
         if session is None:
             self._refuse_commit_once_closing()
         return session
@@ -488,8 +562,9 @@ class SessionContext:
         """
         sessions: dict[Hashable, AnySession] = {}
         replicas = db._replicas
+        own = self._key(db)
         with _sessions_lock:
-            for key in (db,) if replicas is None else (replicas.slot, db):
+            for key in (own,) if replicas is None or own is not db else (replicas.slot, db):
                 session = self._sessions.pop(key, None)
                 if session is not None:
                     sessions[key] = session
@@ -563,8 +638,15 @@ class SessionContext:
             self.committed_all = False
         all_stats = self._stats
         if all_stats is not None:
-            for db, result in outcome.results.items():
-                stats = all_stats.get(db)  # type: ignore[call-overload]
+            # A database's statistics cover its sessions in every task: the worst
+            # result of this ending is theirs.
+            ended: dict[ManagedDatabase, Result] = {}
+            for key, result in outcome.results.items():
+                db = _database_of(key)
+                if _SEVERITY[result] >= _SEVERITY[ended.get(db, Result.COMMITTED)]:
+                    ended[db] = result
+            for db, result in ended.items():
+                stats = all_stats.get(db)
                 if stats is not None:
                     stats.outcome = _STATS_OUTCOME[result]
         if cancelled is not None:
@@ -572,7 +654,13 @@ class SessionContext:
         return outcome
 
 
-_STATS_OUTCOME = {
+_SEVERITY = {
+    Result.COMMITTED: 0,
+    Result.COMMITTED_WHILE_ANOTHER_FAILED: 1,
+    Result.ROLLED_BACK: 2,
+    Result.FAILED: 3,
+}
+_STATS_OUTCOME: dict[Result, StatsOutcome] = {
     Result.COMMITTED: "committed",
     Result.COMMITTED_WHILE_ANOTHER_FAILED: "committed",
     Result.ROLLED_BACK: "rolled back",
@@ -598,7 +686,7 @@ class Decider:
         self.manual = manual
         self.release = release  # db.release(commit=...): the app decided
 
-    def __call__(self, db: ManagedDatabase, session: AnySession) -> tuple[bool, str]:
+    def __call__(self, key: Hashable, session: AnySession) -> tuple[bool, str]:
         if self.failed:
             return False, "rolled back: the request failed or was cut short"
         marked = session._asgi_sqla_rollback_only
@@ -610,7 +698,7 @@ class Decider:
             return False, "rolled back: db.release(commit=False)"
         if self.manual:
             return False, "rolled back: a manual_commit route commits only by hand"
-        commit_on = db.commit_on
+        commit_on = _database_of(key).commit_on
         if commit_on is None:
             return False, "rolled back: commit_on is None"
         status = self.status
@@ -621,8 +709,8 @@ class Decider:
         return False, f"rolled back: status {status}"
 
 
-def _engine_of(db: ManagedDatabase) -> AsyncEngine:
-    engine = db.engine
+def _engine_of(key: Hashable) -> AsyncEngine:
+    engine = _database_of(key).engine
     assert isinstance(engine, AsyncEngine)  # two-phase commit: async databases only
     return engine
 
