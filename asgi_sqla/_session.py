@@ -93,7 +93,8 @@ _GUARDED_METHODS = (
 _CONCURRENT_USE = (
     "{task} used db.session while {owner} was still using it. An AsyncSession is not "
     "safe for concurrent use: give each concurrent task its own session with "
-    "`async with db.new_session() as session:`."
+    "`async with db.new_session() as session:`, or make the Database with "
+    "session_per_task=True."
 )
 
 

@@ -71,7 +71,7 @@ class SyncDatabase(BaseDatabase, Generic[_S]):
     ``commit_on``, ``session_options`` (keywords of ``sessionmaker``), ``stats``,
     ``warn_held_over``, ``warn_statements_over`` and ``engine_options`` (passed to
     ``create_engine``) are as for :class:`Database`, and checked here the same way.
-    Read replicas and two-phase commit are for async databases only.
+    Read replicas, two-phase commit and ``session_per_task`` are for async databases only.
     """
 
     _engine_type = Engine
