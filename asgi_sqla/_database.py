@@ -367,9 +367,10 @@ class Database(BaseDatabase, Generic[_A]):
         session of its own: child tasks of the request (``gather``, task groups) may
         then use the database at once.  The first task to read it in a request (the
         request's own, usually) keeps the usual session.  Every session is committed
-        or rolled back with the request's, but each separately: one may commit while
-        another fails (see ``docs/concurrency.md``).  Off by default: two tasks using
-        one session at once get ``ConcurrentSessionUseError``.
+        or rolled back with the request's, but each separately, the request's own
+        last: one may commit while another fails (see ``docs/concurrency.md``).  Off
+        by default: two tasks using one session at once get
+        ``ConcurrentSessionUseError``.
     :param engine_options: Passed to ``create_async_engine`` for the engines the
         ``Database`` creates (the URL's and the replicas'), with ``hide_parameters=True``
         unless given: a failed statement's exception (logged when a commit fails)

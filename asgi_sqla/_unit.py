@@ -35,6 +35,12 @@ end.  Two tasks may end the unit at once (a websocket's receiver waits in
 DONE, then ends what is open by then.  Ending returns one :class:`Outcome`, kept as
 :attr:`SessionContext.outcome`.
 
+With ``Database(session_per_task=True)`` a unit keeps several sessions of one database:
+the first task to open one (the request's, usually) owns the session kept under the
+``Database``; any other task's is kept under a :class:`TaskSessionKey`, which refers to
+the task weakly.  They end with the round like several databases' sessions, a
+database's newest first (``_ending_order``), so the owner's commits last.
+
 A ``SyncDatabase``'s sessions are asked for in worker threads, possibly several at once
 and while the event loop's thread ends the unit: adding a session and taking a round's
 sessions for an ending are done under one lock, so every session lands in a round that
@@ -236,6 +242,21 @@ def _database_of(key: Hashable) -> ManagedDatabase:
     return cast(ManagedDatabase, key)
 
 
+def _ending_order(sessions: Mapping[Hashable, AnySession]) -> dict[Hashable, AnySession]:
+    """``sessions`` in the order they end when child tasks have sessions of their own.
+
+    The databases end in the order the request first used them, as always; a
+    database's sessions end newest first, so the request's own session (the first)
+    ends last and commits only if every child's did.  Newest first is also the order a
+    test's connection needs (``asgi_sqla.pytest_plugin``), where each session is a
+    savepoint opened inside the ones before it.
+    """
+    by_database: dict[Hashable, list[Hashable]] = {}
+    for key in sessions:
+        by_database.setdefault(_database_of(key), []).append(key)
+    return {key: sessions[key] for keys in by_database.values() for key in reversed(keys)}
+
+
 def _current_task() -> asyncio.Task[Any] | None:
     if asyncio._get_running_loop() is None:  # a thread of the app: no task
         return None
@@ -273,6 +294,8 @@ class SessionContext:
     #: The task whose sessions are kept under their database (``session_per_task``): the
     #: first task to open one in this unit.  Other tasks' are under a TaskSessionKey.
     _owner: weakref.ref[asyncio.Task[Any]] | None = None
+    #: A session under a TaskSessionKey was opened here (see ``_ending_order``).
+    _task_sessions = False
     #: A websocket's transactions end when the app waits in ``receive()``.  An adapter
     #: whose framework reads messages ahead (Quart) turns this off and ends them where
     #: the handler waits instead.
@@ -363,7 +386,9 @@ class SessionContext:
         session = db._make_session(twophase=True) if self.two_phase else db._make_session()
         if self.read_only:
             make_read_only(session)
-        if key is db and db._session_per_task and self._owner is None:
+        if key is not db:
+            self._task_sessions = True
+        elif db._session_per_task and self._owner is None:
             task = _current_task()  # the first task to open a session here owns ``db``
             if task is not None:
                 self._owner = weakref.ref(task)
@@ -594,7 +619,7 @@ class SessionContext:
                 return self._record(NOTHING_ENDED, None)
             two_phase = self.two_phase and all(db._can_prepare() for db in self._databases)
             outcome, cancelled = await end_sessions(
-                sessions,
+                _ending_order(sessions) if self._task_sessions else sessions,
                 decider,
                 reason=reason,
                 two_phase=two_phase,

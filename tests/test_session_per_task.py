@@ -35,6 +35,7 @@ from asgi_sqla import (
     SyncDatabase,
     TaskSessionKey,
 )
+from asgi_sqla.pytest_plugin import rolled_back
 from asgi_sqla.types import Message, Receive, Scope, Send
 
 from _helpers import (
@@ -151,7 +152,7 @@ async def test_concurrent_children_each_get_a_session_ended_with_the_request_by_
     [unit] = units
     assert unit.outcome is not None
     results = unit.outcome.results
-    assert next(iter(results)) is db
+    assert list(results)[-1] is db  # the request's own session ends last
     task_keys = [key for key in results if isinstance(key, TaskSessionKey)]
     assert len(task_keys) == children
     assert all(key.db is db and repr(db) in repr(key) for key in task_keys)
@@ -181,22 +182,27 @@ async def test_gather_of_children_that_read_at_once_is_not_refused(
     await assert_nothing_left_behind(db, admin)
 
 
-async def test_a_child_whose_commit_fails_makes_a_500_while_the_others_committed(
+async def test_a_child_whose_commit_fails_makes_a_500_while_another_child_committed(
     database_url: str, admin: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Not atomic: the request's session commits first (first used), the child's
-    # COMMIT fails (a deferred foreign key); the client gets a 500 and the log says
-    # the request's writes are only partly saved.
+    # Not atomic.  A database's sessions end newest first: the second child's commits,
+    # then the first child's COMMIT fails (a deferred foreign key), and the request's
+    # own session, last, is rolled back.  The client gets a 500 and the log says the
+    # writes are only partly saved.
     db = await open_database(database_url, session_per_task=True, stats=True)
     writes = not sqlite(db)
     units: list[SessionContext] = []
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    async def second_child() -> None:
         if writes:
-            await add_key(db, "request")
-        else:
+            await add_key(db, "second-child")
+        else:  # SQLite: one writer at a time, and the first child's write is open
             await db.session.execute(text("SELECT 1"))
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        db.session  # noqa: B018  (the request's task owns the usual session)
         await asyncio.create_task(orphan_child(db))
+        await asyncio.create_task(second_child())
         await plain_response(send, 201)
 
     try:
@@ -204,7 +210,7 @@ async def test_a_child_whose_commit_fails_makes_a_500_while_the_others_committed
             recorder = await call_http(SQLAlchemyMiddleware(recording_unit(units, app), db))
 
         assert recorder.status == 500
-        assert await keys(db) == ({"request"} if writes else set())
+        assert await keys(db) == ({"second-child"} if writes else set())
         errors = [r.getMessage() for r in caplog.records if r.name == "asgi_sqla"]
         assert any("partly saved" in text and "in task" in text for text in errors), errors
         [unit] = units
@@ -212,12 +218,37 @@ async def test_a_child_whose_commit_fails_makes_a_500_while_the_others_committed
         assert list(unit.outcome.results.values()) == [
             Result.COMMITTED_WHILE_ANOTHER_FAILED,
             Result.FAILED,
+            Result.ROLLED_BACK,
         ]
+        assert list(unit.outcome.results)[-1] is db
         # The database's statistics cover its sessions in every task: the worst result.
         assert unit.all_stats()[db].outcome == "commit failed"
         await assert_nothing_left_behind(db, admin)
     finally:
         await db.dispose()
+
+
+async def test_under_the_pytest_plugin_the_childrens_sessions_share_the_tests_connection(
+    db: Database, admin: Any
+) -> None:
+    # Each session is a savepoint on the test's connection, opened inside the ones
+    # before it: they end newest first, and the outer transaction rolls all back.
+    async def child(number: int) -> None:
+        await db.session.execute(text("SELECT 1"))
+        if not sqlite(db):
+            await add_key(db, f"child-{number}")
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await add_key(db, "request")
+        await asyncio.gather(child(1), child(2))
+        await plain_response(send, 201)
+
+    async with rolled_back(db, wait_timeout=5):
+        recorder = await call_http(SQLAlchemyMiddleware(app, db))
+        assert recorder.status == 201
+
+    assert await keys(db) == set()
+    await assert_nothing_left_behind(db, admin)
 
 
 @pytest.mark.postgresql
