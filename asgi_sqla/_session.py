@@ -491,6 +491,10 @@ def _run_before_commit(
                 if close is not None:
                     close()  # never awaited: no "coroutine was never awaited" warning
                 raise ConfigurationError(_ASYNC_HOOK.format(callback=callback))
+        if session._asgi_sqla_statement_failed:
+            # A callback caught a failed statement: on PostgreSQL the transaction is
+            # aborted now, and its COMMIT would be answered with a silent ROLLBACK.
+            _check_alive(session)
     except BaseException:
         session._asgi_sqla_hook_failed = True
         pending.clear()

@@ -9,6 +9,7 @@ back; an exception in it fails the commit: the transaction rolls back, the clien
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import anyio
 import pytest
 from sqlalchemy import event, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Session
 
 from asgi_sqla import ConfigurationError, Database, SQLAlchemyMiddleware, SyncDatabase
@@ -365,6 +367,31 @@ async def test_a_hook_that_raises_at_the_end_of_a_begin_block_rolls_it_back(
 
     assert recorder.status == 201
     assert await keys(db) == {"after"}
+
+
+@pytest.mark.postgresql
+async def test_a_hook_that_swallows_a_failed_statement_on_postgresql_answers_500(
+    postgresql_url: str,
+) -> None:
+    # PostgreSQL aborts the transaction at the failed statement and would answer its
+    # COMMIT with a silent ROLLBACK: the 201 would claim a write that was lost.
+    db = await open_database(postgresql_url)
+
+    def swallowing(session: Session) -> None:
+        with contextlib.suppress(DBAPIError):
+            session.execute(text("SELECT no_such_column FROM items"))
+
+    async def work() -> None:
+        await add_key(db, "lost")
+        db.before_commit(swallowing)
+
+    try:
+        recorder = await call_http(SQLAlchemyMiddleware(app_that(work), db))
+        assert recorder.status == 500
+        assert await keys(db) == set()
+        assert checked_out(db) == 0
+    finally:
+        await db.dispose()
 
 
 async def test_a_coroutine_function_is_refused_when_registered(db: Database) -> None:
