@@ -541,7 +541,7 @@ async def test_a_new_task_never_gets_the_session_of_a_finished_one(db: Database)
 @pytest.fixture
 async def small_pool_db(database_url: str) -> AsyncIterator[Database]:
     database = await open_database(
-        database_url, session_per_task=True, pool_size=5, max_overflow=0, pool_timeout=1
+        database_url, session_per_task=True, pool_size=5, max_overflow=0, pool_timeout=10
     )
     try:
         yield database
@@ -579,11 +579,13 @@ async def test_200_children_that_release_queue_on_a_pool_of_5(
 
 
 async def test_200_children_holding_their_connections_on_a_pool_of_5_get_a_503_and_leak_nothing(
-    small_pool_db: Database, admin: Any
+    database_url: str, admin: Any
 ) -> None:
     # Each child's session keeps its connection until the request ends: the sixth
     # child waits for the pool, and times out.
-    db = small_pool_db
+    db = await open_database(
+        database_url, session_per_task=True, pool_size=5, max_overflow=0, pool_timeout=0.2
+    )
     writes = not sqlite(db)
 
     async def child(number: int) -> None:
@@ -596,12 +598,14 @@ async def test_200_children_holding_their_connections_on_a_pool_of_5_get_a_503_a
         await asyncio.gather(*(child(number) for number in range(200)))
         await plain_response(send, 201)
 
-    with anyio.fail_after(30):
-        recorder = await call_http(SQLAlchemyMiddleware(app, db))
-
-    assert recorder.status == 503
-    assert await keys(db) == set()
-    await assert_nothing_left_behind(db, admin)
+    try:
+        with anyio.fail_after(30):
+            recorder = await call_http(SQLAlchemyMiddleware(app, db))
+        assert recorder.status == 503
+        assert await keys(db) == set()
+        await assert_nothing_left_behind(db, admin)
+    finally:
+        await db.dispose()
 
 
 # -- cancellation, websockets --------------------------------------------------------------
