@@ -27,7 +27,7 @@ from ._outcome import Outcome, Result
 from ._routes import manual_commit, read_only
 from ._stats import PoolStatus, RequestStats
 from ._syncdb import SyncDatabase
-from ._unit import SCOPE_KEY, SessionContext, State
+from ._unit import SCOPE_KEY, SessionContext, State, TaskSessionKey
 
 __all__ = [
     "SCOPE_KEY",
@@ -52,6 +52,7 @@ __all__ = [
     "SessionEndedError",
     "State",
     "SyncDatabase",
+    "TaskSessionKey",
     "commit_below_400",
     "manual_commit",
     "read_only",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
@@ -39,6 +40,7 @@ from ._secrets import mask_text, mask_url
 from ._session import (
     ROLLBACK_ONLY,
     GuardedSession,
+    add_before_commit,
     add_on_commit,
     guarded_class,
     run_to_completion,
@@ -48,7 +50,14 @@ from ._stats import Limits, PoolStatus, RequestStats, instrument, pool_status
 from ._threaded import AnySession
 from ._unit import SCOPE_EXITED, SessionContext, current_context
 
-__all__ = ["BaseDatabase", "Database", "commit_below_400", "raise_failure", "with_class"]
+__all__ = [
+    "BaseDatabase",
+    "Database",
+    "check_hook",
+    "commit_below_400",
+    "raise_failure",
+    "with_class",
+]
 
 #: The session class: ``AsyncSession``, or the one given as ``session_class``.
 _A = TypeVar("_A", bound=AsyncSession, default=AsyncSession, covariant=True)
@@ -92,6 +101,8 @@ class BaseDatabase(ABC):
     #: Makes a sessions' factory for an engine (or, for replicas, without one).
     _maker_type: Callable[..., Callable[..., Any]]
     _replicas: ReplicaSet | None = None
+    #: Each task other than the first gets a session of its own (``Database`` only).
+    _session_per_task = False
 
     def __init__(
         self,
@@ -495,6 +506,14 @@ class Database(BaseDatabase, Generic[_A]):
         ``ConfigurationError`` on ``NullPool``, ``StaticPool``, ``max_overflow=-1``).
     :param pool_saturated_share: The share of the pool, above 0 and at most 1, that
         counts as saturated for ``warn_pool_saturated_for``.
+    :param session_per_task: Give each asyncio task that reads :attr:`session` a
+        session of its own: child tasks of the request (``gather``, task groups) may
+        then use the database at once.  The first task to read it in a request (the
+        request's own, usually) keeps the usual session.  Every session is committed
+        or rolled back with the request's, but each separately, the request's own
+        last: one may commit while another fails (see ``docs/concurrency.md``).  Off
+        by default: two tasks using one session at once get
+        ``ConcurrentSessionUseError``.
     :param engine_options: Passed to ``create_async_engine`` for the engines the
         ``Database`` creates (the URL's and the replicas'), with ``hide_parameters=True``
         unless given: a failed statement's exception (logged when a commit fails)
@@ -529,8 +548,10 @@ class Database(BaseDatabase, Generic[_A]):
         admission_timeout: float = 0.0,
         warn_pool_saturated_for: float | None = None,
         pool_saturated_share: float = 0.9,
+        session_per_task: bool = False,
         **engine_options: Any,
     ) -> None:
+        check_bool("session_per_task", session_per_task)
         options = {
             "expire_on_commit": False,
             **check_session_options(with_class(session_options, session_class), sync=False),
@@ -550,6 +571,7 @@ class Database(BaseDatabase, Generic[_A]):
             pool_saturated_share=pool_saturated_share,
         )
         self._replicas = _replica_set(self, replicas, replica_cooldown)
+        self._session_per_task = session_per_task
 
     @property
     def engine(self) -> AsyncEngine:
@@ -629,6 +651,23 @@ class Database(BaseDatabase, Generic[_A]):
         ``asgi_sqla`` logger and changes nothing else.
         """
         add_on_commit(self._context_session(), callback)
+
+    def before_commit(self, callback: Callable[[Session], object]) -> None:
+        """Call ``callback(session)`` inside the current transaction, just before COMMIT.
+
+        ``session`` is the synchronous ``sqlalchemy.orm.Session`` behind
+        :attr:`session` (its ``sync_session``), still usable: read the WAL position
+        for read-your-writes on a replica, write an audit row.  It runs however the
+        transaction is committed (the middleware, :meth:`commit`, :meth:`release`,
+        ``session.commit()``, an ``async with session.begin():`` block), after pending
+        ORM changes are flushed; never if it rolls back.  ``callback`` is a plain
+        function (SQLAlchemy's ``before_commit`` event is synchronous): its
+        ``session.execute()`` goes through the async driver, as in ``run_sync``.  If it
+        raises, the commit fails and the transaction rolls back: the client gets a
+        500, and the transaction's on_commit callbacks never run.
+        """
+        check_hook(callback)
+        add_before_commit(self._context_session(), callback)
 
     @asynccontextmanager
     async def scope(
@@ -872,6 +911,21 @@ def with_class(options: Mapping[str, Any] | None, session_class: type[Any] | Non
     if not isinstance(options, Mapping) and options is not None:
         return options  # check_session_options says what is wrong with it
     return {**(options or {}), "class_": session_class}
+
+
+def check_hook(callback: object) -> None:
+    """Refuse a ``before_commit`` callback that cannot run in SQLAlchemy's event."""
+    if not callable(callback):
+        raise ConfigurationError(
+            f"before_commit() takes a function (session) -> None, not {type(callback).__name__}."
+        )
+    if inspect.iscoroutinefunction(callback):
+        raise ConfigurationError(
+            f"before_commit({getattr(callback, '__name__', callback)!r}) was given a "
+            "coroutine function, and SQLAlchemy's before_commit event is synchronous: "
+            "nothing could await it. Pass a plain function taking the synchronous Session; "
+            "its session.execute() goes through the async driver, as in run_sync()."
+        )
 
 
 def raise_failure(outcome: Outcome) -> None:

@@ -62,6 +62,7 @@ from ._admission import Ticket
 from ._errors import (
     BlockingCallError,
     ConcurrentSessionUseError,
+    ConfigurationError,
     DatabaseBusyError,
     RollbackOnlyError,
     SessionEndedError,
@@ -97,7 +98,8 @@ _GUARDED_METHODS = (
 _CONCURRENT_USE = (
     "{task} used db.session while {owner} was still using it. An AsyncSession is not "
     "safe for concurrent use: give each concurrent task its own session with "
-    "`async with db.new_session() as session:`."
+    "`async with db.new_session() as session:`, or make the Database with "
+    "session_per_task=True."
 )
 
 
@@ -152,6 +154,13 @@ class _GuardedSyncSession(Session):
     #: The request's place at the database's ``admission_limit``, taken at the first
     #: connection (see ``_admission``); None where nothing is counted.
     _asgi_sqla_ticket: Ticket | None = None
+    #: before_commit callbacks of the current transaction (see :func:`add_before_commit`).
+    _asgi_sqla_before_commit: list[Callable[[Session], object]] | None = None
+    #: A before_commit callback raised: the commit that ran it rolls back (``commit``).
+    _asgi_sqla_hook_failed = False
+    #: The savepoint that was current when a commit was last announced (see
+    #: :func:`_announces_root_commit`).
+    _asgi_sqla_announced: SessionTransaction | None = None
 
     def _execute_internal(self, *args: Any, **kwargs: Any) -> Any:
         # Every statement: execute(), scalar(s)(), get(), refresh(), lazy loads, exec().
@@ -188,14 +197,18 @@ class _GuardedSyncSession(Session):
             raise
 
     def commit(self) -> None:
+        self._asgi_sqla_hook_failed = False  # set by a before_commit callback of this commit
         try:
             self._guarded(super().commit)
-        except _REFUSED:
-            # Refused before it started (another task or thread is inside a call): the
-            # transaction is as it was, and its owner may still commit it.
-            raise
-        except Exception:
-            self._forget_transaction()  # it did not commit: its callbacks never run
+        except Exception as exc:
+            if self._asgi_sqla_hook_failed:
+                # A before_commit callback raised inside the transaction, which SQLAlchemy
+                # leaves open: its failure is the commit's, so nothing of it may commit.
+                self.rollback()
+            elif not isinstance(exc, _REFUSED):
+                self._forget_transaction()  # it did not commit: its callbacks never run
+            # A refusal came before the commit started (another task or thread is inside
+            # a call): the transaction is as it was, and its owner may still commit it.
             raise
 
     def rollback(self) -> None:
@@ -230,6 +243,8 @@ class _GuardedSyncSession(Session):
         self._asgi_sqla_statement_failed = False
         if self._asgi_sqla_on_commit:
             self._asgi_sqla_on_commit.clear()
+        if self._asgi_sqla_before_commit:
+            self._asgi_sqla_before_commit.clear()
 
 
 @event.listens_for(_GuardedSyncSession, "before_commit")
@@ -416,6 +431,92 @@ def add_on_commit(session: SessionLike, callback: Callable[[], object]) -> None:
         event.listen(sync_session, "after_commit", after_commit)
         event.listen(sync_session, "after_rollback", after_rollback)
     pending.append(callback)
+
+
+def add_before_commit(session: SessionLike, callback: Callable[[Session], object]) -> None:
+    """Run ``callback(sync_session)`` inside ``session``'s current root transaction, just
+    before it commits; never if it rolls back.
+
+    SQLAlchemy's ``before_commit`` session event runs it, however the transaction is
+    committed (``commit()``, the end of a ``session.begin()`` block, ``run_sync``, the
+    package's ending, a two-phase ``prepare()``), within the transaction: "the
+    Session can emit SQL to the database many times within the scope of a
+    transaction" (``SessionEvents.before_commit``).  Pending ORM changes are flushed
+    first, so the callback sees the transaction's writes.  Releasing a SAVEPOINT runs
+    nothing.  If it raises, the commit fails and the transaction rolls back
+    (``_GuardedSyncSession.commit``; a ``begin()`` block rolls back by itself).
+    """
+    sync_session = sync_of(session)
+    pending = sync_session._asgi_sqla_before_commit
+    if pending is None:
+        pending = sync_session._asgi_sqla_before_commit = []
+
+        def before_commit(sync: Any) -> None:
+            # Listened to on the instance, so it runs after the guard's class-level
+            # listeners (the checks for concurrent use and rollback-only come first).
+            if _announces_root_commit(sync) and pending:
+                _run_before_commit(sync, pending)
+
+        def after_rollback(sync: Any) -> None:
+            if not sync.in_nested_transaction():
+                pending.clear()
+
+        event.listen(sync_session, "before_commit", before_commit)
+        event.listen(sync_session, "after_rollback", after_rollback)
+    pending.append(callback)
+
+
+def _announces_root_commit(session: _GuardedSyncSession) -> bool:
+    """Whether this ``before_commit`` announces the commit of the root transaction.
+
+    SQLAlchemy announces a SAVEPOINT's release with the same event.  With a savepoint
+    current it may be either: the savepoint's release, or the commit of a ``begin()``
+    block that releases the savepoints left open, announced while they are still
+    current and followed by the innermost one's own release announcement.  So the
+    first announcement with a savepoint current is taken for its release, and a
+    second with the same savepoint tells that a root commit came first (as the
+    rollback-only check in ``_before_commit`` reasons).
+    """
+    savepoint = session.get_nested_transaction()
+    if savepoint is None:
+        return True
+    if session._asgi_sqla_announced is savepoint:
+        return True
+    session._asgi_sqla_announced = savepoint
+    return False
+
+
+_ASYNC_HOOK = (
+    "The before_commit callback {callback!r} returned an awaitable: SQLAlchemy's "
+    "before_commit event is synchronous, so nothing can await it, and this commit "
+    "fails. Pass a plain function taking the synchronous Session; its session.execute() "
+    "goes through the async driver, as in run_sync()."
+)
+
+
+def _run_before_commit(
+    session: _GuardedSyncSession, pending: list[Callable[[Session], object]]
+) -> None:
+    """Flush, then run the callbacks in the order they were registered."""
+    try:
+        if not session._flushing:  # a commit from inside a flush flushes nothing now
+            session.flush()
+        while pending:
+            callback = pending.pop(0)
+            result = callback(session)
+            if inspect.isawaitable(result):
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()  # never awaited: no "coroutine was never awaited" warning
+                raise ConfigurationError(_ASYNC_HOOK.format(callback=callback))
+        if session._asgi_sqla_statement_failed:
+            # A callback caught a failed statement: on PostgreSQL the transaction is
+            # aborted now, and its COMMIT would be answered with a silent ROLLBACK.
+            _check_alive(session)
+    except BaseException:
+        session._asgi_sqla_hook_failed = True
+        pending.clear()
+        raise
 
 
 async def run_committed_callbacks(session: SessionLike) -> None:

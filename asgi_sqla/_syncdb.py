@@ -11,10 +11,22 @@ from sqlalchemy import URL, Engine
 from sqlalchemy.orm import Session, sessionmaker
 from typing_extensions import TypeVar
 
-from ._database import BaseDatabase, _engine_source, commit_below_400, raise_failure, with_class
+from ._database import (
+    BaseDatabase,
+    _engine_source,
+    check_hook,
+    commit_below_400,
+    raise_failure,
+    with_class,
+)
 from ._errors import ConfigurationError
 from ._options import check_bool, check_session_options
-from ._session import add_on_commit, run_committed_callbacks_here, run_to_completion
+from ._session import (
+    add_before_commit,
+    add_on_commit,
+    run_committed_callbacks_here,
+    run_to_completion,
+)
 from ._threaded import ThreadSession, check_off_loop, in_worker, thread_class
 from ._unit import SCOPE_EXITED, SessionContext, current_context, run_here
 
@@ -66,7 +78,7 @@ class SyncDatabase(BaseDatabase, Generic[_S]):
     checked here the same way.  A request past ``admission_limit`` waits for its place
     in its worker thread (in the event loop's thread, with ``block_event_loop``, it is
     refused at once: nothing could free a place while it blocked the loop).  Read
-    replicas and two-phase commit are for async databases only.
+    replicas, two-phase commit and ``session_per_task`` are for async databases only.
     """
 
     _engine_type = Engine
@@ -96,6 +108,13 @@ class SyncDatabase(BaseDatabase, Generic[_S]):
             raise ConfigurationError(
                 "Read replicas are supported by the async Database only; a SyncDatabase "
                 "reads and writes through its one engine."
+            )
+        if "session_per_task" in engine_options:
+            raise ConfigurationError(
+                "session_per_task is for the async Database: a request's `def` code may run "
+                "in several of the framework's threads, so a session per thread would "
+                "split one request's work unpredictably. Give the app's own threads a "
+                "session each with `with db.new_session() as session:`."
             )
         options = {
             "expire_on_commit": False,
@@ -184,6 +203,15 @@ class SyncDatabase(BaseDatabase, Generic[_S]):
                 "it: pass a plain function."
             )
         add_on_commit(self._context_session(), callback)
+
+    def before_commit(self, callback: Callable[[Session], object]) -> None:
+        """Call ``callback(session)`` inside the current transaction, just before COMMIT.
+
+        As :meth:`Database.before_commit`: ``session`` is :attr:`session` itself, and
+        the callback runs in the thread that commits.
+        """
+        check_hook(callback)
+        add_before_commit(self._context_session(), callback)
 
     @contextmanager
     def scope(

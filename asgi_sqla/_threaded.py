@@ -219,7 +219,11 @@ def _closed_if_idle(session: ThreadSession) -> bool:
     if not lock.acquire(blocking=False):
         return False
     try:
-        if session.get_transaction() is not None or session._asgi_sqla_on_commit:
+        if (
+            session.get_transaction() is not None
+            or session._asgi_sqla_on_commit
+            or session._asgi_sqla_before_commit
+        ):
             return False
         token = _ending.set(session)
         try:

@@ -39,6 +39,12 @@ The middleware's units count against their databases' ``admission_limit``
 (``_admission``): a round's sessions of one database share one ticket, taken with the
 round's sessions for an ending and given back once they have ended.
 
+With ``Database(session_per_task=True)`` a unit keeps several sessions of one database:
+the first task to open one (the request's, usually) owns the session kept under the
+``Database``; any other task's is kept under a :class:`TaskSessionKey`, which refers to
+the task weakly.  They end with the round like several databases' sessions, a
+database's newest first (``_ending_order``), so the owner's commits last.
+
 A ``SyncDatabase``'s sessions are asked for in worker threads, possibly several at once
 and while the event loop's thread ends the unit: adding a session and taking a round's
 sessions for an ending are done under one lock, so every session lands in a round that
@@ -51,6 +57,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Hashable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
@@ -66,10 +73,19 @@ from ._outcome import NOTHING_ENDED, Outcome, Result, SingletonEnum
 from ._replicas import ReadRoute, ReplicaSet
 from ._session import GuardedSession, make_read_only, sync_of
 from ._stats import Limits, RequestStats
+from ._stats import Outcome as StatsOutcome
 from ._threaded import AnySession
 from .types import Scope
 
-__all__ = ["SCOPE_KEY", "Event", "SessionContext", "State", "current_context", "run_here"]
+__all__ = [
+    "SCOPE_KEY",
+    "Event",
+    "SessionContext",
+    "State",
+    "TaskSessionKey",
+    "current_context",
+    "run_here",
+]
 
 _T = TypeVar("_T")
 
@@ -174,6 +190,7 @@ class ManagedDatabase(Hashable, Protocol):
     _replicas: ReplicaSet | None
     _stats: bool
     _admission: Admission | None
+    _session_per_task: bool
 
     @property
     def engine(self) -> AsyncEngine | Engine: ...
@@ -192,6 +209,64 @@ class ManagedDatabase(Hashable, Protocol):
     def _make_replica_session(self, engine: AsyncEngine) -> GuardedSession | None: ...
 
     def _can_prepare(self) -> bool: ...
+
+
+class TaskSessionKey:
+    """Names the session a child task has of its own (``Database(session_per_task=True)``).
+
+    The key of that session in the unit of work, and so in :attr:`Outcome.results`,
+    beside the databases' own sessions: ``key.db`` is the ``Database``, ``key.task_name``
+    the task's name.  It refers to the task weakly, so a finished task is freed; a new
+    task never matches the key of a finished one, even at the same address.
+    """
+
+    __slots__ = ("_hash", "_task", "db", "task_name")
+
+    def __init__(self, db: ManagedDatabase, task: asyncio.Task[Any]) -> None:
+        self.db = db
+        self.task_name = task.get_name()
+        self._task = weakref.ref(task)
+        self._hash = hash((db, id(task)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        # Two references to one live task are equal; a dead one only to itself.
+        return (
+            isinstance(other, TaskSessionKey) and other.db is self.db and other._task == self._task
+        )
+
+    def __repr__(self) -> str:
+        return f"{self.db!r} in task {self.task_name!r}"
+
+
+def _database_of(key: Hashable) -> ManagedDatabase:
+    """The database whose session is kept under ``key`` (the database, or a task's key)."""
+    if type(key) is TaskSessionKey:
+        return key.db
+    return cast(ManagedDatabase, key)
+
+
+def _ending_order(sessions: Mapping[Hashable, AnySession]) -> dict[Hashable, AnySession]:
+    """``sessions`` in the order they end when child tasks have sessions of their own.
+
+    The databases end in the order the request first used them, as always; a
+    database's sessions end newest first, so the request's own session (the first)
+    ends last and commits only if every child's did.  Newest first is also the order a
+    test's connection needs (``asgi_sqla.pytest_plugin``), where each session is a
+    savepoint opened inside the ones before it.
+    """
+    by_database: dict[Hashable, list[Hashable]] = {}
+    for key in sessions:
+        by_database.setdefault(_database_of(key), []).append(key)
+    return {key: sessions[key] for keys in by_database.values() for key in reversed(keys)}
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    if asyncio._get_running_loop() is None:  # a thread of the app: no task
+        return None
+    return asyncio.current_task()
 
 
 class SessionContext:
@@ -232,6 +307,11 @@ class SessionContext:
     outcome: Outcome | None = None
     _after_close: list[Callable[[], object]] | None = None
     _ending_done: asyncio.Event | None = None  # for tasks waiting to end the unit too
+    #: The task whose sessions are kept under their database (``session_per_task``): the
+    #: first task to open one in this unit.  Other tasks' are under a TaskSessionKey.
+    _owner: weakref.ref[asyncio.Task[Any]] | None = None
+    #: A session under a TaskSessionKey was opened here (see ``_ending_order``).
+    _task_sessions = False
     #: A websocket's transactions end when the app waits in ``receive()``.  An adapter
     #: whose framework reads messages ahead (Quart) turns this off and ends them where
     #: the handler waits instead.
@@ -302,9 +382,20 @@ class SessionContext:
             names = ", ".join(repr(d) for d in (*self._databases, db))
             raise NoSessionContextError(_NOT_MANAGED.format(db=db, names=names))
 
+    def _key(self, db: ManagedDatabase) -> Hashable:
+        """Where the current task's session of ``db`` is kept: under ``db``, or, for a
+        ``session_per_task`` database in a task other than the owner, a task's key."""
+        if db._session_per_task:
+            owner = self._owner
+            task = _current_task()
+            if owner is not None and task is not None and owner() is not task:
+                return TaskSessionKey(db, task)
+        return db
+
     def session(self, db: ManagedDatabase) -> AnySession:
         """Return ``db``'s session in this context, creating it on first use."""
-        session = self._sessions.get(db)
+        key = self._key(db) if db._session_per_task else db
+        session = self._sessions.get(key)
         if session is not None:
             return session
         self._check_open(db)
@@ -317,12 +408,18 @@ class SessionContext:
             session = db._make_session()
         if self.read_only:
             make_read_only(session)
+        if key is not db:
+            self._task_sessions = True
+        elif db._session_per_task and self._owner is None:
+            task = _current_task()  # the first task to open a session here owns ``db``
+            if task is not None:
+                self._owner = weakref.ref(task)
         with _sessions_lock:
             # A SyncDatabase's session may be asked for by several threads at once, or
             # while the event loop's thread ends the unit: check and add in one step,
             # so that no session lands where no ending will find it.
             self._check_open(db)
-            added = self._sessions.setdefault(db, session)
+            added = self._sessions.setdefault(key, session)
             if added is session and db._admission is not None and self.counted:
                 sync_of(session)._asgi_sqla_ticket = self._ticket(db, db._admission)
             return added
@@ -333,6 +430,8 @@ class SessionContext:
         written = self._written
         if replicas is None or (written is not None and db in written):
             return self.session(db)
+        if db._session_per_task and self._key(db) is not db:
+            return self.session(db)  # a child task's reads go to its own session
         session = self._sessions.get(replicas.slot)
         if session is not None:
             return session
@@ -399,8 +498,8 @@ class SessionContext:
         return self._stats or {}
 
     def existing(self, db: ManagedDatabase) -> AnySession | None:
-        """Return ``db``'s session if one is open in this context."""
-        return self._sessions.get(db)
+        """Return ``db``'s session (this task's) if one is open in this context."""
+        return self._sessions.get(self._key(db))
 
     def committable(self, db: ManagedDatabase) -> AnySession | None:
         """``db``'s open session, for ``db.commit()``; None when there is nothing to commit.
@@ -409,7 +508,7 @@ class SessionContext:
         writes were ended with the request, and returning would claim a commit that
         this call did not make.
         """
-        session = self._sessions.get(db)
+        session = self._sessions.get(self._key(db))
         if session is None:
             self._refuse_commit_once_closing()
         return session
@@ -533,13 +632,22 @@ class SessionContext:
         """
         sessions: dict[Hashable, AnySession] = {}
         replicas = db._replicas
+        own = self._key(db)
         with _sessions_lock:
-            for key in (db,) if replicas is None else (replicas.slot, db):
+            for key in (own,) if replicas is None or own is not db else (replicas.slot, db):
                 session = self._sessions.pop(key, None)
                 if session is not None:
                     sessions[key] = session
             tickets = self._tickets
-            ticket = tickets.pop(db, None) if tickets is not None else None
+            ticket = None
+            # The place is the round's, shared by all of ``db``'s sessions: a child task's
+            # release (``session_per_task``) keeps it while another session may hold a
+            # connection under it.
+            slot = replicas.slot if replicas is not None else None
+            if tickets is not None and not any(
+                key is slot or _database_of(key) is db for key in self._sessions
+            ):
+                ticket = tickets.pop(db, None)
         if not sessions:
             if commit:
                 self._refuse_commit_once_closing()
@@ -576,7 +684,7 @@ class SessionContext:
                 return self._record(NOTHING_ENDED, None)
             two_phase = self.two_phase and all(db._can_prepare() for db in self._databases)
             outcome, cancelled = await end_sessions(
-                sessions,
+                _ending_order(sessions) if self._task_sessions else sessions,
                 decider,
                 reason=reason,
                 two_phase=two_phase,
@@ -623,8 +731,15 @@ class SessionContext:
             self.committed_all = False
         all_stats = self._stats
         if all_stats is not None:
-            for db, result in outcome.results.items():
-                stats = all_stats.get(db)  # type: ignore[call-overload]
+            # A database's statistics cover its sessions in every task: the worst
+            # result of this ending is theirs.
+            ended: dict[ManagedDatabase, Result] = {}
+            for key, result in outcome.results.items():
+                db = _database_of(key)
+                if _SEVERITY[result] >= _SEVERITY[ended.get(db, Result.COMMITTED)]:
+                    ended[db] = result
+            for db, result in ended.items():
+                stats = all_stats.get(db)
                 if stats is not None:
                     stats.outcome = _STATS_OUTCOME[result]
         if cancelled is not None:
@@ -632,7 +747,13 @@ class SessionContext:
         return outcome
 
 
-_STATS_OUTCOME = {
+_SEVERITY = {
+    Result.COMMITTED: 0,
+    Result.COMMITTED_WHILE_ANOTHER_FAILED: 1,
+    Result.ROLLED_BACK: 2,
+    Result.FAILED: 3,
+}
+_STATS_OUTCOME: dict[Result, StatsOutcome] = {
     Result.COMMITTED: "committed",
     Result.COMMITTED_WHILE_ANOTHER_FAILED: "committed",
     Result.ROLLED_BACK: "rolled back",
@@ -666,7 +787,7 @@ class Decider:
         self.release = release  # db.release(commit=...): the app decided
         self.commit = commit  # db.scope(commit=...): the block's policy
 
-    def __call__(self, db: ManagedDatabase, session: AnySession) -> tuple[bool, str]:
+    def __call__(self, key: Hashable, session: AnySession) -> tuple[bool, str]:
         if self.failed:
             return False, "rolled back: the request failed or was cut short"
         marked = session._asgi_sqla_rollback_only
@@ -682,7 +803,7 @@ class Decider:
             if self.commit:
                 return True, "committed: the block's commit=True"
             return False, "rolled back: the block's commit=False"
-        commit_on = db.commit_on
+        commit_on = _database_of(key).commit_on
         if commit_on is None:
             return False, "rolled back: commit_on is None"
         status = self.status
@@ -693,8 +814,8 @@ class Decider:
         return False, f"rolled back: status {status}"
 
 
-def _engine_of(db: ManagedDatabase) -> AsyncEngine:
-    engine = db.engine
+def _engine_of(key: Hashable) -> AsyncEngine:
+    engine = _database_of(key).engine
     assert isinstance(engine, AsyncEngine)  # two-phase commit: async databases only
     return engine
 

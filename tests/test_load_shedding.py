@@ -777,3 +777,35 @@ def test_the_guides_python_blocks_run() -> None:
         db = namespace["db"]
         assert isinstance(db, Database)
         assert isinstance(namespace["application"], SQLAlchemyMiddleware)
+
+
+async def test_a_child_tasks_release_keeps_the_requests_place_with_session_per_task(
+    database_url: str,
+) -> None:
+    # The request's own session and its child's share one place: the child's
+    # db.release() must not give it back while the request's session holds a connection.
+    async with opened(database_url, admission_limit=1, session_per_task=True) as db:
+        released = anyio.Event()
+        finish = anyio.Event()
+
+        async def child() -> None:
+            await db.session.execute(text("SELECT 3"))
+            await db.release()
+
+        async def holder(scope: Scope, receive: Receive, send: Send) -> None:
+            await db.session.execute(text("SELECT 1"))
+            async with anyio.create_task_group() as group:
+                group.start_soon(child)
+            released.set()
+            await finish.wait()
+            await plain_response(send, 200)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(call_http, SQLAlchemyMiddleware(holder, db))
+            await released.wait()
+            refused = await call_http(SQLAlchemyMiddleware(query_app(db), db))
+            finish.set()
+        assert refused.status == 503
+        assert checked_out(db) == 0
+        # The place came back with the request: the next one is admitted.
+        assert (await call_http(SQLAlchemyMiddleware(query_app(db), db))).status == 200
