@@ -31,8 +31,6 @@ from asgi_lifespan import LifespanManager
 from sqlalchemy import URL, MetaData, create_engine, make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from asgi_sqla import Database
-
 from _helpers import query
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "migrating"
@@ -48,16 +46,6 @@ INNER_INI = """\
 addopts = -p no:cacheprovider
 filterwarnings = error
 """
-
-# Blocks written against APIs other branches of issue 12 add; the lead removes these
-# marks once they are merged.
-needs_session_per_task = pytest.mark.skipif(
-    "session_per_task" not in inspect.signature(Database).parameters,
-    reason="needs Database(session_per_task=...) (merging)",
-)
-needs_before_commit = pytest.mark.skipif(
-    not hasattr(Database, "before_commit"), reason="needs db.before_commit() (merging)"
-)
 
 
 def python_blocks(page: str) -> list[str]:
@@ -231,9 +219,8 @@ Check = Callable[[Page, pytest.Pytester], Awaitable[None] | None]
 CHECKS: dict[str, dict[str, Check]] = {}
 PAGE_OPTIONS: dict[str, dict[str, Any]] = {"fastapi-sqla": {"sync": True}}
 MARKS: dict[tuple[str, str], tuple[pytest.MarkDecorator, ...]] = {
-    ("fastapi-async-sqlalchemy", "per_task_app"): (needs_session_per_task,),
     # PostgreSQL's WAL position: the block runs on PostgreSQL (through asyncpg).
-    ("context-async-sqlalchemy", "lsn_app"): (needs_before_commit, pytest.mark.postgresql),
+    ("context-async-sqlalchemy", "lsn_app"): (pytest.mark.postgresql,),
 }
 
 
