@@ -26,9 +26,12 @@ SQLAlchemy cannot do for us:
   (``close()``, ``reset()``, ``invalidate()``) do nothing on a retired session.
 * It keeps a rollback-only (or read-only) session from committing, by any API: see
   :func:`make_read_only` for exactly what that covers.
-* It remembers a pool timeout (so that the response can say 503) and a serialization
-  failure or deadlock (so that a retrying route can run again) met by a statement, a
-  flush or ``commit()``, even when the app's framework turned the error into a 500.
+* It remembers that the database was unavailable (a pool timeout, a connection lost
+  or refused, a server turned read-only: see ``_unavailable``), so that the response
+  can say 503, and a serialization failure or deadlock (so that a retrying route can
+  run again), met by a statement, a flush or ``commit()``, even when the app's
+  framework turned the error into a 500.  A failure to acquire a connection is told
+  apart from the same exception types raised by the app's own code.
 
 What it does not cover: in-memory bookkeeping that reaches no database (``add()``,
 ``expunge()``, the identity-map part of ``get()`` or ``delete()``), and connections the
@@ -50,7 +53,6 @@ from typing import Any, Generic, TypeVar, cast, overload
 from greenlet import getcurrent  # type: ignore[import-untyped,unused-ignore]
 from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.util.concurrency import in_greenlet
@@ -63,6 +65,7 @@ from ._errors import (
     exception_chain,
 )
 from ._log import logger
+from ._unavailable import note_acquire_failure, note_read_only_transaction, unavailable
 
 _T = TypeVar("_T")
 
@@ -127,8 +130,9 @@ class _GuardedSyncSession(Session):
     _asgi_sqla_ended: str | None = None
     #: Why this session's transactions must never commit, if they must not.
     _asgi_sqla_rollback_only: str | None = None
-    #: A statement, flush or commit failed because the pool timed out.
-    _asgi_sqla_pool_exhausted: bool = False
+    #: Why a statement, flush or commit failed for want of the database (see
+    #: ``_unavailable``); None while none has.
+    _asgi_sqla_unavailable: str | None = None
     #: A statement, flush or commit failed with a serialization failure or deadlock.
     _asgi_sqla_conflict: bool = False
     #: The greenlet of the call that last reached the database, and its task (weakly:
@@ -154,7 +158,14 @@ class _GuardedSyncSession(Session):
             raise
 
     def _connection_for_bind(self, *args: Any, **kwargs: Any) -> Any:
-        return self._guarded(super()._connection_for_bind, *args, **kwargs)
+        try:
+            return self._guarded(super()._connection_for_bind, *args, **kwargs)
+        except Exception as exc:
+            # Failing to acquire a connection: a refused or timed-out connect counts as
+            # the database being unavailable here, and only here (see ``_unavailable``).
+            note_acquire_failure(exc)
+            _note_failure(self, exc)
+            raise
 
     def flush(self, objects: Any = None) -> None:
         # Guarded before the flush, or an autoflush, changes anything.
@@ -295,9 +306,10 @@ def _may_release(session: _GuardedSyncSession) -> bool:
 
 
 def _note_failure(session: _GuardedSyncSession, exc: Exception) -> None:
-    if isinstance(exc, PoolTimeoutError):
+    reason = unavailable(exc)
+    if reason is not None:
         # Remembered so that the response can say 503, whatever the app made of it.
-        session._asgi_sqla_pool_exhausted = True
+        session._asgi_sqla_unavailable = reason
     elif isinstance(exc, DBAPIError) and is_conflict(exc):
         # Remembered so that a retrying route can re-run the request even when the
         # app's framework turned the error into a 500 response.
@@ -331,7 +343,8 @@ class GuardedSession(AsyncSession):
     """
 
     _asgi_sqla_ended = _OnSyncSession[str | None]()
-    _asgi_sqla_pool_exhausted = _OnSyncSession[bool]()
+    #: Why a statement or commit failed for want of the database, if one did.
+    _asgi_sqla_unavailable = _OnSyncSession[str | None]()
     #: A statement or commit failed with a serialization failure or deadlock.
     _asgi_sqla_conflict = _OnSyncSession[bool]()
     #: Why this session's transactions must never commit, if they must not.
@@ -468,7 +481,9 @@ def make_read_only(session: SessionLike) -> None:
 
 def _set_transaction_read_only(session: Any, transaction: Any, connection: Any) -> None:
     # after_begin runs before the transaction's first statement: the only moment
-    # SET TRANSACTION is allowed.
+    # SET TRANSACTION is allowed.  Noted first, so that a 25006 met on this connection
+    # is the app's write in a read-only route, not a server turned read-only.
+    note_read_only_transaction(connection)
     connection.exec_driver_sql("SET TRANSACTION READ ONLY")
 
 
