@@ -22,10 +22,12 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -467,3 +469,19 @@ async def test_a_read_that_failed_over_from_a_dead_replica_does_not_make_a_500_a
     finally:
         await db.dispose()
     assert (answer.status, answer.retry_after) == (500, None)
+
+
+# -- the guide -------------------------------------------------------------------------------
+
+GUIDE = Path(__file__).resolve().parent.parent / "docs" / "failover.md"
+
+
+async def test_the_failover_guide_examples_name_both_hosts_and_ask_for_the_writable_one() -> None:
+    [block] = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.DOTALL)
+    namespace: dict[str, Any] = {}
+    exec(compile(block, str(GUIDE), "exec"), namespace)  # builds the databases, connects nowhere
+    for db in (namespace["db"], namespace["sync_db"]):
+        url = db.engine.url
+        assert url.query["host"] == ("db1.internal:5432", "db2.internal:5432")
+        assert url.query["target_session_attrs"] == "read-write"
+        await dispose(db)

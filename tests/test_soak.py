@@ -572,7 +572,7 @@ def figures_table(run: Run, reconciled: Reconciled) -> str:
         ),
         f"    {'backends killed':<22} {sum(kills.values()):>6}   "
         f"mid-statement x{kills['kill-query']}, mid-commit x{kills['kill-commit']}",
-        f"    {'pool exhausted (503)':<22} {statuses['503']:>6}",
+        f"    {'unavailable (503)':<22} {statuses['503']:>6}",
         f"    {'database restarts':<22} {len(run.injected.restarts):>6}   "
         + ", ".join(f"{s:.2f} s down" for s in run.injected.restarts),
         f"  lies (non-2xx with a committed row):  {len(reconciled.lies)}"
@@ -703,7 +703,8 @@ async def test_under_random_faults_every_answer_matches_the_database_and_nothing
 # (``target_session_attrs=read-write``).  Plain writes from many clients; half-way the
 # primary is stopped (``pg_ctl stop -m fast``) and the standby promoted.  The same audit
 # as above; answers may only be 2xx or 503 with Retry-After, and the app must serve the
-# new primary without a restart.  ``SOAK_FAILOVER_REQUESTS`` (default 300) and
+# new primary without a restart.  The pool has a connection per client, so that every
+# 503 is the failover's, not the pool's.  ``SOAK_FAILOVER_REQUESTS`` (default 300) and
 # ``SOAK_FAILOVER_CONCURRENCY`` (default 20) size it; ``make soak`` runs a long one.
 
 FAILOVER_VARIANTS = [
@@ -847,7 +848,12 @@ async def test_a_failover_mid_run_is_answered_503_and_loses_no_commit(
             port=None,
             query={"host": hosts, "target_session_attrs": "read-write"},
         ).render_as_string(hide_password=False)
-        env = {"DATABASE_URL": url, "PYTHONWARNINGS": WARNINGS_AS_ERRORS}
+        # A connection for every client: the 503s are the failover's, not the pool's.
+        env = {
+            "DATABASE_URL": url,
+            "PYTHONWARNINGS": WARNINGS_AS_ERRORS,
+            "SOAK_POOL_SIZE": str(variant.concurrency),
+        }
         with serve(variant.app, "uvicorn", env=env, ready_path="/health") as server:
             run, failover = await fail_over_mid_run(server, pg, standby, variant)
             async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
