@@ -142,7 +142,9 @@ class HTTPResponder:
         if self.may_retry(error):
             self.stop_for_retry()
         self.failed = self.started = True
-        reason = unavailable(error)
+        # A 503 invites the same request again: not once a part of it was committed
+        # (another database committed first, or the app called db.commit()).
+        reason = None if self.unit.committed_any else unavailable(error)
         sent = "a 500 response" if reason is None else f"a 503 response ({reason})"
         text = COMMIT_FAILED.format(sent=sent, replaced=f"{start['status']} response")
         logger.error(text, exc_info=error)
