@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
 import socket
 import time
@@ -117,19 +116,24 @@ class Answer:
     retry_after: bytes | None
     body: bytes
     began: float
+    error: str = ""  # the exception that reached the server, if one did
 
 
 async def call(app: ASGIApp, path: str, key: str = "", method: str = "POST") -> Answer:
     recorder = ASGIRecorder([{"type": "http.request", "body": b"", "more_body": False}])
     scope = http_scope(path, method=method, query_string=f"key={key}".encode())
     began = time.monotonic()
-    with contextlib.suppress(Exception):  # reaching the server: it answers 500 if nothing started
+    error = ""
+    try:
         await recorder(app, scope)
+    except Exception as exc:  # reaching the server: it answers 500 if nothing started
+        error = repr(exc)
     starts = [m for m in recorder.sent if m["type"] == "http.response.start"]
     if not starts:
-        return Answer(key, None, None, b"", began)
+        return Answer(key, None, None, b"", began, error)
     headers = dict(starts[0]["headers"])
-    return Answer(key, starts[0]["status"], headers.get(b"retry-after"), recorder.body, began)
+    status = starts[0]["status"]
+    return Answer(key, status, headers.get(b"retry-after"), recorder.body, began, error)
 
 
 def checked_out(db: AnyDatabase) -> int:
@@ -331,7 +335,7 @@ async def test_a_server_turned_read_only_under_a_live_pool_answers_503_and_repla
     finally:
         await dispose(writer.db)
 
-    assert (refused.status, refused.retry_after) == (503, b"2")
+    assert (refused.status, refused.retry_after) == (503, b"2"), refused
     # The pooled connection served the refused write, and was invalidated: the next
     # request ran on a new backend, and the old one is gone.
     assert writer.pids[1] == first
