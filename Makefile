@@ -153,9 +153,15 @@ distclean: clean ## clean, and delete the virtualenv too
 # from 50 clients, and 300 from 30).  SOAK_REQUESTS, SOAK_CONCURRENCY, SOAK_SEED (replay a
 # run), SOAK_DRIVER (asyncpg or psycopg), SOAK_SYNC_DRIVER (psycopg or psycopg2) and
 # SOAK_REPORT (a file for the figures; the sync run's gets .sync appended) may be set.
+# The failover drill of the same file (a primary stopped and its standby promoted
+# mid-run; `make test` runs 300 requests from 20 clients, async and sync) is sized by
+# SOAK_FAILOVER_REQUESTS and SOAK_FAILOVER_CONCURRENCY; its figures go to
+# SOAK_REPORT.failover and SOAK_REPORT.failover-sync.
 # Then the state machine of tests/test_invariants.py with its long Hypothesis profile.
 .PHONY: soak
-soak: $(VENV_STAMP) ## long runs: the soaks, async and sync (10000 requests, 100 clients), then the invariants machine
+soak: $(VENV_STAMP) ## long runs: the soaks and the failover drills (10000 and 5000 requests, 100 clients), then the invariants machine
 	SOAK_REQUESTS=$${SOAK_REQUESTS:-10000} SOAK_CONCURRENCY=$${SOAK_CONCURRENCY:-100} \
+		SOAK_FAILOVER_REQUESTS=$${SOAK_FAILOVER_REQUESTS:-5000} \
+		SOAK_FAILOVER_CONCURRENCY=$${SOAK_FAILOVER_CONCURRENCY:-100} \
 		$(BIN)/pytest tests/test_soak.py $(PYTEST_ARGS)
 	ASGI_SQLA_HYPOTHESIS=long $(BIN)/pytest tests/test_invariants.py $(PYTEST_ARGS)

@@ -4,24 +4,27 @@ The ordering that makes the status line true: when the app sends
 ``http.response.start``, the request's sessions are ended (committed or rolled back,
 and their connections returned) *before* the message is forwarded.  If the commit
 fails the client gets a 500 instead, and the app's later messages are refused with
-``CommitFailedError``.  Messages before the start (``http.response.early_hint``,
-``.debug``, ``.push``) pass through.  The middleware never calls ``receive()`` on
-HTTP: the request body is the app's.
+``CommitFailedError``.  When the database was unavailable (``_unavailable``: the pool
+timed out, the connection was lost or refused, the server turned read-only), the
+answer is a 503 with ``Retry-After`` instead of a 500, whether the app's framework
+made a 5xx of it, the exception reached the middleware, or the COMMIT failed so; it is
+still an error status, so it claims no commit.  Messages before the start
+(``http.response.early_hint``, ``.debug``, ``.push``) pass through.  The middleware
+never calls ``receive()`` on HTTP: the request body is the app's.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NoReturn
 
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-
-from ._errors import CommitFailedError, DatabaseBusyError, ResponseCutShortError, exception_chain
-from ._log import logger
+from ._errors import CommitFailedError, ResponseCutShortError
+from ._log import Throttle, logger
 from ._routes import ReplayableBody
 from ._session import is_conflict, run_to_completion
 from ._stats import server_timing
+from ._unavailable import BUSY, POOL_TIMEOUT, READ_ONLY, UNREACHABLE, unavailable
 from ._unit import REQUEST_FINISHED, RESPONSE_STARTED, SessionContext
 from .types import Message, Receive, Send
 
@@ -29,12 +32,25 @@ __all__ = ["HTTPOptions", "HTTPResponder", "RetryRequest", "send_error_response"
 
 
 _ERROR_BODY = b"Internal Server Error"
-_UNAVAILABLE_BODY = b"Service Unavailable: no database connection was free. Retry shortly."
-_POOL_TIMEOUT = (
-    "No database connection was free within the pool timeout (or the database's "
-    "admission_limit refused the request); answered 503 with Retry-After instead of "
-    "%s. Consider a larger pool (pool_size, max_overflow) and admission_limit."
-)
+_UNAVAILABLE_BODY = "Service Unavailable: {reason}. Retry shortly."
+_UNAVAILABLE = "%s; answered 503 with Retry-After instead of %s. %s%s"
+_SKIPPED = " (and {count} more such 503s since the last of these warnings)"
+#: What to do next, by reason (see ``_unavailable``).
+_ADVICE = {
+    POOL_TIMEOUT: "Consider a larger pool (pool_size, max_overflow).",
+    UNREACHABLE: (
+        "Requests succeed again once it answers (after a restart or a failover); "
+        "pool_pre_ping=True replaces the pooled connections it dropped."
+    ),
+    BUSY: (
+        "Raise admission_limit with the pool (pool_size + max_overflow), or let "
+        "requests wait for a place a little (admission_timeout)."
+    ),
+    READ_ONLY: (
+        "Its connection was discarded, and so are the older pooled ones at their next "
+        "checkout; requests succeed again once a writable server answers (a failover?)."
+    ),
+}
 COMMIT_FAILED = (
     "The transaction failed to commit, so the client was sent {sent} instead of the "
     "app's {replaced}; the app's later messages are discarded."
@@ -54,16 +70,14 @@ _UNRELATED_AFTER_FAILURE = (
 )
 
 
-#: The errors of a request that could not get a connection: answered 503.
-_UNAVAILABLE = (PoolTimeoutError, DatabaseBusyError)
-
-
 @dataclass(frozen=True)
 class HTTPOptions:
     """What the middleware's configuration says about HTTP responses."""
 
     retry_after: tuple[bytes, bytes]
     server_timing: bool
+    #: The middleware's "answered 503" warnings, at most one a second for each reason.
+    warnings: Throttle = field(default_factory=Throttle)
 
 
 class RetryRequest(Exception):
@@ -79,7 +93,7 @@ class HTTPResponder:
     _last_sent: Message | None = None  # after the start: see ``complete``
     failed = False  # the app may send nothing more (see cut_short for why)
     cut_short = False  # cancelled as the response started: only its start went out
-    unavailable = False  # a 503 was sent because the pool timed out
+    unavailable = False  # a 503 was sent because the database was unavailable
     body: ReplayableBody | None = None  # set when this attempt may be re-run
     retrying = False  # this attempt was stopped to be re-run
 
@@ -115,11 +129,12 @@ class HTTPResponder:
             if unit.conflicted and self.may_retry(None):
                 # The framework made a 500 of the conflict: run the request again.
                 self.stop_for_retry()
-            if unit.pool_exhausted:
-                # The app (or its framework) turned the pool timeout into an error
-                # response: say what it is, and when to come back.
+            reason = unit.unavailable
+            if reason is not None:
+                # The app (or its framework) turned the database's unavailability into
+                # an error response: say what it is, and when to come back.
                 self.unavailable = True
-                logger.warning(_POOL_TIMEOUT, start["status"])
+                _log_unavailable(self._options.warnings, reason, start["status"])
                 start = _unavailable(start, self._options.retry_after)
         try:
             outcome = await unit.end(start["status"], reason=RESPONSE_STARTED)
@@ -134,9 +149,17 @@ class HTTPResponder:
         if self.may_retry(error):
             self.stop_for_retry()
         self.failed = self.started = True
-        text = COMMIT_FAILED.format(sent="a 500 response", replaced=f"{start['status']} response")
+        # A 503 invites the same request again: not once a part of it was committed
+        # (another database committed first, or the app called db.commit()).
+        reason = None if self.unit.committed_any else unavailable(error)
+        sent = "a 500 response" if reason is None else f"a 503 response ({reason})"
+        text = COMMIT_FAILED.format(sent=sent, replaced=f"{start['status']} response")
         logger.error(text, exc_info=error)
-        await send_error_response(self._send, "http.response")
+        if reason is None:
+            await send_error_response(self._send, "http.response")
+        else:
+            self.unavailable = True
+            await self._send_unavailable(reason)
         raise CommitFailedError(text) from error
 
     async def _cancelled_at_start(self, start: Message) -> None:
@@ -202,7 +225,7 @@ class HTTPResponder:
             return True
         if self.may_retry(exc):
             raise RetryRequest from exc
-        return await self._answer_pool_timeout(exc)
+        return await self._answer_unavailable(exc)
 
     async def app_returned(self) -> None:
         """End what the app left open when it returned normally."""
@@ -217,20 +240,34 @@ class HTTPResponder:
         if self.retrying:
             raise RetryRequest  # the app swallowed the CommitFailedError that stopped it
 
-    async def _answer_pool_timeout(self, exc: Exception) -> bool:
-        """Whether the client got (or now gets) a 503 for ``exc``, a pool timeout."""
-        if not any(isinstance(e, _UNAVAILABLE) for e in exception_chain(exc)):
+    async def _answer_unavailable(self, exc: Exception) -> bool:
+        """Whether the client got (or now gets) a 503 for ``exc``: the database was unavailable."""
+        reason = unavailable(exc)
+        if reason is None:
             return False
         if self.started:
             # Already answered 503 when the framework's 5xx went out (Starlette's
             # ServerErrorMiddleware sends its 500, then re-raises for the server's log).
             return self.unavailable
         self.started = self.unavailable = True
-        logger.warning(_POOL_TIMEOUT, "an exception")
-        await send_error_response(
-            self._send, "http.response", 503, _UNAVAILABLE_BODY, self._options.retry_after
-        )
+        _log_unavailable(self._options.warnings, reason, "an exception")
+        await self._send_unavailable(reason)
         return True
+
+    async def _send_unavailable(self, reason: str) -> None:
+        body = _UNAVAILABLE_BODY.format(reason=reason).encode()
+        await send_error_response(self._send, "http.response", 503, body, self._options.retry_after)
+
+
+def _log_unavailable(warnings: Throttle, reason: str, replaced: object) -> None:
+    # An outage or an overload fails every request alike, thousands a second: one line
+    # a second for each reason says as much, and keeps the log readable and cheap.
+    skipped = warnings.allow(reason)
+    if skipped is None:
+        return
+    said = reason[:1].upper() + reason[1:]
+    more = _SKIPPED.format(count=skipped) if skipped else ""
+    logger.warning(_UNAVAILABLE, said, replaced, _ADVICE.get(reason, ""), more)
 
 
 def _unwinds_failure(exc: BaseException | None, depth: int = 0) -> bool:

@@ -42,11 +42,14 @@ class SQLAlchemyMiddleware:
       ``receive()``, and at close; rolled back if the app raises.
     * Any other scope type passes through untouched.
 
-    :param retry_after: When a request could not get a connection (the pool timed out,
-        or its database's ``admission_limit`` refused it) and its response has not
-        started, the client gets 503 with this ``Retry-After`` instead of a 500,
-        whether the exception reaches the middleware or the app's framework turned it
-        into a 5xx response.
+    :param retry_after: When a request failed because the database was unavailable
+        (the pool timed out, its ``admission_limit`` refused it, the connection was
+        lost or refused, the server turned read-only: see ``_unavailable``) and its
+        response has not started, the client gets 503 with this ``Retry-After``
+        instead of a 500, whether the exception reaches the middleware, the app's
+        framework turned it into a 5xx response, or the COMMIT at response start failed
+        so.  Each such 503 is logged at WARNING, at most once a second for each reason
+        (the next line counts those left out).
     :param read_only: Path patterns (``/reports/*``) whose transactions are read-only
         and never commit (``READ ONLY`` on PostgreSQL and MySQL).  These patterns, like
         those of ``manual_commit`` and ``retry``, match every spelling of a path that

@@ -253,6 +253,9 @@ async def _first_read(
             session._asgi_sqla_connected = True
             return result
         await guarded.rollback()  # forget the failed connection; nothing was read
+        # Another replica or the primary serves the read: this failure made the
+        # database no less available (a 5xx of the app's is not turned into a 503).
+        session._asgi_sqla_unavailable = None
         async_engine = route.engine_of(engine)
         if async_engine is not None:
             replicas.mark_down(async_engine, failure)

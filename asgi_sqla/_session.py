@@ -26,10 +26,13 @@ SQLAlchemy cannot do for us:
   (``close()``, ``reset()``, ``invalidate()``) do nothing on a retired session.
 * It keeps a rollback-only (or read-only) session from committing, by any API: see
   :func:`make_read_only` for exactly what that covers.
-* It remembers a pool timeout or a refusal by the ``admission_limit`` (so that the
-  response can say 503) and a serialization failure or deadlock (so that a retrying
-  route can run again) met by a statement, a flush or ``commit()``, even when the
-  app's framework turned the error into a 500.
+* It remembers that the database was unavailable (a pool timeout, a refusal by its
+  ``admission_limit``, a connection lost or refused, a server turned read-only: see
+  ``_unavailable``), so that the response can say 503, and a serialization failure or
+  deadlock (so that a retrying route can run again), met by a statement, a flush or
+  ``commit()``, even when the app's framework turned the error into a 500.  A failure
+  to acquire a connection is told apart from the same exception types raised by the
+  app's own code.
 * It takes the request's place at the database's ``admission_limit`` (``_admission``)
   before the session's first connection.
 
@@ -53,7 +56,6 @@ from typing import Any, Generic, TypeVar, cast, overload
 from greenlet import getcurrent  # type: ignore[import-untyped,unused-ignore]
 from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.util.concurrency import in_greenlet
@@ -63,12 +65,12 @@ from ._errors import (
     BlockingCallError,
     ConcurrentSessionUseError,
     ConfigurationError,
-    DatabaseBusyError,
     RollbackOnlyError,
     SessionEndedError,
     exception_chain,
 )
 from ._log import logger
+from ._unavailable import note_acquire_failure, note_read_only_transaction, unavailable
 
 _T = TypeVar("_T")
 
@@ -134,8 +136,9 @@ class _GuardedSyncSession(Session):
     _asgi_sqla_ended: str | None = None
     #: Why this session's transactions must never commit, if they must not.
     _asgi_sqla_rollback_only: str | None = None
-    #: A statement, flush or commit failed because the pool timed out.
-    _asgi_sqla_pool_exhausted: bool = False
+    #: Why a statement, flush or commit failed for want of the database (see
+    #: ``_unavailable``); None while none has.
+    _asgi_sqla_unavailable: str | None = None
     #: A statement, flush or commit failed with a serialization failure or deadlock.
     _asgi_sqla_conflict: bool = False
     #: The greenlet of the call that last reached the database, and its task (weakly:
@@ -171,9 +174,19 @@ class _GuardedSyncSession(Session):
             raise
 
     def _connection_for_bind(self, *args: Any, **kwargs: Any) -> Any:
-        if self._asgi_sqla_ticket is None:
-            return self._guarded(super()._connection_for_bind, *args, **kwargs)
-        return self._guarded(self._admitted_connection_for_bind, *args, **kwargs)
+        acquire = (
+            super()._connection_for_bind
+            if self._asgi_sqla_ticket is None
+            else self._admitted_connection_for_bind
+        )
+        try:
+            return self._guarded(acquire, *args, **kwargs)
+        except Exception as exc:
+            # Failing to acquire a connection: a refused or timed-out connect counts as
+            # the database being unavailable here, and only here (see ``_unavailable``).
+            note_acquire_failure(exc)
+            _note_failure(self, exc)
+            raise
 
     def _admitted_connection_for_bind(self, *args: Any, **kwargs: Any) -> Any:
         # Past the guard (an ended session is refused first), before the transaction
@@ -328,9 +341,10 @@ def _may_release(session: _GuardedSyncSession) -> bool:
 
 
 def _note_failure(session: _GuardedSyncSession, exc: Exception) -> None:
-    if isinstance(exc, (PoolTimeoutError, DatabaseBusyError)):
+    reason = unavailable(exc)
+    if reason is not None:
         # Remembered so that the response can say 503, whatever the app made of it.
-        session._asgi_sqla_pool_exhausted = True
+        session._asgi_sqla_unavailable = reason
     elif isinstance(exc, DBAPIError) and is_conflict(exc):
         # Remembered so that a retrying route can re-run the request even when the
         # app's framework turned the error into a 500 response.
@@ -364,7 +378,8 @@ class GuardedSession(AsyncSession):
     """
 
     _asgi_sqla_ended = _OnSyncSession[str | None]()
-    _asgi_sqla_pool_exhausted = _OnSyncSession[bool]()
+    #: Why a statement or commit failed for want of the database, if one did.
+    _asgi_sqla_unavailable = _OnSyncSession[str | None]()
     #: A statement or commit failed with a serialization failure or deadlock.
     _asgi_sqla_conflict = _OnSyncSession[bool]()
     #: Why this session's transactions must never commit, if they must not.
@@ -587,7 +602,9 @@ def make_read_only(session: SessionLike) -> None:
 
 def _set_transaction_read_only(session: Any, transaction: Any, connection: Any) -> None:
     # after_begin runs before the transaction's first statement: the only moment
-    # SET TRANSACTION is allowed.
+    # SET TRANSACTION is allowed.  Noted first, so that a 25006 met on this connection
+    # is the app's write in a read-only route, not a server turned read-only.
+    note_read_only_transaction(connection)
     connection.exec_driver_sql("SET TRANSACTION READ ONLY")
 
 

@@ -519,9 +519,13 @@ class SessionContext:
             raise SessionEndedError(_NOTHING_TO_COMMIT)
 
     @property
-    def pool_exhausted(self) -> bool:
-        """True when an open session failed to get a connection: the pool timed out."""
-        return any(s._asgi_sqla_pool_exhausted for s in self._sessions.values())
+    def unavailable(self) -> str | None:
+        """Why an open session found the database unavailable (``_unavailable``), if one did."""
+        for session in self._sessions.values():
+            reason = session._asgi_sqla_unavailable
+            if reason is not None:
+                return reason
+        return None
 
     @property
     def conflicted(self) -> bool:

@@ -378,7 +378,7 @@ class StreamingReplica(TemporaryCluster):
     and initdb's ``pg_hba.conf`` allows replication connections from 127.0.0.1 with the
     ``--auth`` method (trust here); the copy keeps the primary's settings.  ``stop()``
     (inherited) stops it and deletes its directory; ``pause()`` and ``resume()`` stop it
-    and start it again on the same port.
+    and start it again on the same port; ``promote()`` makes it a primary (a failover).
     """
 
     def __init__(self, bindir: Path, primary: URL) -> None:
@@ -458,6 +458,20 @@ class StreamingReplica(TemporaryCluster):
         result = self._run("pg_ctl", "stop", "--pgdata", str(self.data_directory), "-m", "fast")
         if result.returncode != 0:
             raise RuntimeError(f"pg_ctl stop failed:\n{result.stdout}\n{result.stderr}")
+
+    def promote(self, timeout: float = 60.0) -> None:
+        """Make the standby a primary (``pg_ctl promote --wait``): it accepts writes after."""
+        result = self._run(
+            "pg_ctl",
+            "promote",
+            "--pgdata",
+            str(self.data_directory),
+            "--wait",
+            f"--timeout={int(timeout)}",
+            timeout=timeout + 10,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"pg_ctl promote failed:\n{result.stdout}\n{result.stderr}")
 
     def resume(self, timeout: float = 60.0) -> None:
         """Start the standby again on the same port, after :meth:`pause`."""

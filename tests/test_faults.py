@@ -35,7 +35,7 @@ import psycopg
 import pytest
 from psycopg import sql
 from psycopg.rows import TupleRow
-from sqlalchemy import URL, exc, text
+from sqlalchemy import URL, text
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -93,10 +93,21 @@ def starts(recorder: ASGIRecorder) -> list[int]:
     return [m["status"] for m in recorder.sent if m["type"] == "http.response.start"]
 
 
+def retry_after(recorder: ASGIRecorder) -> list[bytes]:
+    """The ``Retry-After`` values of the responses the server got."""
+    return [
+        value
+        for m in recorder.sent
+        if m["type"] == "http.response.start"
+        for name, value in m["headers"]
+        if name.lower() == b"retry-after"
+    ]
+
+
 # -- a backend killed during the COMMIT ----------------------------------------------------
 
 
-async def test_a_backend_killed_mid_commit_answers_500_and_commits_nothing(
+async def test_a_backend_killed_mid_commit_answers_503_with_retry_after_and_commits_nothing(
     slow_db: Database,
     pg_admin: psycopg.Connection[TupleRow],
     caplog: pytest.LogCaptureFixture,
@@ -118,7 +129,9 @@ async def test_a_backend_killed_mid_commit_answers_500_and_commits_nothing(
             pg_admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
     [recorder] = results
-    assert starts(recorder) == [500]
+    # The database went away under the COMMIT: unavailable, still no claim of success.
+    assert starts(recorder) == [503]
+    assert retry_after(recorder) == [b"1"]
     assert b"created" not in recorder.body
     assert any("failed to commit" in r.getMessage() for r in caplog.records)
     assert await keys(slow_db) == set()
@@ -389,13 +402,13 @@ async def test_with_pool_pre_ping_the_first_request_after_a_database_restart_suc
 
 
 async def test_without_pool_pre_ping_the_first_request_after_a_restart_fails_then_all_recover(
-    own_pg: DedicatedPostgres, own_database: URL, driver: str
+    own_pg: DedicatedPostgres, own_database: URL, driver: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """What the README's advice avoids: the stale connection fails the first request.
 
     SQLAlchemy then sees a disconnect and discards every connection pooled before it, so
-    the following requests succeed.  The failed request is rolled back and answered 500
-    (by the server, as the exception reaches it) and leaks nothing.
+    the following requests succeed.  The failed request is rolled back and answered 503
+    with Retry-After (the database was unreachable) and leaks nothing.
     """
     db = Database(async_url(own_database, driver), pool_size=3, max_overflow=0)
     try:
@@ -404,9 +417,10 @@ async def test_without_pool_pre_ping_the_first_request_after_a_restart_fails_the
 
         await anyio.to_thread.run_sync(own_pg.restart)
 
-        with pytest.raises(exc.DBAPIError) as failed:
-            await request_on(db, "first-after")
-        assert failed.value.connection_invalidated
+        caplog.set_level(logging.WARNING, logger="asgi_sqla")
+        failed = await request_on(db, "first-after")
+        assert (starts(failed), retry_after(failed)) == ([503], [b"1"])
+        assert "could not be reached" in caplog.text
         assert checked_out(db) == 0
         for number in range(3):
             assert starts(await request_on(db, f"after-{number}")) == [201]
@@ -437,7 +451,7 @@ async def fill_pool(db: Database, size: int) -> None:
     assert db.pool_status().checked_in == size
 
 
-async def test_a_request_in_flight_during_a_restart_answers_500_and_commits_nothing(
+async def test_a_request_in_flight_during_a_restart_answers_503_and_commits_nothing(
     own_pg: DedicatedPostgres, own_database: URL, driver: str
 ) -> None:
     db = Database(async_url(own_database, driver), pool_size=1, pool_pre_ping=True)
@@ -465,7 +479,7 @@ async def test_a_request_in_flight_during_a_restart_answers_500_and_commits_noth
                 restarted.set()
 
         [recorder] = results
-        assert starts(recorder) == [500]
+        assert (starts(recorder), retry_after(recorder)) == ([503], [b"1"])
         assert b"created" not in recorder.body
         assert checked_out(db) == 0
         assert await keys(db) == set()
@@ -485,8 +499,8 @@ async def test_while_the_database_is_down_requests_fail_at_once_and_it_recovers_
         await anyio.to_thread.run_sync(own_pg.stop)
         try:
             began = anyio.current_time()
-            with pytest.raises((exc.DBAPIError, OSError)):
-                await request_on(db, "while-down")
+            down = await request_on(db, "while-down")
+            assert (starts(down), retry_after(down)) == ([503], [b"1"])
             # Refused at once: not held until the pool timeout, no connection kept.
             assert anyio.current_time() - began < 5
             assert checked_out(db) == 0
@@ -706,11 +720,11 @@ async def test_no_error_path_shows_the_database_password(
             await written.wait()
             await anyio.to_thread.run_sync(own_pg.restart)
             restarted.set()
-        assert statuses == [500, 500]
+        assert statuses == [503, 503]  # the database went away: 503 with Retry-After
 
         await anyio.to_thread.run_sync(own_pg.stop)  # the database is down
         try:
-            assert await get("/ok", "key=while-down") == 500
+            assert await get("/ok", "key=while-down") == 503
             assert await start(Database(async_url(own_database, driver))) == [
                 "lifespan.startup.failed"
             ]

@@ -26,7 +26,7 @@ import psycopg
 import pytest
 from psycopg import sql
 from psycopg.rows import TupleRow
-from sqlalchemy import URL, event, exc, text
+from sqlalchemy import URL, event, text
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
@@ -133,8 +133,8 @@ def db(sync_postgresql_url: str) -> Iterator[SyncDatabase]:
 # -- a backend killed, a COMMIT that fails ----------------------------------------------------
 
 
-async def test_a_backend_killed_mid_statement_answers_500_and_commits_nothing(
-    db: SyncDatabase, pg_admin: psycopg.Connection[TupleRow]
+async def test_a_backend_killed_mid_statement_answers_503_and_commits_nothing(
+    db: SyncDatabase, pg_admin: psycopg.Connection[TupleRow], caplog: pytest.LogCaptureFixture
 ) -> None:
     def endpoint(request: Request) -> Response:
         add(db, "killed")
@@ -142,24 +142,27 @@ async def test_a_backend_killed_mid_statement_answers_500_and_commits_nothing(
         return PlainTextResponse("created", status_code=201)
 
     app = starlette_app(db, ("/", endpoint))
-    async with anyio.create_task_group() as group:
-        answers: list[Answer] = []
-        group.start_soon(lambda: _append(answers, call(app)))
-        pid = await wait_for_active_query(pg_admin, "%pg_sleep(10)%")
-        pg_admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    with caplog.at_level(logging.WARNING, logger="asgi_sqla"):
+        async with anyio.create_task_group() as group:
+            answers: list[Answer] = []
+            group.start_soon(lambda: _append(answers, call(app)))
+            pid = await wait_for_active_query(pg_admin, "%pg_sleep(10)%")
+            pg_admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
     [answer] = answers
-    assert answer.status == 500
+    # The connection was lost (invalidated, not pooled again): the database was
+    # unavailable, and the middleware made Starlette's 500 a 503 with Retry-After.
+    assert (answer.status, answer.retry_after) == (503, [b"1"])
     assert b"created" not in answer.recorder.body
-    assert isinstance(answer.error, exc.OperationalError)
-    assert answer.error.connection_invalidated  # the dead connection is not pooled again
+    assert answer.error is None  # answered by the middleware
+    assert "The database could not be reached" in caplog.text
     assert sync_keys(db) == set()
     assert sync_checked_out(db) == 0
     assert await settled_backends(pg_admin) == []
     await assert_next_request_commits(db)
 
 
-async def test_a_backend_killed_mid_commit_answers_500_and_commits_nothing(
+async def test_a_backend_killed_mid_commit_answers_503_and_commits_nothing(
     db: SyncDatabase,
     pg_admin: psycopg.Connection[TupleRow],
     caplog: pytest.LogCaptureFixture,
@@ -174,7 +177,7 @@ async def test_a_backend_killed_mid_commit_answers_500_and_commits_nothing(
             pg_admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
     [answer] = answers
-    assert answer.status == 500
+    assert (answer.status, answer.retry_after) == (503, [b"1"])
     assert b"created" not in answer.recorder.body
     assert any("failed to commit" in r.getMessage() for r in caplog.records)
     assert sync_keys(db) == set()
@@ -495,7 +498,7 @@ async def test_with_pool_pre_ping_the_first_request_after_a_database_restart_suc
 async def test_without_pool_pre_ping_the_first_request_after_a_restart_fails_then_all_recover(
     own_pg: DedicatedPostgres, own_url: str
 ) -> None:
-    """The stale connection fails the first request (500, rolled back, nothing leaked);
+    """The stale connection fails the first request (503, rolled back, nothing leaked);
     SQLAlchemy then discards every connection pooled before the disconnect, so the
     following requests succeed.
     """
@@ -506,9 +509,8 @@ async def test_without_pool_pre_ping_the_first_request_after_a_restart_fails_the
         await anyio.to_thread.run_sync(own_pg.restart)
 
         first = await request_on(db, "first-after")
-        assert first.status == 500
-        assert isinstance(first.error, exc.DBAPIError)
-        assert first.error.connection_invalidated
+        assert (first.status, first.retry_after) == (503, [b"1"])
+        assert first.error is None  # answered by the middleware: the connection was lost
         assert sync_checked_out(db) == 0
         for number in range(3):
             assert (await request_on(db, f"after-{number}")).status == 201
@@ -536,7 +538,7 @@ async def fill_pool(db: SyncDatabase, size: int) -> None:
     assert db.pool_status().checked_in == size
 
 
-async def test_a_request_in_flight_during_a_restart_answers_500_and_commits_nothing(
+async def test_a_request_in_flight_during_a_restart_answers_503_and_commits_nothing(
     own_pg: DedicatedPostgres, own_url: str
 ) -> None:
     db = open_sync_database(own_url, pool_size=1, pool_pre_ping=True)
@@ -561,7 +563,8 @@ async def test_a_request_in_flight_during_a_restart_answers_500_and_commits_noth
                 restarted.set()
 
         [answer] = answers
-        assert answer.status == 500  # the COMMIT at response start failed
+        # The COMMIT at response start failed: the database was unavailable.
+        assert (answer.status, answer.retry_after) == (503, [b"1"])
         assert b"created" not in answer.recorder.body
         assert sync_checked_out(db) == 0
         assert sync_keys(db) == set()
@@ -584,8 +587,8 @@ async def test_while_the_database_is_down_requests_fail_at_once_and_it_recovers_
             down = await request_on(db, "while-down")
             # Refused at once: not held until the pool timeout, no connection kept.
             assert time.monotonic() - began < 5
-            assert down.status == 500
-            assert isinstance(down.error, exc.DBAPIError)
+            assert (down.status, down.retry_after) == (503, [b"1"])
+            assert down.error is None  # answered by the middleware
             assert sync_checked_out(db) == 0
         finally:
             await anyio.to_thread.run_sync(own_pg.start)

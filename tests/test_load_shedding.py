@@ -809,3 +809,24 @@ async def test_a_child_tasks_release_keeps_the_requests_place_with_session_per_t
         assert checked_out(db) == 0
         # The place came back with the request: the next one is admitted.
         assert (await call_http(SQLAlchemyMiddleware(query_app(db), db))).status == 200
+
+
+async def test_a_flood_of_refusals_logs_one_warning_a_second_counting_the_rest(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with opened(database_url, admission_limit=1) as db:
+        app = SQLAlchemyMiddleware(query_app(db), db)
+        with caplog.at_level(logging.WARNING, logger="asgi_sqla"):
+            async with held(db):
+                statuses = [(await call_http(app)).status for _ in range(20)]
+                first = [r.getMessage() for r in caplog.records if "503" in r.getMessage()]
+                # The throttle's interval is one second: the next refusal after it is
+                # logged again, with the count of those left out.
+                await anyio.sleep(1.05)
+                statuses.append((await call_http(app)).status)
+        assert statuses == [503] * 21
+        assert len(first) == 1
+        assert "admission_limit" in first[0]
+        logged = [r.getMessage() for r in caplog.records if "503" in r.getMessage()]
+        assert len(logged) == 2
+        assert "(and 19 more such 503s since the last of these warnings)" in logged[1]

@@ -29,6 +29,10 @@ is ``asyncpg`` (default) or ``psycopg``, ``SOAK_SYNC_DRIVER`` ``psycopg`` (defau
 ``psycopg2``; ``SOAK_FAULTS=kind,...`` keeps only those kinds of fault; ``SOAK_REPORT``
 names a file to write the figures to as well (and the server's log next to it, with
 ``.server.log`` appended); the sync variant's file has ``.sync`` appended.
+
+The failover drill at the end of this file runs the same apps on a primary and its
+streaming standby, stops the primary half-way and promotes the standby, and audits
+the same way (see ``test_a_failover_mid_run_is_answered_503_and_loses_no_commit``).
 """
 
 from __future__ import annotations
@@ -568,7 +572,7 @@ def figures_table(run: Run, reconciled: Reconciled) -> str:
         ),
         f"    {'backends killed':<22} {sum(kills.values()):>6}   "
         f"mid-statement x{kills['kill-query']}, mid-commit x{kills['kill-commit']}",
-        f"    {'pool exhausted (503)':<22} {statuses['503']:>6}",
+        f"    {'unavailable (503)':<22} {statuses['503']:>6}",
         f"    {'database restarts':<22} {len(run.injected.restarts):>6}   "
         + ", ".join(f"{s:.2f} s down" for s in run.injected.restarts),
         f"  lies (non-2xx with a committed row):  {len(reconciled.lies)}"
@@ -684,6 +688,218 @@ async def test_under_random_faults_every_answer_matches_the_database_and_nothing
     }
     failed = [name for name, passed in checks.items() if not passed]
     table = figures_table(run, reconciled)
+    table += "\n  checks: " + (f"FAILED: {'; '.join(failed)}" if failed else "all passed")
+    with capsys.disabled():
+        print(table)
+    if variant.report:
+        await anyio.Path(variant.report).write_text(table + "\n")
+        await anyio.Path(variant.report + ".server.log").write_text(log)
+    assert failed == [], table
+
+
+# -- the failover drill ------------------------------------------------------------------
+#
+# The same app, with a URL naming a primary and its streaming standby
+# (``target_session_attrs=read-write``).  Plain writes from many clients; half-way the
+# primary is stopped (``pg_ctl stop -m fast``) and the standby promoted.  The same audit
+# as above; answers may only be 2xx or 503 with Retry-After, and the app must serve the
+# new primary without a restart.  The pool has a connection per client, so that every
+# 503 is the failover's, not the pool's.  ``SOAK_FAILOVER_REQUESTS`` (default 300) and
+# ``SOAK_FAILOVER_CONCURRENCY`` (default 20) size it; ``make soak`` runs a long one.
+
+FAILOVER_VARIANTS = [
+    Variant(
+        "failover",
+        "tests.apps.soak_app:app",
+        os.environ.get("SOAK_DRIVER", "asyncpg"),
+        _size("SOAK_FAILOVER_REQUESTS", 300),
+        _size("SOAK_FAILOVER_CONCURRENCY", 20),
+    ),
+    Variant(
+        "failover-sync",
+        "tests.apps.soak_sync_app:app",
+        os.environ.get("SOAK_SYNC_DRIVER", "psycopg"),
+        _size("SOAK_FAILOVER_REQUESTS", 300),
+        _size("SOAK_FAILOVER_CONCURRENCY", 20),
+    ),
+]
+
+
+@dataclass
+class Failover:
+    """What the drill did, and when (``time.monotonic()``)."""
+
+    stopped: float = 0.0
+    promoted: float = 0.0
+    #: When each request was sent, and when its answer arrived, by key.
+    sent: dict[str, float] = field(default_factory=dict)
+    answered: dict[str, float] = field(default_factory=dict)
+
+    def met(self, key: str) -> bool:
+        """Whether the request was under way while the primary stopped or the standby rose."""
+        return self.sent[key] < self.promoted and self.answered[key] > self.stopped
+
+
+async def fail_over_mid_run(
+    server: Server, pg: DedicatedPostgres, standby: _postgres.StreamingReplica, variant: Variant
+) -> tuple[Run, Failover]:
+    """``variant.requests`` plain writes; the primary stopped and the standby promoted half-way."""
+    pool_size = server_pool(server)["size"]
+    outcomes: list[Outcome] = []
+    failover = Failover()
+    switch_due = anyio.Event()
+    requests = [
+        Request("none", f"{n:06d}-failover", {"fault": "none"}) for n in range(variant.requests)
+    ]
+    send_requests, receive_requests = anyio.create_memory_object_stream[Request](len(requests))
+    for request in requests:
+        send_requests.send_nowait(request)
+    send_requests.close()
+    limits = httpx.Limits(max_connections=variant.concurrency * 2, max_keepalive_connections=0)
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        async for request in receive_requests:
+            failover.sent[request.key] = time.monotonic()
+            outcome = await send_httpx(client, request)
+            failover.answered[request.key] = time.monotonic()
+            outcomes.append(outcome)
+            if len(outcomes) >= variant.requests // 2:
+                switch_due.set()
+
+    async def switch() -> None:
+        await switch_due.wait()
+        failover.stopped = time.monotonic()
+        await anyio.to_thread.run_sync(pg.stop, "fast")
+        await anyio.to_thread.run_sync(standby.promote)
+        failover.promoted = time.monotonic()
+
+    began = time.monotonic()
+    async with (
+        httpx.AsyncClient(base_url=server.url, timeout=30, limits=limits) as client,
+        receive_requests,
+        anyio.create_task_group() as group,
+    ):
+        group.start_soon(switch)
+        for _ in range(variant.concurrency):
+            group.start_soon(worker, client)
+    run = Run(outcomes, Injected(), time.monotonic() - began, pool_size, variant)
+    return run, failover
+
+
+#: The middleware's log lines for a 503, by why the database was unavailable.
+UNAVAILABLE_LINES = {
+    "pool timeout": "No database connection was free within the pool timeout;",
+    "unreachable": "The database could not be reached;",
+    "read-only": "The database server is read-only;",
+    "COMMIT lost": "was sent a 503 response",
+}
+
+
+def failover_table(run: Run, failover: Failover, reconciled: Reconciled, log: str) -> str:
+    told = collections.Counter(_told(o) for o in run.outcomes)
+    why = ", ".join(f"{name} x{log.count(line)}" for name, line in UNAVAILABLE_LINES.items())
+    refused = [failover.answered[o.request.key] for o in run.outcomes if o.status != 201]
+    window = max(refused) - min(refused) if refused else 0.0
+    met = [o for o in run.outcomes if failover.met(o.request.key)]
+    waits = [failover.answered[k] - failover.sent[k] for k in failover.sent]
+    variant = run.variant
+    return "\n".join(
+        [
+            "",
+            f"Failover drill ({variant.name}): {len(run.outcomes)} requests, "
+            f"{variant.concurrency} concurrent clients, pool of {run.pool_size}, "
+            f"driver {variant.driver}, {run.seconds:.1f} s",
+            f"  told: {', '.join(f'{k} x{v}' for k, v in sorted(told.items()))}",
+            f"  503s logged: {why}",
+            f"  primary stopped and standby promoted in "
+            f"{failover.promoted - failover.stopped:.2f} s; answers other than 201 "
+            f"over {window:.2f} s; {len(met)} requests under way meanwhile "
+            f"({sum(o.status == 201 for o in met)} answered 201); slowest answer "
+            f"{max(waits):.2f} s",
+            f"  lies (non-2xx with a committed row):  {len(reconciled.lies)}",
+            f"  lost commits (2xx without its row):   {len(reconciled.lost)}",
+            f"  leaked connections (pool afterwards): {reconciled.leaked}",
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        pytest.param(
+            variant, id=variant.name, marks=pytest.mark.timeout(60 + variant.requests // 10)
+        )
+        for variant in FAILOVER_VARIANTS
+    ],
+)
+async def test_a_failover_mid_run_is_answered_503_and_loses_no_commit(
+    pg: DedicatedPostgres, capsys: pytest.CaptureFixture[str], variant: Variant
+) -> None:
+    """The app (async, or its sync twin) on a primary and its promoted standby."""
+    password = secrets.token_hex(16)
+    database = pg.add_password_role("soak", password)  # before the copy: the standby has it
+    standby = _postgres.StreamingReplica(pg.cluster.bindir, pg.admin)
+    try:
+        standby.start()
+        hosts = (f"{database.host}:{database.port}", f"{database.host}:{standby.port}")
+        url = database.set(
+            drivername=f"postgresql+{variant.driver}",
+            host=None,
+            port=None,
+            query={"host": hosts, "target_session_attrs": "read-write"},
+        ).render_as_string(hide_password=False)
+        # A connection for every client: the 503s are the failover's, not the pool's.
+        env = {
+            "DATABASE_URL": url,
+            "PYTHONWARNINGS": WARNINGS_AS_ERRORS,
+            "SOAK_POOL_SIZE": str(variant.concurrency),
+        }
+        with serve(variant.app, "uvicorn", env=env, ready_path="/health") as server:
+            run, failover = await fail_over_mid_run(server, pg, standby, variant)
+            async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+                after = [
+                    await client.post("/write", params={"key": f"after-{n}"}) for n in range(10)
+                ]
+            eventually(lambda: server_pool(server)["checked_out"] == 0, seconds=10)
+            leaked = server_pool(server)["checked_out"]
+        new_primary = database.set(port=standby.port)
+        rows = committed_keys(new_primary)
+        with _postgres.connect(new_primary) as conn:
+            open_transactions = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = 'soak' "
+                "AND state LIKE 'idle in transaction%'"
+            ).fetchone()
+    finally:
+        standby.stop()
+    log = server.log
+    reconciled = reconcile(run, rows, leaked, log)
+    answered = [o for o in run.outcomes if o.status is not None]
+    unexpected = [e for e in traceback_exceptions(log) if not EXPECTED_EXCEPTIONS.match(e)]
+    forbidden = [marker for marker in FORBIDDEN_IN_LOG if marker in log]
+    checks = {
+        "no lies": not reconciled.lies,
+        "no lost commits": not reconciled.lost,
+        "no leaked connections": leaked == 0,
+        "no transaction left open": open_transactions == (0,),
+        "every request answered": len(answered) == len(run.outcomes) == variant.requests,
+        "only 201 or 503": {o.status for o in answered} <= {201, 503},
+        "requests under way during the switch": any(
+            failover.met(o.request.key) for o in run.outcomes
+        ),
+        "every 503 with Retry-After": all(o.retry_after for o in answered if o.status == 503),
+        "10 plain writes after the run: 201, committed": (
+            [r.status_code for r in after] == [201] * 10
+            and {f"after-{n}" for n in range(10)} <= rows
+        ),
+        "server exited with 0": server.returncode == 0,
+        f"no warning in the server log {forbidden}": not forbidden,
+        f"no unexpected traceback {unexpected[:5]}": not unexpected,
+        "no password in the log or a response": (
+            password not in log and not any(password.encode() in o.body for o in run.outcomes)
+        ),
+    }
+    failed = [name for name, passed in checks.items() if not passed]
+    table = failover_table(run, failover, reconciled, log)
     table += "\n  checks: " + (f"FAILED: {'; '.join(failed)}" if failed else "all passed")
     with capsys.disabled():
         print(table)

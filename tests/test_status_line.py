@@ -400,7 +400,7 @@ async def test_a_violated_deferred_unique_constraint_on_postgresql_sends_500(
         await db.dispose()
 
 
-async def test_a_connection_dropped_before_the_commit_sends_500(
+async def test_a_connection_dropped_before_the_commit_sends_503_with_retry_after(
     postgresql_url: str,
     pg_admin: psycopg.Connection[TupleRow],
     caplog: pytest.LogCaptureFixture,
@@ -417,7 +417,10 @@ async def test_a_connection_dropped_before_the_commit_sends_500(
         with caplog.at_level(logging.ERROR, logger="asgi_sqla"):
             recorder = await call_http(SQLAlchemyMiddleware(app, db))
 
-        assert recorder.status == 500
+        # The database went away: unavailable, and still no claim of success.
+        assert recorder.status == 503
+        [start] = [m for m in recorder.sent if m["type"] == "http.response.start"]
+        assert (b"retry-after", b"1") in start["headers"]
         assert_valid_http_response(recorder.sent)
         assert b"saved" not in recorder.body
         records = commit_errors(caplog)

@@ -1,0 +1,151 @@
+"""Whether an error says the database is unavailable, and why: the 503 with Retry-After.
+
+A request that failed because the database could not serve it (rather than because of
+the request or the app) is answered 503 with ``Retry-After``: the same request may
+succeed shortly, on the same server once it is back or on the one a failover promoted.
+:func:`unavailable` reads an exception chain and returns why, or None:
+
+* :data:`POOL_TIMEOUT`: SQLAlchemy's pool gave no connection within ``pool_timeout``.
+* :data:`BUSY`: the database's ``admission_limit`` refused the request
+  (``DatabaseBusyError``, see ``_admission``).
+* :data:`UNREACHABLE`: the connection was lost or refused.  A statement's error counts
+  when SQLAlchemy's dialect found it a disconnect (``DBAPIError.connection_invalidated``:
+  psycopg2 gives "server closed the connection unexpectedly" without a SQLSTATE) or its
+  SQLSTATE is of class 08 (connection exception) or 57P01/57P02/57P03 (admin shutdown,
+  crash shutdown, cannot connect now).  An error raised while *acquiring* a connection
+  (the guard sees ``Session._connection_for_bind`` fail and calls
+  :func:`note_acquire_failure`) counts too when it is ``OSError`` (asyncpg raises
+  ``ConnectionRefusedError`` unwrapped), a timeout, or a driver error without a SQLSTATE
+  (libpq's connection failures, "session is read-only" for
+  ``target_session_attrs=read-write`` while no host is writable yet, and asyncpg's
+  ``TargetServerAttributeNotMatched``, carry none).  The same types raised by the app's
+  own code (an HTTP call, a socket) do not count.
+* :data:`READ_ONLY`: a write met SQLSTATE 25006 on a server that has become read-only
+  under a live pool (Aurora, Patroni: the old primary turned standby, connections
+  kept).  :func:`watch_read_only` makes SQLAlchemy treat that as a disconnect, so the
+  connection is invalidated, not pooled to fail again, and the pool's older
+  connections are replaced at their next checkout.  Not when the package itself made
+  the transaction ``READ ONLY`` (a ``read_only`` route): there 25006 is the app's
+  write in a read-only route, an error like any other.
+
+Each case was checked against real servers with asyncpg, psycopg 3 (async and sync) and
+psycopg2 (tests/test_failover.py).  One difference between drivers remains: libpq
+reports a refused password or a missing database at connect without a SQLSTATE, so on
+psycopg and psycopg2 those are answered 503 as well, where asyncpg's 28P01 and 3D000
+are answered 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import weakref
+from typing import Any
+
+from sqlalchemy import Engine, event
+from sqlalchemy.engine import Connection, ExceptionContext
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from ._errors import DatabaseBusyError, exception_chain
+
+__all__ = [
+    "BUSY",
+    "POOL_TIMEOUT",
+    "READ_ONLY",
+    "UNREACHABLE",
+    "note_acquire_failure",
+    "note_read_only_transaction",
+    "sqlstate",
+    "unavailable",
+    "watch_read_only",
+]
+
+#: Why the database was unavailable: said in the log line and the 503's body.
+POOL_TIMEOUT = "no database connection was free within the pool timeout"
+BUSY = "the database had more requests than its admission_limit"
+UNREACHABLE = "the database could not be reached"
+READ_ONLY = "the database server is read-only"
+
+#: admin_shutdown, crash_shutdown, cannot_connect_now (PostgreSQL, Appendix A).
+_SHUTDOWN_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
+#: read_only_sql_transaction: "cannot execute ... in a read-only transaction".
+_READ_ONLY_SQLSTATE = "25006"
+
+#: The mark :func:`note_acquire_failure` puts on an exception raised while acquiring.
+_ACQUIRING = "_asgi_sqla_acquire_failed"
+
+#: asyncio's timeout is not the builtin one before Python 3.11.
+_TIMEOUTS = (TimeoutError, asyncio.TimeoutError)
+
+#: Connections on which the package sent ``SET TRANSACTION READ ONLY`` (weakly: one
+#: ``Connection`` serves one session transaction and goes with it).
+_made_read_only: weakref.WeakSet[Connection] = weakref.WeakSet()
+
+
+def sqlstate(error: BaseException | None) -> str | None:
+    """The SQLSTATE of a driver error, or of the one a SQLAlchemy error wraps."""
+    for candidate in (error, getattr(error, "orig", None)):
+        # asyncpg and psycopg 3 name it ``sqlstate``; psycopg 2, ``pgcode``.
+        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if isinstance(code, str):
+            return code
+    return None
+
+
+def unavailable(exc: BaseException | None) -> str | None:
+    """Why ``exc`` (or an error it came from) says the database is unavailable, or None."""
+    for error in exception_chain(exc):
+        if isinstance(error, PoolTimeoutError):
+            return POOL_TIMEOUT
+        if isinstance(error, DatabaseBusyError):
+            return BUSY
+        noted = getattr(error, _ACQUIRING, None)
+        if isinstance(noted, str):
+            return noted
+        code = sqlstate(error)
+        if isinstance(error, DBAPIError) and error.connection_invalidated:
+            return READ_ONLY if code == _READ_ONLY_SQLSTATE else UNREACHABLE
+        if code is not None and (code.startswith("08") or code in _SHUTDOWN_SQLSTATES):
+            return UNREACHABLE
+    return None
+
+
+def note_acquire_failure(exc: BaseException) -> None:
+    """Mark ``exc``, raised while acquiring a connection, if it means none could be had."""
+    if unavailable(exc) is not None:
+        return
+    if isinstance(exc, (OSError, *_TIMEOUTS)) or (
+        isinstance(exc, DBAPIError) and sqlstate(exc) is None
+    ):
+        # An exception class without a __dict__ cannot be marked: the session still is.
+        with contextlib.suppress(AttributeError, TypeError):
+            setattr(exc, _ACQUIRING, UNREACHABLE)
+
+
+def note_read_only_transaction(connection: Connection) -> None:
+    """Remember that the package made ``connection``'s transaction READ ONLY."""
+    _made_read_only.add(connection)
+
+
+def watch_read_only(sync_engine: Engine) -> None:
+    """Make SQLSTATE 25006 a disconnect on ``sync_engine`` (see the module doc); once."""
+    if not event.contains(sync_engine, "handle_error", _read_only_is_disconnect):
+        event.listen(sync_engine, "handle_error", _read_only_is_disconnect)
+
+
+def _read_only_is_disconnect(context: ExceptionContext) -> None:
+    # SQLAlchemy's documented way to treat a new error code as a disconnect: set
+    # ``is_disconnect`` in a handle_error listener; the connection is then invalidated,
+    # and with ``invalidate_pool_on_disconnect`` (True by default) so is every
+    # connection the pool made before it ("Supporting new database error codes for
+    # disconnect scenarios", https://docs.sqlalchemy.org/en/20/core/pooling.html).
+    if context.is_disconnect or sqlstate(context.original_exception) != _READ_ONLY_SQLSTATE:
+        return
+    connection: Any = context.connection
+    if connection is not None and (
+        connection in _made_read_only
+        or connection.get_execution_options().get("postgresql_readonly")
+    ):
+        return  # a write in a transaction made read-only on purpose: the app's error
+    context.is_disconnect = True
