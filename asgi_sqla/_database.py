@@ -494,7 +494,8 @@ class Database(BaseDatabase, Generic[_A]):
         replaces: rotating credentials (AWS RDS IAM tokens, Vault leases).  Pooled
         connections are not asked again.  A provider that raises fails that connection
         attempt (``sqlalchemy.exc.OperationalError``, the provider's exception as the
-        cause).  Not with a ready ``engine``; with an engine factory, yes.
+        cause), answered 503 with ``Retry-After`` like a database that cannot be
+        reached.  Not with a ready ``engine``; with an engine factory, yes.
         See docs/credentials.md.
     :param admission_limit: Load shedding: at most this many requests (HTTP requests,
         websocket rounds) use this database's connections at once.  A request takes a

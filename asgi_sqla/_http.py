@@ -250,7 +250,7 @@ class HTTPResponder:
             # ServerErrorMiddleware sends its 500, then re-raises for the server's log).
             return self.unavailable
         self.started = self.unavailable = True
-        _log_unavailable(self._options.warnings, reason, "an exception")
+        _log_unavailable(self._options.warnings, reason, "an exception", exc)
         await self._send_unavailable(reason)
         return True
 
@@ -259,7 +259,9 @@ class HTTPResponder:
         await send_error_response(self._send, "http.response", 503, body, self._options.retry_after)
 
 
-def _log_unavailable(warnings: Throttle, reason: str, replaced: object) -> None:
+def _log_unavailable(
+    warnings: Throttle, reason: str, replaced: object, exc: Exception | None = None
+) -> None:
     # An outage or an overload fails every request alike, thousands a second: one line
     # a second for each reason says as much, and keeps the log readable and cheap.
     skipped = warnings.allow(reason)
@@ -267,7 +269,12 @@ def _log_unavailable(warnings: Throttle, reason: str, replaced: object) -> None:
         return
     said = reason[:1].upper() + reason[1:]
     more = _SKIPPED.format(count=skipped) if skipped else ""
-    logger.warning(_UNAVAILABLE, said, replaced, _ADVICE.get(reason, ""), more)
+    # The exception the middleware answered for, which nothing else logs: what the
+    # driver said (a refused connection, which host) or why no connection could be
+    # made (a password provider that failed).  Not for the pool and the admission
+    # limit, whose cause the message gives in full.
+    shown = exc if reason is not POOL_TIMEOUT and reason is not BUSY else None
+    logger.warning(_UNAVAILABLE, said, replaced, _ADVICE.get(reason, ""), more, exc_info=shown)
 
 
 def _unwinds_failure(exc: BaseException | None, depth: int = 0) -> bool:
