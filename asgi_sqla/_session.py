@@ -439,12 +439,8 @@ def add_on_commit(session: SessionLike, callback: Callable[[], object]) -> None:
                 committed.extend(pending)
                 pending.clear()
 
-        def after_rollback(sync: Any) -> None:
-            if not sync.in_nested_transaction():
-                pending.clear()
-
         event.listen(sync_session, "after_commit", after_commit)
-        event.listen(sync_session, "after_rollback", after_rollback)
+        _drop_on_rollback(sync_session, pending)
     pending.append(callback)
 
 
@@ -472,13 +468,19 @@ def add_before_commit(session: SessionLike, callback: Callable[[Session], object
             if _announces_root_commit(sync) and pending:
                 _run_before_commit(sync, pending)
 
-        def after_rollback(sync: Any) -> None:
-            if not sync.in_nested_transaction():
-                pending.clear()
-
         event.listen(sync_session, "before_commit", before_commit)
-        event.listen(sync_session, "after_rollback", after_rollback)
+        _drop_on_rollback(sync_session, pending)
     pending.append(callback)
+
+
+def _drop_on_rollback(sync_session: Session, pending: list[Any]) -> None:
+    """Empty ``pending`` (a transaction's callbacks) when its root transaction rolls back."""
+
+    def after_rollback(sync: Any) -> None:
+        if not sync.in_nested_transaction():
+            pending.clear()
+
+    event.listen(sync_session, "after_rollback", after_rollback)
 
 
 def _announces_root_commit(session: _GuardedSyncSession) -> bool:
