@@ -413,7 +413,7 @@ def _latency_section(document: Result) -> list[str]:
     out = ["### Latency: the database 0.5 ms away", ""]
     if "error" in scenario:
         return [*out, str(scenario["error"]), ""]
-    versions = document["meta"]["systems"]
+    versions = scenario.get("versions") or document["meta"]["systems"]
     kinds: dict[str, str] = scenario["kinds"]
     rows = [*SYSTEMS, *LATENCY_LABELS]
     out += _table(
@@ -443,7 +443,8 @@ def _latency_section(document: Result) -> list[str]:
         "order that rotates every round, on a pool warmed by every route first. "
         f"One round trip alone (asyncpg, autocommit, a prepared `SELECT 1`): "
         f"{floor['median_ms']:.2f} ms median, {floor['p99_ms']:.1f} ms p99: the physical "
-        "floor of a request that needs one.",
+        f"floor of a request that needs one. Python {scenario.get('python', '?')}; load "
+        f"average at the start {scenario.get('load_average_at_start', '?')}.",
         "",
     ]
     return out

@@ -700,6 +700,7 @@ async def latency(settings: Settings, url: str) -> Result:
 
     from benchmarks.proxy import DelayingProxy
 
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     await create_schema(url)
     target = make_url(url)
     assert target.host is not None
@@ -793,6 +794,10 @@ async def latency(settings: Settings, url: str) -> Result:
         },
         "systems": systems,
         "failures": failures,
+        # Its own: with --merge, the run's meta (versions included) stays the older run's.
+        "versions": {system: package_version(system) for system in SYSTEMS},
+        "python": platform.python_version(),
+        "load_average_at_start": load_at_start,
     }
 
 
