@@ -435,7 +435,7 @@ def _latency_section(document: Result) -> list[str]:
         "differed between rounds) · median / p99 latency in ms (ratio of the medians to "
         "the hand-written app's, median over rounds). PostgreSQL (asyncpg) is reached "
         f"through `benchmarks/proxy.py`, which holds everything {scenario['delay_ms']:g} ms "
-        "each way (measured: median hold "
+        "each way (measured on the last batch: median hold "
         f"{hold['to_server'].get('median', math.nan):.3f} ms to the server, "
         f"{hold['to_client'].get('median', math.nan):.3f} ms back); the app is called "
         f"in-process, one request at a time, {scenario['requests_per_batch']} requests "
