@@ -9,6 +9,16 @@ is registered and the request path only checks one attribute for ``None``.
 The engines of a ``Database``'s read replicas are instrumented too, into fields of
 their own (``replica_*``): the primary's figures keep their meaning whether or not
 reads go to replicas, and a read that fell back to the primary counts there.
+
+Round trips are counted from the same events (see ``RequestStats.round_trips``): each
+statement; the ``BEGIN`` that asyncpg and psycopg send as a message of their own before
+a transaction's first statement (psycopg: ``Connection._start_query`` runs it with
+``_exec_command``; SQLAlchemy's asyncpg adapter: ``_start_transaction``); the
+``COMMIT`` or ``ROLLBACK`` of a transaction the driver had begun (the drivers send none
+for one that ran no statement, nor in autocommit); and a pool pre-ping
+(``Pool._pre_ping`` in ``sqlalchemy/pool/base.py``: every checkout but a new
+connection's), which SQLAlchemy's asyncpg adapter wraps in a ``BEGIN`` and a
+``ROLLBACK`` (``_async_ping``, for PgBouncer) and the others send alone.
 """
 
 from __future__ import annotations
@@ -31,6 +41,17 @@ Outcome = Literal["none", "committed", "rolled back", "commit failed"]
 
 _STARTED = "asgi_sqla.statement_started"
 _CHECKED_OUT = "asgi_sqla.checked_out"
+#: On a connection's ``info``: SQLAlchemy began a transaction, the driver has sent nothing.
+_BEGUN = "asgi_sqla.transaction_begun"
+#: On a connection's ``info``: the driver has a transaction open on the server.
+_OPEN = "asgi_sqla.transaction_open"
+#: On a pool record's ``info``: a new connection, which the pool does not pre-ping.
+_FRESH = "asgi_sqla.fresh_connection"
+
+#: The drivers (``dialect.driver``) that send ``BEGIN`` as a round trip of its own.
+#: psycopg 2 too (``pq_begin_transaction``); the MySQL drivers send none (the server
+#: starts a transaction implicitly), and SQLite has no server.
+_SEPARATE_BEGIN = frozenset({"asyncpg", "psycopg", "psycopg2"})
 
 
 @dataclass
@@ -51,6 +72,14 @@ class RequestStats:
     replica_duration: float = 0.0
     #: Seconds a replica's connection was checked out for this request.
     replica_held: float = 0.0
+    #: Round trips to the database as far as SQLAlchemy's events show them: each
+    #: statement, the ``BEGIN`` a driver sends on its own (asyncpg, psycopg), the
+    #: ``COMMIT`` or ``ROLLBACK``, a pool pre-ping.  Not seen: what a driver does
+    #: inside one statement (asyncpg prepares a statement on its first use on a
+    #: connection: one more round trip) and a new connection's set-up.
+    round_trips: int = 0
+    #: The same, to the read replicas.
+    replica_round_trips: int = 0
 
     @property
     def all_statements(self) -> int:
@@ -81,10 +110,14 @@ def instrument(
     ``current()`` gives the running request's statistics for this engine's database,
     or None outside a request.  A ``replica``'s figures go to the ``replica_*`` fields.
     """
-    events = _ReplicaEvents(current) if replica else _Events(current)
+    events = (_ReplicaEvents if replica else _Events)(current, sync_engine)
     event.listen(sync_engine, "before_cursor_execute", events.before_cursor_execute)
     event.listen(sync_engine, "after_cursor_execute", events.after_cursor_execute)
     event.listen(sync_engine, "handle_error", events.handle_error)
+    event.listen(sync_engine, "begin", events.begin)
+    event.listen(sync_engine, "commit", events.end)
+    event.listen(sync_engine, "rollback", events.end)
+    event.listen(sync_engine.pool, "connect", events.connect)
     event.listen(sync_engine.pool, "checkout", events.checkout)
     event.listen(sync_engine.pool, "checkin", events.checkin)
 
@@ -92,13 +125,39 @@ def instrument(
 class _Events:
     """The engine and pool event handlers of one instrumented engine."""
 
-    __slots__ = ("current",)
+    __slots__ = ("current", "dialect", "ping_begins", "pre_ping", "separate_begin")
 
-    def __init__(self, current: Callable[[], RequestStats | None]) -> None:
+    def __init__(self, current: Callable[[], RequestStats | None], sync_engine: Engine) -> None:
         self.current = current
+        self.dialect = sync_engine.dialect
+        driver = sync_engine.dialect.driver
+        self.separate_begin = driver in _SEPARATE_BEGIN
+        # No public accessor: create_engine(pool_pre_ping=...) is stored as Pool._pre_ping.
+        self.pre_ping = bool(getattr(sync_engine.pool, "_pre_ping", False))
+        self.ping_begins = driver == "asyncpg"
+
+    def _autocommit(self, dbapi_connection: Any) -> bool:
+        """Whether the driver runs each statement on its own (no BEGIN, no COMMIT)."""
+        try:
+            return bool(self.dialect.detect_autocommit_setting(dbapi_connection))
+        except (AttributeError, NotImplementedError):  # SQLAlchemy < 2.1, or no way to tell
+            return False
+
+    def begin(self, conn: Any) -> None:
+        conn.info[_BEGUN] = True
+
+    def end(self, conn: Any) -> None:
+        conn.info.pop(_BEGUN, None)
+        if conn.info.pop(_OPEN, False):
+            self._add_round_trips(1)
 
     def before_cursor_execute(self, conn: Any, *args: Any) -> None:
-        conn.info[_STARTED] = perf_counter()
+        info = conn.info
+        info[_STARTED] = perf_counter()
+        if info.pop(_BEGUN, False) and not self._autocommit(conn.connection.dbapi_connection):
+            info[_OPEN] = True
+            if self.separate_begin:
+                self._add_round_trips(1)
 
     def after_cursor_execute(self, conn: Any, *args: Any) -> None:
         self._count(conn.info.pop(_STARTED, None))
@@ -113,10 +172,23 @@ class _Events:
         if stats is not None and started is not None:
             self._add_statement(stats, perf_counter() - started)
 
-    def checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
+    def _add_round_trips(self, count: int) -> None:
         stats = self.current()
         if stats is not None:
-            record.info[_CHECKED_OUT] = (perf_counter(), stats)
+            self._add_round_trips_to(stats, count)
+
+    def connect(self, dbapi_connection: Any, record: Any) -> None:
+        record.info[_FRESH] = True
+
+    def checkout(self, dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        stats = self.current()
+        fresh = record.info.pop(_FRESH, False)
+        if stats is None:
+            return
+        record.info[_CHECKED_OUT] = (perf_counter(), stats)
+        if self.pre_ping and not fresh:
+            begins = self.ping_begins and not self._autocommit(dbapi_connection)
+            self._add_round_trips_to(stats, 3 if begins else 1)
 
     def checkin(self, dbapi_connection: Any, record: Any) -> None:
         checked_out = record.info.pop(_CHECKED_OUT, None) if record is not None else None
@@ -127,7 +199,12 @@ class _Events:
     @staticmethod
     def _add_statement(stats: RequestStats, seconds: float) -> None:
         stats.statements += 1
+        stats.round_trips += 1
         stats.duration += seconds
+
+    @staticmethod
+    def _add_round_trips_to(stats: RequestStats, count: int) -> None:
+        stats.round_trips += count
 
     @staticmethod
     def _add_held(stats: RequestStats, seconds: float) -> None:
@@ -142,7 +219,12 @@ class _ReplicaEvents(_Events):
     @staticmethod
     def _add_statement(stats: RequestStats, seconds: float) -> None:
         stats.replica_statements += 1
+        stats.replica_round_trips += 1
         stats.replica_duration += seconds
+
+    @staticmethod
+    def _add_round_trips_to(stats: RequestStats, count: int) -> None:
+        stats.replica_round_trips += count
 
     @staticmethod
     def _add_held(stats: RequestStats, seconds: float) -> None:
@@ -167,17 +249,26 @@ def server_timing(all_stats: Iterable[RequestStats]) -> tuple[bytes, bytes] | No
     all_stats = list(all_stats)
     if not all_stats:
         return None
-    value = _metric("db", sum(s.duration for s in all_stats), sum(s.statements for s in all_stats))
+    value = _metric(
+        "db",
+        sum(s.duration for s in all_stats),
+        sum(s.statements for s in all_stats),
+        sum(s.round_trips for s in all_stats),
+    )
     replica_statements = sum(s.replica_statements for s in all_stats)
     if replica_statements:
         replica_duration = sum(s.replica_duration for s in all_stats)
-        value += ", " + _metric("db-replica", replica_duration, replica_statements)
+        replica_round_trips = sum(s.replica_round_trips for s in all_stats)
+        value += ", " + _metric(
+            "db-replica", replica_duration, replica_statements, replica_round_trips
+        )
     return (b"server-timing", value.encode())
 
 
-def _metric(name: str, seconds: float, statements: int) -> str:
-    noun = "query" if statements == 1 else "queries"
-    return f'{name};dur={seconds * 1000:.1f};desc="{statements} {noun}"'
+def _metric(name: str, seconds: float, statements: int, round_trips: int) -> str:
+    queries = "query" if statements == 1 else "queries"
+    trips = "round trip" if round_trips == 1 else "round trips"
+    return f'{name};dur={seconds * 1000:.1f};desc="{statements} {queries}, {round_trips} {trips}"'
 
 
 @dataclass(frozen=True)
@@ -230,10 +321,12 @@ def _report_one(method: str, route: str, db: Any, limits: Limits, stats: Request
         "method": method,
         "database": repr(db),
         "statements": stats.statements,
+        "round_trips": stats.round_trips,
         "db_seconds": round(stats.duration, 6),
         "held_seconds": round(stats.held, 6),
         "outcome": stats.outcome,
         "replica_statements": stats.replica_statements,
+        "replica_round_trips": stats.replica_round_trips,
         "replica_db_seconds": round(stats.replica_duration, 6),
         "replica_held_seconds": round(stats.replica_held, 6),
     }

@@ -3,7 +3,7 @@
 Seven rows in the tables: context-async-sqlalchemy ships two middlewares, and both
 are measured.
 
-Every system serves the same five routes; only how a handler gets its session, and
+Every system serves the same seven routes; only how a handler gets its session, and
 who ends its transaction, differs:
 
 ========================  ==========================================================
@@ -13,6 +13,8 @@ who ends its transaction, differs:
 ``GET /stream``           one ``INSERT``, then a streamed body of ``stream_chunks`` chunks
 ``POST /orphans``         an ``INSERT`` that breaks a ``DEFERRABLE INITIALLY DEFERRED``
                           foreign key: accepted by the statement, refused at ``COMMIT``
+``GET /reads``            three ``SELECT`` s of the seeded row (the latency scenario)
+``POST /read-write``      a ``SELECT``, then an ``INSERT`` (the latency scenario)
 ========================  ==========================================================
 
 The handlers are written once, as functions of an ``AsyncSession``
@@ -132,15 +134,20 @@ class AppConfig:
     pool_timeout: int = 30
     stream_chunks: int = 10
     chunk_bytes: int = 512
+    #: ``pool_pre_ping`` (the latency scenario's "with pre-ping" rows; off elsewhere).
+    pool_pre_ping: bool = False
 
     @property
     def engine_options(self) -> dict[str, Any]:
         """``create_async_engine`` keyword arguments, the same for every system."""
-        return {
+        options: dict[str, Any] = {
             "pool_size": self.pool_size,
             "max_overflow": self.max_overflow,
             "pool_timeout": self.pool_timeout,
         }
+        if self.pool_pre_ping:
+            options["pool_pre_ping"] = True
+        return options
 
     @classmethod
     def from_env(cls) -> AppConfig:
@@ -207,6 +214,19 @@ def stream_after_write(chunks: int, chunk_bytes: int) -> Work:
     return work
 
 
+async def read_three(session: AsyncSession) -> Response:
+    """Several reads in one request: the same ``SELECT`` three times."""
+    names = [(await session.execute(SELECT_ITEM, {"id": 1})).one()[1] for _ in range(3)]
+    return JSONResponse({"names": names})
+
+
+async def read_then_write(session: AsyncSession) -> Response:
+    """A write after a read: the ``SELECT``, then an ``INSERT`` of what it read."""
+    row = (await session.execute(SELECT_ITEM, {"id": 1})).one()
+    await session.execute(INSERT_ITEM, {"name": row[1]})
+    return JSONResponse({"created": True}, status_code=201)
+
+
 async def write_orphan(session: AsyncSession) -> Response:
     await session.execute(INSERT_ORPHAN)
     return JSONResponse({"created": True}, status_code=201)
@@ -221,6 +241,8 @@ def _routes(config: AppConfig, endpoint_for: Callable[[Work], Endpoint]) -> list
             "/stream", endpoint_for(stream_after_write(config.stream_chunks, config.chunk_bytes))
         ),
         Route("/orphans", endpoint_for(write_orphan), methods=["POST"]),
+        Route("/reads", endpoint_for(read_three)),
+        Route("/read-write", endpoint_for(read_then_write), methods=["POST"]),
     ]
 
 

@@ -181,6 +181,27 @@ class InProcessServer:
             error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
         return Outcome(exchange.status, b"".join(exchange.chunks), error)
 
+    async def latencies(self, method: str, path: str, count: int, expect: int) -> list[float]:
+        """Call the app ``count`` times one after another; return each one's seconds.
+
+        Raises ``RuntimeError`` if a response is not ``expect``, as :meth:`time_requests`.
+        """
+        app = self.app
+        template = self.scope(method, path)
+        state = self.state
+        samples: list[float] = []
+        bad = 0
+        for _ in range(count):
+            exchange = _Exchange(b"", 0.0)
+            started = time.perf_counter()
+            await app({**template, "state": state.copy()}, exchange.receive, exchange.send)
+            samples.append(time.perf_counter() - started)
+            if exchange.status != expect:
+                bad += 1
+        if bad:
+            raise RuntimeError(f"{bad} of {count} responses to {method} {path} were not {expect}")
+        return samples
+
     async def time_requests(
         self, method: str, path: str, count: int, expect: int
     ) -> tuple[float, float]:

@@ -369,6 +369,7 @@ def render_markdown(document: Result) -> str:
         out.append("")
 
     out += _sync_section(document)
+    out += _latency_section(document)
     out += ["## The bar", ""]
     out += _table(
         ["criterion", "target", "measured (asgi_sqla)", "met"],
@@ -384,6 +385,69 @@ def render_markdown(document: Result) -> str:
     )
     out += ["", "## How it was measured", "", *_method(meta), *_sync_method(document)]
     return "\n".join(out) + "\n"
+
+
+#: The latency scenario's extra rows (``benchmarks.run.PRE_PING_ROWS``) and their labels.
+LATENCY_LABELS: dict[str, str] = {
+    "by_hand_pre_ping": "by hand, `pool_pre_ping=True`",
+    "asgi_sqla_pre_ping": "asgi_sqla, `pool_pre_ping=True`",
+}
+
+
+def _latency_cell(scenario: Result, row: str, kind: str) -> str:
+    """Round trips per request · median / p99 ms (ratio to the hand-written app)."""
+    entry = scenario.get("systems", {}).get(row, {}).get(kind)
+    if entry is None:
+        return _why_missing(scenario, row)
+    low, high = entry["round_trips_range"]
+    trips = f"{entry['round_trips']:g}" if low == high else f"{low:g} to {high:g}"
+    ratio = "" if row == scenario.get("reference") else f" ({_ratio(entry.get('ratio'))})"
+    return f"**{trips}** · {entry['median_ms']:.2f} / {entry['p99_ms']:.1f}{ratio}"
+
+
+def _latency_section(document: Result) -> list[str]:
+    """The latency scenario: the database behind the delaying proxy (benchmarks/proxy.py)."""
+    scenario = _scenario(document, "latency")
+    if not scenario:
+        return []
+    out = ["### Latency: the database 0.5 ms away", ""]
+    if "error" in scenario:
+        return [*out, str(scenario["error"]), ""]
+    versions = scenario.get("versions") or document["meta"]["systems"]
+    kinds: dict[str, str] = scenario["kinds"]
+    rows = [*SYSTEMS, *LATENCY_LABELS]
+    out += _table(
+        ["system", "version", *(f"{kind} (`{route}`)" for kind, route in kinds.items())],
+        [
+            [
+                LATENCY_LABELS.get(row) or LABELS[row],
+                versions.get(row.removesuffix("_pre_ping"), "?"),
+                *(_latency_cell(scenario, row, kind) for kind in kinds),
+            ]
+            for row in rows
+        ],
+    )
+    floor = scenario["floor"]
+    hold = scenario["hold_ms"]
+    out += [
+        "",
+        "Each cell: **round trips per request** (counted at the proxy; a range if they "
+        "differed between rounds) · median / p99 latency in ms (ratio of the medians to "
+        "the hand-written app's, median over rounds). PostgreSQL (asyncpg) is reached "
+        f"through `benchmarks/proxy.py`, which holds everything {scenario['delay_ms']:g} ms "
+        "each way (measured on the last batch: median hold "
+        f"{hold['to_server'].get('median', math.nan):.3f} ms to the server, "
+        f"{hold['to_client'].get('median', math.nan):.3f} ms back); the app is called "
+        f"in-process, one request at a time, {scenario['requests_per_batch']} requests "
+        f"per system and kind in each of {scenario['rounds']} rounds, the systems in an "
+        "order that rotates every round, on a pool warmed by every route first. "
+        f"One round trip alone (asyncpg, autocommit, a prepared `SELECT 1`): "
+        f"{floor['median_ms']:.2f} ms median, {floor['p99_ms']:.1f} ms p99: the physical "
+        f"floor of a request that needs one. Python {scenario.get('python', '?')}; load "
+        f"average at the start {scenario.get('load_average_at_start', '?')}.",
+        "",
+    ]
+    return out
 
 
 def _sync_section(document: Result) -> list[str]:

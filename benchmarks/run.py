@@ -18,7 +18,14 @@
 5. **Real server**: each app under uvicorn, loaded by ``wrk`` (or the Python generator
    of :mod:`benchmarks.load`) at fixed concurrency; requests per second, p50 and p99
    for the read and the write route.
-6. **Sync** (:mod:`benchmarks.sync`, ``--only sync`` or ``make bench-sync``): FastAPI
+6. **Latency** (``--only latency``): PostgreSQL reached through
+   :class:`benchmarks.proxy.DelayingProxy`, 0.5 ms each way, in-process, one request at
+   a time on a warmed pool: for each system (and the hand-written app and asgi_sqla
+   again with ``pool_pre_ping=True``) and each request kind (one read, three reads, one
+   write, a write after a read), the round trips per request counted at the proxy and
+   the latency per request (median, p99); beside them, one round trip alone (asyncpg,
+   autocommit), the physical floor.
+7. **Sync** (:mod:`benchmarks.sync`, ``--only sync`` or ``make bench-sync``): FastAPI
    ``def`` endpoints on psycopg 3 used synchronously, the SQL tutorial's ``yield``
    dependency against ``SyncDatabase``: the real server (with worker-thread hops and
    CPU time per request) and the slow clients.
@@ -97,6 +104,9 @@ class Settings:
     sync_connections: int = 16
     sync_pool: int = 20
     sync_slow_rounds: int = 7
+    latency_rounds: int = 7
+    latency_requests: int = 50
+    latency_delay: float = 0.0005
 
     def quick(self) -> Settings:
         """A run of a minute or two that exercises every code path."""
@@ -114,6 +124,8 @@ class Settings:
             sync_rounds=1,
             sync_duration=1.0,
             sync_slow_rounds=2,
+            latency_rounds=2,
+            latency_requests=20,
         )
 
 
@@ -658,6 +670,137 @@ def real_server(settings: Settings, url: str) -> Result:
     }
 
 
+# -- 6. latency: the database 0.5 ms away ----------------------------------------------
+
+#: The latency scenario's request kinds: name -> (method, path, expected status).
+LATENCY_KINDS: dict[str, tuple[str, str, int]] = {
+    "one read": ("GET", "/item", 200),
+    "three reads": ("GET", "/reads", 200),
+    "one write": ("POST", "/items", 201),
+    "write after read": ("POST", "/read-write", 201),
+}
+#: The latency scenario's extra rows: the system, built with ``pool_pre_ping=True``.
+PRE_PING_ROWS: dict[str, str] = {
+    "by_hand_pre_ping": "by_hand",
+    "asgi_sqla_pre_ping": "asgi_sqla",
+}
+#: The row of one bare round trip (asyncpg, autocommit, a prepared ``SELECT 1``).
+FLOOR = "one_round_trip"
+
+
+def _percentile(values: Sequence[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * share))]
+
+
+async def latency(settings: Settings, url: str) -> Result:
+    """Round trips and latency per request, the database behind a delaying proxy."""
+    import asyncpg
+    from sqlalchemy import make_url
+
+    from benchmarks.proxy import DelayingProxy
+
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    await create_schema(url)
+    target = make_url(url)
+    assert target.host is not None
+    assert target.port is not None
+    rows = [*SYSTEMS, *PRE_PING_ROWS]
+    failures: dict[str, str] = {}
+    round_trips: dict[str, dict[str, list[float]]] = {kind: {} for kind in LATENCY_KINDS}
+    samples: dict[str, dict[str, list[float]]] = {kind: {} for kind in LATENCY_KINDS}
+    medians: dict[str, dict[str, list[float]]] = {kind: {} for kind in LATENCY_KINDS}
+    floor: list[float] = []
+    with DelayingProxy(target.host, target.port, delay=settings.latency_delay) as proxy:
+        proxied = target.set(host=proxy.host, port=proxy.port)
+        proxied_url = proxied.render_as_string(hide_password=False)
+        async with contextlib.AsyncExitStack() as stack:
+            servers: dict[str, InProcessServer] = {}
+            for row in rows:
+                system = PRE_PING_ROWS.get(row, row)
+                config = AppConfig(url=proxied_url, pool_pre_ping=row in PRE_PING_ROWS)
+                try:
+                    server = InProcessServer(build_app(system, config))
+                    servers[row] = await stack.enter_async_context(server)
+                    for method, path, status in LATENCY_KINDS.values():  # warm-up
+                        await server.latencies(method, path, 10, status)
+                except Exception as exc:
+                    failures[row] = f"n/a: {_short(exc)}"
+                    log(f"  {row}: {failures[row]}")
+            raw = await asyncpg.connect(
+                host=proxy.host,
+                port=proxy.port,
+                user=target.username,
+                password=target.password,
+                database=target.database,
+            )
+            stack.push_async_callback(raw.close)
+            select_one = await raw.prepare("SELECT 1")
+            for _round, order in rotations(
+                [r for r in rows if r in servers], settings.latency_rounds
+            ):
+                for _ in range(settings.latency_requests):
+                    started = time.perf_counter()
+                    await select_one.fetchval()
+                    floor.append(time.perf_counter() - started)
+                for kind, (method, path, status) in LATENCY_KINDS.items():
+                    for row in order:
+                        if row in failures:
+                            continue
+                        proxy.reset()
+                        try:
+                            batch = await servers[row].latencies(
+                                method, path, settings.latency_requests, status
+                            )
+                        except Exception as exc:
+                            failures[row] = f"n/a: {_short(exc)}"
+                            continue
+                        trips = proxy.round_trips / settings.latency_requests
+                        round_trips[kind].setdefault(row, []).append(trips)
+                        samples[kind].setdefault(row, []).extend(batch)
+                        medians[kind].setdefault(row, []).append(statistics.median(batch))
+            hold = proxy.stats()["hold"]
+    systems: dict[str, dict[str, Result]] = {}
+    for kind in LATENCY_KINDS:
+        reference = medians[kind].get(BASELINE, [])
+        for row, values in samples[kind].items():
+            if row in failures:
+                continue
+            entry: Result = {
+                "round_trips": statistics.median(round_trips[kind][row]),
+                "round_trips_range": [min(round_trips[kind][row]), max(round_trips[kind][row])],
+                "median_ms": statistics.median(values) * 1e3,
+                "p99_ms": _percentile(values, 0.99) * 1e3,
+            }
+            if len(reference) == len(medians[kind][row]):
+                pairs = zip(medians[kind][row], reference, strict=True)
+                entry["ratio"] = statistics.median(v / r for v, r in pairs)
+            systems.setdefault(row, {})[kind] = entry
+    return {
+        "unit": "ms/request",
+        "reference": BASELINE,
+        "delay_ms": settings.latency_delay * 1e3,
+        "requests_per_batch": settings.latency_requests,
+        "rounds": settings.latency_rounds,
+        "kinds": {kind: f"{m} {p}" for kind, (m, p, _) in LATENCY_KINDS.items()},
+        "floor": {
+            "round_trips": 1,
+            "median_ms": statistics.median(floor) * 1e3 if floor else None,
+            "p99_ms": _percentile(floor, 0.99) * 1e3 if floor else None,
+        },
+        "hold_ms": {
+            direction: {k: v * 1e3 if k != "count" else v for k, v in figures.items()}
+            for direction, figures in hold.items()
+        },
+        "systems": systems,
+        "failures": failures,
+        # Its own: with --merge, the run's meta (versions included) stays the older run's.
+        "versions": {system: package_version(system) for system in SYSTEMS},
+        "python": platform.python_version(),
+        "load_average_at_start": load_at_start,
+    }
+
+
 # -- PostgreSQL, the machine, the versions ---------------------------------------------
 
 
@@ -773,6 +916,7 @@ SCENARIOS = (
     "failing_commit",
     "real_server",
     "sync",
+    "latency",
 )
 
 
@@ -869,7 +1013,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: Result = {}
     only = set(args.only)
     needs_postgres = bool(
-        only & {"postgresql", "slow_clients", "failing_commit", "real_server", "sync"}
+        only & {"postgresql", "slow_clients", "failing_commit", "real_server", "sync", "latency"}
     )
     with contextlib.ExitStack() as stack:
         scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="asgi-sqla-bench-"))
@@ -903,6 +1047,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ),
             ("real_server", "real_server", lambda url, admin: partial(real_server, settings, url)),
             ("sync", "sync", lambda url, admin: partial(_sync_scenario, settings, url, admin)),
+            ("latency", "latency", lambda url, admin: _run_async(partial(latency, settings, url))),
         ]
         for option, name, runner in postgres_scenarios:
             if option not in only:

@@ -489,7 +489,8 @@ async def test_statistics_count_replica_statements_apart_from_the_primary(
     assert stats.held > 0  # both connections went back, and were timed
     assert stats.replica_held > 0
     assert re.fullmatch(
-        r'db;dur=[\d.]+;desc="3 queries", db-replica;dur=[\d.]+;desc="2 queries"',
+        r'db;dur=[\d.]+;desc="3 queries, 5 round trips", '
+        r'db-replica;dur=[\d.]+;desc="2 queries, 4 round trips"',
         server_timing_of(recorder),
     )
 
@@ -515,7 +516,7 @@ async def test_a_read_that_fell_back_to_the_primary_is_counted_on_the_primary(
     stats = seen["stats"]
     assert seen["on standby"] is False
     assert (stats.statements, stats.replica_statements, stats.replica_held) == (1, 0, 0.0)
-    assert re.fullmatch(r'db;dur=[\d.]+;desc="1 query"', server_timing_of(recorder))
+    assert re.fullmatch(r'db;dur=[\d.]+;desc="1 query, 3 round trips"', server_timing_of(recorder))
 
 
 async def test_the_statement_warning_counts_the_replicas_statements(
@@ -564,7 +565,8 @@ async def test_server_timing_instruments_replica_engines_made_before_the_middlew
         await db.dispose()
 
     assert re.fullmatch(
-        r'db;dur=0\.0;desc="0 queries", db-replica;dur=[\d.]+;desc="1 query"',
+        r'db;dur=0\.0;desc="0 queries, 0 round trips", '
+        r'db-replica;dur=[\d.]+;desc="1 query, 3 round trips"',
         server_timing_of(recorder),
     )
 
