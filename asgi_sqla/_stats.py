@@ -51,6 +51,10 @@ class RequestStats:
     replica_duration: float = 0.0
     #: Seconds a replica's connection was checked out for this request.
     replica_held: float = 0.0
+    #: Statements that met a dead pooled connection as the first of their transaction
+    #: and ran again on a new one (the request did not see it): see ``pool_pre_ping``
+    #: in the README.
+    reconnects: int = 0
 
     @property
     def all_statements(self) -> int:
@@ -236,6 +240,7 @@ def _report_one(method: str, route: str, db: Any, limits: Limits, stats: Request
         "replica_statements": stats.replica_statements,
         "replica_db_seconds": round(stats.replica_duration, 6),
         "replica_held_seconds": round(stats.replica_held, 6),
+        "reconnects": stats.reconnects,
     }
     held = limits.held
     if held is not None and stats.held > held:
