@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
+import types
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -484,3 +487,37 @@ async def test_a_one_read_request_costs_the_round_trips_of_hand_written_code(
     by_hand, with_reconnect, with_pre_ping = counts
     assert with_reconnect == by_hand == 3, counts
     assert with_pre_ping > with_reconnect, counts
+
+
+# -- docs/restarts.md ---------------------------------------------------------------------
+
+DOCS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "restarts.md"
+
+
+def test_the_page_has_one_python_block() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", DOCS_PAGE.read_text(), re.DOTALL)
+    assert [block.splitlines()[0] for block in blocks] == ["# restart_app.py"]
+
+
+@pytest.mark.postgresql
+async def test_the_page_s_app_counts_the_statement_run_again_after_a_restart(
+    own_pg: DedicatedPostgres, own_database: URL, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    [block] = re.findall(r"```python\n(.*?)```", DOCS_PAGE.read_text(), re.DOTALL)
+    url = own_database.set(drivername="postgresql+asyncpg")
+    monkeypatch.setenv("DATABASE_URL", url.render_as_string(hide_password=False))
+    module = types.ModuleType("restart_app")
+    exec(compile(block, "docs/restart_app.py", "exec"), module.__dict__)
+
+    async def get() -> ASGIRecorder:
+        recorder = ASGIRecorder([{"type": "http.request", "body": b"", "more_body": False}])
+        with anyio.fail_after(20):
+            await recorder(module.app, http_scope("/"))
+        return recorder
+
+    try:
+        assert (await get()).body == b"reconnects: 0"  # the pool now holds a connection
+        await anyio.to_thread.run_sync(own_pg.restart)
+        assert [(await get()).body for _ in range(2)] == [b"reconnects: 1", b"reconnects: 0"]
+    finally:
+        await module.db.dispose()
