@@ -37,6 +37,7 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from asgi_sqla import Database, SQLAlchemyMiddleware, SyncDatabase
+from asgi_sqla.pytest_plugin import rolled_back
 from asgi_sqla.types import ASGIApp
 from benchmarks.proxy import DelayingProxy
 
@@ -521,3 +522,33 @@ async def test_the_page_s_app_counts_the_statement_run_again_after_a_restart(
         assert [(await get()).body for _ in range(2)] == [b"reconnects: 1", b"reconnects: 0"]
     finally:
         await module.db.dispose()
+
+
+# -- the pytest plugin's connection ----------------------------------------------------------
+
+
+@pytest.mark.postgresql
+async def test_a_test_s_connection_found_dead_is_not_replaced(
+    own_pg: DedicatedPostgres, own_database: URL
+) -> None:
+    """Under ``rolled_back()`` sessions are bound to the test's connection, whose
+    transaction the test rolls back: a new connection would commit behind its back.  The
+    statement fails (503), and nothing is run again."""
+    served = serve(("async", "asyncpg"), own_database)
+    db = served.db
+    assert isinstance(db, Database)
+    database = own_database.database
+    assert database is not None
+    try:
+        async with rolled_back(db):
+            with _postgres.connect(own_pg.admin) as admin:
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                    (database,),
+                )
+            assert eventually(lambda: own_pg.backends(database) == [])
+            answer = await post(served.app, "/write", "in-test")
+            assert (status(answer), retry_after(answer)) == (503, [b"1"])
+        assert served.keys() == set()
+    finally:
+        await dispose(served)
