@@ -35,6 +35,9 @@ SQLAlchemy cannot do for us:
   app's own code.
 * It takes the request's place at the database's ``admission_limit`` (``_admission``)
   before the session's first connection.
+* It runs a transaction's first statement once more on a new connection when the
+  pooled one was dead (a restart, a killed backend, an idle timeout), when nothing of
+  the transaction had been answered: see ``_reconnect`` for exactly when.
 
 What it does not cover: in-memory bookkeeping that reaches no database (``add()``,
 ``expunge()``, the identity-map part of ``get()`` or ``delete()``), and connections the
