@@ -34,6 +34,7 @@ from ._options import (
     check_session_options,
 )
 from ._outcome import Outcome
+from ._reconnect import watch_answers
 from ._replicas import ReplicaSet, replica_class, track_writes
 from ._saturation import pool_capacity, watch_saturation
 from ._secrets import mask_text, mask_url
@@ -209,6 +210,8 @@ class BaseDatabase(ABC):
         if self._read_only_watched is not sync_engine:
             # A pooled connection to a server turned read-only (a failover) is discarded.
             watch_read_only(sync_engine)
+            # A dead pooled connection met by a transaction's first statement is replaced.
+            watch_answers(sync_engine)
             self._read_only_watched = sync_engine
         if self._stats and self._instrumented is not sync_engine:
             instrument(sync_engine, self._current_stats)
@@ -259,6 +262,7 @@ class BaseDatabase(ABC):
             )
             for replica in engines:
                 watch_read_only(replica.sync_engine)
+                watch_answers(replica.sync_engine)
         if self._stats and self._instrumented_replicas is not engines:
             # Here rather than where they are made: every read session's engine is
             # picked from this tuple, so engines made before statistics were turned on
@@ -354,11 +358,21 @@ class BaseDatabase(ABC):
         session = self._factory.make(**options)
         if self._track_commits:
             event.listen(sync_of(session), "after_commit", _note_commit)
+        if self._stats:
+            sync_of(session)._asgi_sqla_count_reconnect = self._count_reconnect
         return session
 
     def _make_replica_session(self, engine: AsyncEngine) -> GuardedSession | None:
         """A read session bound to the replica ``engine`` (routing: ``_replicas``)."""
-        return self._factory.make_read(engine)
+        session = self._factory.make_read(engine)
+        if session is not None and self._stats:
+            sync_of(session)._asgi_sqla_count_reconnect = self._count_reconnect
+        return session
+
+    def _count_reconnect(self) -> None:
+        stats = self._current_stats()
+        if stats is not None:
+            stats.reconnects += 1
 
     def _can_prepare(self) -> bool:
         """Whether this database's sessions can take part in a two-phase commit."""

@@ -35,6 +35,9 @@ SQLAlchemy cannot do for us:
   app's own code.
 * It takes the request's place at the database's ``admission_limit`` (``_admission``)
   before the session's first connection.
+* It runs a transaction's first statement once more on a new connection when the
+  pooled one was dead (a restart, a killed backend, an idle timeout), when nothing of
+  the transaction had been answered: see ``_reconnect`` for exactly when.
 
 What it does not cover: in-memory bookkeeping that reaches no database (``add()``,
 ``expunge()``, the identity-map part of ``get()`` or ``delete()``), and connections the
@@ -70,6 +73,7 @@ from ._errors import (
     exception_chain,
 )
 from ._log import logger
+from ._reconnect import drop_dead_connection, log_reconnect, taken_for_this_call
 from ._unavailable import note_acquire_failure, note_read_only_transaction, unavailable
 
 _T = TypeVar("_T")
@@ -164,14 +168,44 @@ class _GuardedSyncSession(Session):
     #: The savepoint that was current when a commit was last announced (see
     #: :func:`_announces_root_commit`).
     _asgi_sqla_announced: SessionTransaction | None = None
+    #: The transaction whose first statement ran again on a new connection (``_reconnect``).
+    _asgi_sqla_reconnected: SessionTransaction | None = None
+    #: Called at each such re-run: counts it in the request's statistics, when kept.
+    _asgi_sqla_count_reconnect: Callable[[], None] | None = None
 
     def _execute_internal(self, *args: Any, **kwargs: Any) -> Any:
         # Every statement: execute(), scalar(s)(), get(), refresh(), lazy loads, exec().
+        first = taken_for_this_call(self._transaction)
+        unavailable_before = self._asgi_sqla_unavailable
+        try:
+            return self._guarded(super()._execute_internal, *args, **kwargs)
+        except DBAPIError as exc:
+            if not (first and self._reconnected(exc, unavailable_before)):
+                self._asgi_sqla_statement_failed = True
+                raise
+        # The transaction's first statement met a dead pooled connection: once more.
         try:
             return self._guarded(super()._execute_internal, *args, **kwargs)
         except DBAPIError:
             self._asgi_sqla_statement_failed = True
             raise
+
+    def _reconnected(self, exc: DBAPIError, unavailable_before: str | None) -> bool:
+        """Whether the failed first statement may run again on a new connection (see
+        ``_reconnect``); if so, the dead connection is out and the failure forgotten."""
+        transaction = self.get_transaction()
+        if transaction is None or transaction is self._asgi_sqla_reconnected:
+            return False  # once per transaction
+        engine = drop_dead_connection(transaction, exc)
+        if engine is None:
+            return False
+        self._asgi_sqla_reconnected = transaction
+        self._asgi_sqla_unavailable = unavailable_before  # the request never sees it
+        log_reconnect(engine, exc)
+        count = self._asgi_sqla_count_reconnect
+        if count is not None:
+            count()
+        return True
 
     def _connection_for_bind(self, *args: Any, **kwargs: Any) -> Any:
         acquire = (

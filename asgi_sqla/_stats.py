@@ -80,6 +80,10 @@ class RequestStats:
     round_trips: int = 0
     #: The same, to the read replicas.
     replica_round_trips: int = 0
+    #: Statements that met a dead pooled connection as the first of their transaction
+    #: and ran again on a new one (the request did not see it): see ``pool_pre_ping``
+    #: in the README.
+    reconnects: int = 0
 
     @property
     def all_statements(self) -> int:
@@ -329,6 +333,7 @@ def _report_one(method: str, route: str, db: Any, limits: Limits, stats: Request
         "replica_round_trips": stats.replica_round_trips,
         "replica_db_seconds": round(stats.replica_duration, 6),
         "replica_held_seconds": round(stats.replica_held, 6),
+        "reconnects": stats.reconnects,
     }
     held = limits.held
     if held is not None and stats.held > held:

@@ -907,3 +907,169 @@ async def test_a_failover_mid_run_is_answered_503_and_loses_no_commit(
         await anyio.Path(variant.report).write_text(table + "\n")
         await anyio.Path(variant.report + ".server.log").write_text(log)
     assert failed == [], table
+
+
+# -- the restart drill --------------------------------------------------------------------
+#
+# The same app without ``pool_pre_ping``, and a connection per client (so that no 503 is
+# the pool's).  Plain writes from many clients; half-way the clients pause, the database
+# restarts (``pg_ctl restart -m fast``) and they go on: every request must be answered
+# 201, although the pool holds only dead connections then, which no failed statement
+# has told it: the first statement of a transaction that meets one runs again on a new
+# connection (``asgi_sqla/_reconnect.py``).  A restart that kills statements under way
+# (the soak's) makes SQLAlchemy renew the pool by itself; those requests get a 503.
+# ``SOAK_RESTART_REQUESTS`` (default 300) and ``SOAK_RESTART_CONCURRENCY`` (default 20)
+# size it.
+
+RESTART_VARIANTS = [
+    Variant(
+        "restart",
+        "tests.apps.soak_app:app",
+        os.environ.get("SOAK_DRIVER", "asyncpg"),
+        _size("SOAK_RESTART_REQUESTS", 300),
+        _size("SOAK_RESTART_CONCURRENCY", 20),
+    ),
+    Variant(
+        "restart-sync",
+        "tests.apps.soak_sync_app:app",
+        os.environ.get("SOAK_SYNC_DRIVER", "psycopg"),
+        _size("SOAK_RESTART_REQUESTS", 300),
+        _size("SOAK_RESTART_CONCURRENCY", 20),
+    ),
+]
+
+
+async def restart_mid_run(
+    server: Server, pg: DedicatedPostgres, variant: Variant
+) -> tuple[Run, Failover]:
+    """``variant.requests`` plain writes; the database restarted half-way, while idle.
+
+    Half-way the clients finish the requests under way and wait; the database restarts
+    (every pooled connection dies, and none is in use: no statement meets the restart,
+    so the pool cannot know); then they go on.  The times of the restart are kept in a
+    ``Failover`` (``stopped``: it began; ``promoted``: the database was back).
+    """
+    pool_size = server_pool(server)["size"]
+    outcomes: list[Outcome] = []
+    restart = Failover()
+    restart_due, idle, back = anyio.Event(), anyio.Event(), anyio.Event()
+    under_way = 0
+    requests = [
+        Request("none", f"{n:06d}-restart", {"fault": "none"}) for n in range(variant.requests)
+    ]
+    send_requests, receive_requests = anyio.create_memory_object_stream[Request](len(requests))
+    for request in requests:
+        send_requests.send_nowait(request)
+    send_requests.close()
+    limits = httpx.Limits(max_connections=variant.concurrency * 2, max_keepalive_connections=0)
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal under_way
+        async for request in receive_requests:
+            if restart_due.is_set():
+                await back.wait()
+            under_way += 1
+            restart.sent[request.key] = time.monotonic()
+            outcome = await send_httpx(client, request)
+            restart.answered[request.key] = time.monotonic()
+            under_way -= 1
+            outcomes.append(outcome)
+            if len(outcomes) >= variant.requests // 2:
+                restart_due.set()
+            if restart_due.is_set() and under_way == 0:
+                idle.set()
+
+    async def restarter() -> None:
+        await idle.wait()
+        restart.stopped = time.monotonic()
+        await anyio.to_thread.run_sync(pg.restart)
+        restart.promoted = time.monotonic()
+        back.set()
+
+    began = time.monotonic()
+    async with (
+        httpx.AsyncClient(base_url=server.url, timeout=30, limits=limits) as client,
+        receive_requests,
+        anyio.create_task_group() as group,
+    ):
+        group.start_soon(restarter)
+        for _ in range(variant.concurrency):
+            group.start_soon(worker, client)
+    run = Run(outcomes, Injected(), time.monotonic() - began, pool_size, variant)
+    return run, restart
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        pytest.param(
+            variant, id=variant.name, marks=pytest.mark.timeout(60 + variant.requests // 10)
+        )
+        for variant in RESTART_VARIANTS
+    ],
+)
+async def test_after_a_restart_without_pre_ping_no_request_fails(
+    pg: DedicatedPostgres, capsys: pytest.CaptureFixture[str], variant: Variant
+) -> None:
+    """The app (async, or its sync twin) with ``SOAK_PRE_PING=0``, restarted mid-run."""
+    password = secrets.token_hex(16)
+    database = pg.add_password_role("soak", password)
+    url = database.set(drivername=f"postgresql+{variant.driver}").render_as_string(
+        hide_password=False
+    )
+    env = {
+        "DATABASE_URL": url,
+        "PYTHONWARNINGS": WARNINGS_AS_ERRORS,
+        "SOAK_POOL_SIZE": str(variant.concurrency),
+        "SOAK_PRE_PING": "0",
+    }
+    with serve(variant.app, "uvicorn", env=env, ready_path="/health") as server:
+        run, restart = await restart_mid_run(server, pg, variant)
+        eventually(lambda: server_pool(server)["checked_out"] == 0, seconds=10)
+        leaked = server_pool(server)["checked_out"]
+    rows = committed_keys(database)
+    log = server.log
+    reconciled = reconcile(run, rows, leaked, log)
+    answered = [o for o in run.outcomes if o.status is not None]
+    after = [o for o in answered if restart.sent[o.request.key] > restart.promoted]
+    failed_after = [o for o in after if o.status != 201]
+    unexpected = [e for e in traceback_exceptions(log) if not EXPECTED_EXCEPTIONS.match(e)]
+    forbidden = [marker for marker in FORBIDDEN_IN_LOG if marker in log]
+    checks = {
+        "no lies": not reconciled.lies,
+        "no lost commits": not reconciled.lost,
+        "no leaked connections": leaked == 0,
+        "every request answered": len(answered) == len(run.outcomes) == variant.requests,
+        "requests sent after the restart": len(after) >= variant.requests // 3,
+        f"no request sent after the restart failed ({len(failed_after)} did)": not failed_after,
+        "every request answered 201": {o.status for o in answered} == {201},
+        "the dead pool was logged once": log.count("pooled database connections were dead") == 1,
+        "server exited with 0": server.returncode == 0,
+        f"no warning in the server log {forbidden}": not forbidden,
+        f"no unexpected traceback {unexpected[:5]}": not unexpected,
+        "no password in the log or a response": (
+            password not in log and not any(password.encode() in o.body for o in run.outcomes)
+        ),
+    }
+    failed = [name for name, passed in checks.items() if not passed]
+    told = collections.Counter(_told(o) for o in run.outcomes)
+    table = "\n".join(
+        [
+            "",
+            f"Restart drill ({variant.name}): {len(run.outcomes)} requests, "
+            f"{variant.concurrency} concurrent clients, pool of {run.pool_size} (no "
+            f"pool_pre_ping), driver {variant.driver}, {run.seconds:.1f} s",
+            f"  told: {', '.join(f'{k} x{v}' for k, v in sorted(told.items()))}",
+            f"  restart took {restart.promoted - restart.stopped:.2f} s; "
+            f"{len(after)} requests sent after it, {len(failed_after)} failed",
+            f"  lies {len(reconciled.lies)}, lost commits {len(reconciled.lost)}, "
+            f"leaked connections {reconciled.leaked}",
+            "  checks: " + (f"FAILED: {'; '.join(failed)}" if failed else "all passed"),
+        ]
+    )
+    with capsys.disabled():
+        print(table)
+    if variant.report:
+        await anyio.Path(variant.report).write_text(table + "\n")
+        await anyio.Path(variant.report + ".server.log").write_text(log)
+    assert failed == [], table
