@@ -151,6 +151,10 @@ class _Events:
         conn.info[_BEGUN] = True
 
     def end(self, conn: Any) -> None:
+        if conn.invalidated:
+            # Its connection is gone (SQLAlchemy raises PendingRollbackError on any use of
+            # it, ``info`` included, until the transaction is rolled back): nothing is sent.
+            return
         conn.info.pop(_BEGUN, None)
         if conn.info.pop(_OPEN, False):
             self._add_round_trips(1)
