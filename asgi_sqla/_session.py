@@ -54,13 +54,14 @@ from contextvars import ContextVar
 from typing import Any, Generic, TypeVar, cast, overload
 
 from greenlet import getcurrent  # type: ignore[import-untyped,unused-ignore]
-from sqlalchemy import event
+from sqlalchemy import Engine, event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.util.concurrency import in_greenlet
 
 from ._admission import Ticket
+from ._autocommit import autocommit_engine, in_autocommit, refuse_write, write_refused
 from ._errors import (
     BlockingCallError,
     ConcurrentSessionUseError,
@@ -164,6 +165,9 @@ class _GuardedSyncSession(Session):
     #: The savepoint that was current when a commit was last announced (see
     #: :func:`_announces_root_commit`).
     _asgi_sqla_announced: SessionTransaction | None = None
+    #: Reads in autocommit (``make_read_only(autocommit=True)``): pending changes are
+    #: refused at the flush, before anything is sent.
+    _asgi_sqla_autocommit = False
 
     def _execute_internal(self, *args: Any, **kwargs: Any) -> Any:
         # Every statement: execute(), scalar(s)(), get(), refresh(), lazy loads, exec().
@@ -198,7 +202,12 @@ class _GuardedSyncSession(Session):
 
     def flush(self, objects: Any = None) -> None:
         # Guarded before the flush, or an autoflush, changes anything.
-        self._guarded(super().flush, objects)
+        self._guarded(self._checked_flush if self._asgi_sqla_autocommit else super().flush, objects)
+
+    def _checked_flush(self, objects: Any) -> None:
+        if self.new or self.deleted or any(self.is_modified(o) for o in self.dirty):
+            raise write_refused("flushing the session's pending changes")
+        super().flush(objects)
 
     def _guarded(self, call: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         """``call(*args, **kwargs)`` past the guard, remembering what its failure means."""
@@ -576,7 +585,7 @@ def guarded_class(cls: type[AsyncSession]) -> type[GuardedSession]:
     return type(f"Guarded{cls.__name__}", (GuardedSession, cls), {})
 
 
-def make_read_only(session: SessionLike) -> None:
+def make_read_only(session: SessionLike, *, autocommit: bool = False) -> None:
     """Make every transaction of ``session`` read-only and never committed.
 
     On PostgreSQL and MySQL the transaction is declared ``READ ONLY``, so a write fails
@@ -593,11 +602,33 @@ def make_read_only(session: SessionLike) -> None:
     ``commit()`` on the ``Connection`` that ``session.connection()`` returns, or a
     ``COMMIT`` sent as SQL text; on databases other than PostgreSQL and MySQL, writes
     made through those are not refused either.
+
+    With ``autocommit``, a session bound to an engine runs its statements in
+    autocommit instead (``_autocommit``): no ``BEGIN``, no ``COMMIT``, and every
+    statement its connection sends that is not a plain read is refused before it is
+    sent, as is a flush of pending changes.  A session bound to a connection (a test's,
+    through ``asgi_sqla.pytest_plugin``) keeps its read-only transaction.
     """
     session._asgi_sqla_rollback_only = READ_ONLY
-    bind = session.bind
-    if bind is not None and bind.dialect.name in ("postgresql", "mysql"):
-        event.listen(sync_of(session), "after_begin", _set_transaction_read_only)
+    sync_session = sync_of(session)
+    bind = sync_session.bind
+    if autocommit and isinstance(bind, Engine):
+        sync_session.bind = autocommit_engine(bind)
+        sync_session._asgi_sqla_autocommit = True
+        event.listen(sync_session, "after_begin", _begin_read_only)
+    elif bind is not None and bind.dialect.name in ("postgresql", "mysql"):
+        event.listen(sync_session, "after_begin", _set_transaction_read_only)
+
+
+def _begin_read_only(session: Any, transaction: Any, connection: Any) -> None:
+    # The connection runs in autocommit unless the session's class chose another bind
+    # (its own get_bind()): then the transaction is read-only as in a read_only route.
+    if not in_autocommit(connection):
+        if connection.dialect.name in ("postgresql", "mysql"):
+            _set_transaction_read_only(session, transaction, connection)
+    elif not transaction.nested:  # a savepoint shares the root's connection, and listener
+        # On this Connection alone, which the session closes at its end.
+        event.listen(connection, "before_cursor_execute", refuse_write)
 
 
 def _set_transaction_read_only(session: Any, transaction: Any, connection: Any) -> None:
