@@ -5,7 +5,7 @@ execution option, so the driver sends no ``BEGIN`` and its ``COMMIT``/``ROLLBACK
 nothing: one round trip per statement, each statement its own transaction with its own
 snapshot.  Nothing can then be rolled back, so a write must never reach the server:
 every statement the connection is about to send passes :func:`refuse_write` first
-(a ``before_cursor_execute`` listener on that ``Connection`` alone, so it covers the
+(a ``before_cursor_execute`` listener on the autocommit engine alone, so it covers the
 ORM, Core, ``exec_driver_sql`` on ``session.connection()`` and flushes alike).
 
 A compiled statement is a read when SQLAlchemy compiled a ``SELECT`` without
@@ -27,11 +27,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Engine, event
 
 from ._errors import RollbackOnlyError
 
-__all__ = ["autocommit_engine", "in_autocommit", "refuse_write", "write_refused"]
+__all__ = ["autocommit_engine", "write_refused"]
 
 _TEXT_READ = re.compile(r"\s*(SELECT|WITH|SHOW|VALUES|TABLE|EXPLAIN)\b", re.IGNORECASE)
 _TEXT_WRITE = re.compile(
@@ -41,8 +41,9 @@ _TEXT_WRITE = re.compile(
 _REFUSED = (
     "This route reads in autocommit (autocommit_reads= or @read_only(autocommit=True)), "
     "where each statement commits on its own and nothing can be rolled back, so "
-    "{what} was refused before it was sent. Write in a route that is not read-only, or "
-    "use `async with db.new_session() as session:` for this write."
+    "{what} was refused before it was sent. Write in a route that is neither "
+    "read-only nor in autocommit_reads; a read that calls a function that writes "
+    "(nextval(), a procedure) belongs there too."
 )
 
 
@@ -62,16 +63,14 @@ def autocommit_engine(engine: Engine) -> Engine:
     made: Engine | None = engine.__dict__.get(_ON_ENGINE)
     if made is None:
         made = engine.execution_options(isolation_level="AUTOCOMMIT")
+        # On the OptionEngine alone (its dispatch is joined to the parent's, not the
+        # reverse): every connection it lends is checked, and no other.
+        event.listen(made, "before_cursor_execute", refuse_write)
         setattr(engine, _ON_ENGINE, made)
     return made
 
 
 _ON_ENGINE = "_asgi_sqla_autocommit_engine"
-
-
-def in_autocommit(connection: Connection) -> bool:
-    """Whether ``connection`` runs in autocommit (it came from an :func:`autocommit_engine`)."""
-    return connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
 
 
 def write_refused(what: str) -> RollbackOnlyError:
@@ -96,7 +95,10 @@ def _is_read(statement: str, context: Any) -> bool:
     if compiled is None or context.is_text:
         return _TEXT_READ.match(statement) is not None and _TEXT_WRITE.search(statement) is None
     clause = getattr(compiled, "statement", None)
-    if not getattr(clause, "is_select", False) or getattr(clause, "_for_update_arg", None) is not None:
+    if (
+        not getattr(clause, "is_select", False)
+        or getattr(clause, "_for_update_arg", None) is not None
+    ):
         return False
     # select(...).add_cte(insert(...).cte()) compiles to WITH ... INSERT ... SELECT.
     ctes = getattr(compiled, "ctes", None) or {}

@@ -61,7 +61,7 @@ from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.util.concurrency import in_greenlet
 
 from ._admission import Ticket
-from ._autocommit import autocommit_engine, in_autocommit, refuse_write, write_refused
+from ._autocommit import autocommit_engine, write_refused
 from ._errors import (
     BlockingCallError,
     ConcurrentSessionUseError,
@@ -607,28 +607,19 @@ def make_read_only(session: SessionLike, *, autocommit: bool = False) -> None:
     autocommit instead (``_autocommit``): no ``BEGIN``, no ``COMMIT``, and every
     statement its connection sends that is not a plain read is refused before it is
     sent, as is a flush of pending changes.  A session bound to a connection (a test's,
-    through ``asgi_sqla.pytest_plugin``) keeps its read-only transaction.
+    through ``asgi_sqla.pytest_plugin``), or of a class with its own ``get_bind()``,
+    keeps its read-only transaction.
     """
     session._asgi_sqla_rollback_only = READ_ONLY
     sync_session = sync_of(session)
     bind = sync_session.bind
-    if autocommit and isinstance(bind, Engine):
+    # A session class with its own get_bind() may not use the bind: it keeps the
+    # read-only transaction, as does a session bound to a connection.
+    if autocommit and isinstance(bind, Engine) and type(sync_session).get_bind is Session.get_bind:
         sync_session.bind = autocommit_engine(bind)
         sync_session._asgi_sqla_autocommit = True
-        event.listen(sync_session, "after_begin", _begin_read_only)
     elif bind is not None and bind.dialect.name in ("postgresql", "mysql"):
         event.listen(sync_session, "after_begin", _set_transaction_read_only)
-
-
-def _begin_read_only(session: Any, transaction: Any, connection: Any) -> None:
-    # The connection runs in autocommit unless the session's class chose another bind
-    # (its own get_bind()): then the transaction is read-only as in a read_only route.
-    if not in_autocommit(connection):
-        if connection.dialect.name in ("postgresql", "mysql"):
-            _set_transaction_read_only(session, transaction, connection)
-    elif not transaction.nested:  # a savepoint shares the root's connection, and listener
-        # On this Connection alone, which the session closes at its end.
-        event.listen(connection, "before_cursor_execute", refuse_write)
 
 
 def _set_transaction_read_only(session: Any, transaction: Any, connection: Any) -> None:

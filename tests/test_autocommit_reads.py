@@ -12,12 +12,28 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import json
+import re
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from sqlalchemy import URL, String, delete, func, insert, inspect, make_url, select, text, update
+from sqlalchemy import (
+    URL,
+    String,
+    delete,
+    event,
+    func,
+    insert,
+    inspect,
+    make_url,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -409,7 +425,7 @@ async def test_a_refused_write_names_the_statement_and_what_to_do(db: Database) 
 
     insert_refused, flush_refused = map(str, errors)
     assert "an INSERT statement was refused before it was sent" in insert_refused
-    assert "db.new_session()" in insert_refused
+    assert "Write in a route that is neither read-only nor in autocommit_reads" in insert_refused
     assert "'core'" not in insert_refused  # never a value
     # Pending ORM changes are refused at the flush, before any statement is made.
     assert "flushing the session's pending changes was refused" in flush_refused
@@ -718,3 +734,38 @@ async def test_under_a_tests_transaction_the_route_keeps_a_read_only_transaction
 
     assert recorder.status == 200
     assert refused.body == b"RollbackOnlyError"
+
+
+# -- the guide --------------------------------------------------------------------------------
+
+GUIDE = Path(__file__).resolve().parent.parent / "docs" / "autocommit-reads.md"
+
+
+async def test_the_guides_app_reads_in_autocommit(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.DOTALL)
+    assert [block.splitlines()[0] for block in blocks] == ["# feed_app.py"]
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    module = types.ModuleType("feed_app")
+    exec(compile(blocks[0], "docs/feed_app.py", "exec"), module.__dict__)
+    db: Database = module.db
+    async with db.engine.begin() as connection:
+        await connection.execute(text("CREATE TABLE articles (id INTEGER PRIMARY KEY, title TEXT)"))
+        await connection.execute(text("INSERT INTO articles VALUES (1, 'First')"))
+    seen: list[bool] = []
+
+    @event.listens_for(db.engine.sync_engine, "before_cursor_execute")
+    def note_autocommit(conn: Any, *args: Any) -> None:
+        seen.append(conn.get_execution_options().get("isolation_level") == "AUTOCOMMIT")
+
+    try:
+        answers = [await call_http(module.app, path) for path in ("/feed", "/articles/1")]
+    finally:
+        await db.dispose()
+
+    assert [(a.status, json.loads(a.body)) for a in answers] == [
+        (200, [{"id": 1, "title": "First"}]),
+        (200, {"title": "First"}),
+    ]
+    assert seen == [True, True]
