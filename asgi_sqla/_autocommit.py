@@ -13,9 +13,11 @@ A compiled statement is a read when SQLAlchemy compiled a ``SELECT`` without
 when it starts with ``SELECT``, ``WITH``, ``SHOW``, ``VALUES``, ``TABLE`` or
 ``EXPLAIN`` and names none of ``INSERT``, ``UPDATE``, ``DELETE``, ``MERGE``, ``INTO``,
 ``COPY``, ``CALL``, ``EXPLAIN ANALYZE`` nor a row lock anywhere (so a literal
-``'update'`` in the text is refused too: pass values as bound parameters).  ``SET``
-is refused as well: outside a transaction it would outlive the request on the pooled
-connection.
+``'update'`` in the text is refused too: pass values as bound parameters).  Any
+statement holding a second one after a semicolon is refused.  ``SET`` is refused as
+well: outside a transaction it would outlive the request on the pooled connection.
+Server-side cursors (``stream()``) need a transaction: refused with a
+``ConfigurationError`` that says so.
 
 What cannot be seen from the statement: a function called by a ``SELECT`` that writes
 (``nextval()``, a user function, ``set_config(..., false)``, ``pg_advisory_lock()``).
@@ -29,13 +31,23 @@ from typing import Any
 
 from sqlalchemy import Engine, event
 
-from ._errors import RollbackOnlyError
+from ._errors import ConfigurationError, RollbackOnlyError
 
 __all__ = ["autocommit_engine", "write_refused"]
 
 _TEXT_READ = re.compile(r"\s*(SELECT|WITH|SHOW|VALUES|TABLE|EXPLAIN)\b", re.IGNORECASE)
 _TEXT_WRITE = re.compile(
     r"\b(INSERT|UPDATE|DELETE|MERGE|INTO|COPY|CALL|ANALY[SZ]E|SHARE)\b", re.IGNORECASE
+)
+
+#: A second statement in one string: a semicolon followed by anything but blanks.
+_MORE_STATEMENTS = re.compile(r";\s*\S")
+
+_STREAMED = (
+    "A server-side cursor (session.stream(), stream_results=True, yield_per) needs a "
+    "transaction, and this route reads in autocommit (autocommit_reads= or "
+    "@read_only(autocommit=True)): use session.execute(), or give the route to "
+    "read_only= instead."
 )
 
 _REFUSED = (
@@ -84,10 +96,17 @@ def refuse_write(
     """``before_cursor_execute``: raise unless ``statement`` is a plain read (module doc)."""
     if not _is_read(statement, context):
         raise write_refused(f"{_kind(statement)} statement")
+    if context.execution_options.get("stream_results"):
+        # asyncpg: "cursor cannot be created outside of a transaction"; psycopg: "DECLARE
+        # CURSOR can only be used in transaction blocks".  Refused on every database,
+        # so that an app tried on SQLite, where it would pass, fails the same way.
+        raise ConfigurationError(_STREAMED)
 
 
 def _is_read(statement: str, context: Any) -> bool:
     if context is None or context.isinsert or context.isupdate or context.isdelete:
+        return False
+    if _MORE_STATEMENTS.search(statement):  # psycopg 2 sends "SELECT 1; DROP ..." whole
         return False
     if context.isddl:
         return False

@@ -29,6 +29,7 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
+    literal_column,
     make_url,
     select,
     text,
@@ -300,6 +301,14 @@ async def text_lowercase_insert(db: Database) -> object:
     return await db.session.execute(text("  insert into items (key) values ('lower')"))
 
 
+async def text_two_statements(db: Database) -> object:
+    return await db.session.execute(text("SELECT 1; DROP TABLE items"))
+
+
+async def compiled_two_statements(db: Database) -> object:
+    return await db.session.execute(select(literal_column("1; DROP TABLE items")))
+
+
 async def text_cte_insert(db: Database) -> object:
     statement = "WITH added AS (INSERT INTO items (key) VALUES ('cte') RETURNING id) SELECT 1"
     return await db.session.execute(text(statement))
@@ -369,6 +378,8 @@ WRITES = [
     core_delete,
     text_insert,
     text_lowercase_insert,
+    text_two_statements,
+    compiled_two_statements,
     text_cte_insert,
     compiled_cte_insert,
     select_for_update,
@@ -447,6 +458,25 @@ async def test_reads_of_every_kind_pass(db: Database) -> None:
     )
 
     assert (recorder.status, recorder.body) == (200, b"2")
+
+
+async def test_a_server_side_cursor_is_refused_with_what_to_do_instead(db: Database) -> None:
+    errors: list[BaseException] = []
+
+    async def stream(db: Database) -> object:
+        try:
+            return [row async for row in await db.session.stream(select(items.c.key))]
+        except ConfigurationError as exc:
+            errors.append(exc)
+            raise
+
+    recorder = await call_http(
+        SQLAlchemyMiddleware(route_app(db, stream), db, autocommit_reads=["/"])
+    )
+
+    assert recorder.body == b"ConfigurationError"
+    assert "use session.execute(), or give the route to read_only=" in str(errors[0])
+    assert checked_out(db) == 0
 
 
 # -- the rest of the app ----------------------------------------------------------------------
@@ -670,7 +700,18 @@ async def test_a_sync_database_reads_in_autocommit_and_refuses_writes(
         session.execute(insert(items).values(key="committed"))
         return None
 
-    routes = {"/feed": reads, "/feed/write": write, "/feed/raw": raw_write, "/orders": add}
+    def two_statements(session: Session) -> object:
+        # psycopg 2 sends the string whole (the simple query protocol), so the server
+        # would drop the table; sqlite3 would refuse it, as would psycopg 3.
+        return session.execute(text("SELECT 1; DROP TABLE items"))
+
+    routes = {
+        "/orders": add,
+        "/feed": reads,
+        "/feed/write": write,
+        "/feed/raw": raw_write,
+        "/feed/two": two_statements,
+    }
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await sync_app(sync_db, routes[scope["path"]])(scope, receive, send)
@@ -683,10 +724,11 @@ async def test_a_sync_database_reads_in_autocommit_and_refuses_writes(
 
     read = b"True" if postgresql else b"False"  # SQLite: no transaction open after the read
     assert answers == [
+        (200, b"None"),
         (200, read),
         (500, b"RollbackOnlyError"),
         (500, b"RollbackOnlyError"),
-        (200, b"None"),
+        (500, b"RollbackOnlyError"),
         (200, read),
     ]
     assert sync_keys(sync_db) == {"committed"}
