@@ -403,7 +403,8 @@ class SessionContext:
             return session
         self._check_open(db)
         options = self.session_options
-        if self.two_phase:
+        # A read in autocommit prepares nothing, and psycopg refuses tpc_begin() then.
+        if self.two_phase and not self.autocommit:
             session = db._make_session(twophase=True)
         elif options is not None:
             session = db._make_session(**options)

@@ -811,3 +811,20 @@ async def test_the_guides_app_reads_in_autocommit(
         (200, {"title": "First"}),
     ]
     assert seen == [True, True]
+
+
+async def test_a_two_phase_middleware_reads_in_autocommit_too(postgresql_url: str) -> None:
+    database = Database(postgresql_url)
+    await create_tables(database)
+    app = SQLAlchemyMiddleware(
+        route_app(database, two_reads), database, autocommit_reads=["/feed"], two_phase=True
+    )
+    try:
+        async with database.engine.connect():  # startup's check of max_prepared_transactions
+            pass
+        answers = [(await call_http(app, path)).body for path in ("/feed", "/other")]
+    finally:
+        await database.dispose()
+
+    assert answers == [b"(0, True)", b"(0, False)"]
+    assert checked_out(database) == 0
