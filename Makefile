@@ -45,7 +45,7 @@ with open("pyproject.toml", "rb") as f:
 endef
 export PRINT_DEV_GROUP
 
-.PHONY: help venv run test pytest check lint typecheck imports format bench-overhead bench bench-sync bench-shedding clean distclean
+.PHONY: help venv run test pytest check lint typecheck imports format bench-overhead bench-autocommit bench bench-sync bench-shedding clean distclean
 
 help: ## list the targets
 	@echo "usage: make TARGET [VARIABLE=value ...]   (variables: see the top of the Makefile)"
@@ -98,6 +98,9 @@ format: $(VENV_STAMP) ## rewrite files: ruff check --fix (imports, upgrades...),
 
 bench-overhead: $(VENV_STAMP) ## time the middleware adds to a request that never touches the database
 	$(VENV_PYTHON) benchmarks/overhead.py
+
+bench-autocommit: $(VENV_STAMP) ## one SELECT per request, PostgreSQL 0.5 ms away: autocommit_reads against the rest
+	$(VENV_PYTHON) benchmarks/autocommit.py
 
 # Its own virtualenv (.venv-bench: the package, the peers and the `bench` group), rebuilt
 # like $(VENV) when pyproject.toml changes; wrk from apt when root, else a Python load

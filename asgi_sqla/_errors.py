@@ -66,7 +66,8 @@ class BlockingCallError(AsgiSqlaError, RuntimeError):
 
 
 class RollbackOnlyError(AsgiSqlaError, RuntimeError):
-    """``commit()`` was called on a transaction marked with ``db.set_rollback_only()``."""
+    """A commit of a rollback-only or read-only transaction, or a write in a route that
+    reads in autocommit, was refused before anything was sent."""
 
 
 class ResponseCutShortError(AsgiSqlaError, RuntimeError):

@@ -71,6 +71,12 @@ class SQLAlchemyMiddleware:
         all or none.  Every database must be PostgreSQL with ``max_prepared_transactions``
         above 0 (checked at startup).  Without it the databases commit one after the
         other, in the order the request first used them.
+    :param autocommit_reads: Path patterns of routes that only read, whose sessions
+        run each statement in autocommit: no ``BEGIN`` nor ``COMMIT``, one round trip
+        per statement, and each statement sees its own snapshot (two statements may
+        see different data).  They are read-only as ``read_only=`` routes are, and a
+        write is refused before it is sent.  A request without a ``path`` is read-only
+        but keeps its transaction.  See docs/autocommit-reads.md.
     """
 
     def __init__(
@@ -86,6 +92,7 @@ class SQLAlchemyMiddleware:
         retry_backoff: float = 0.01,
         server_timing: bool = False,
         two_phase: bool = False,
+        autocommit_reads: Iterable[str] = (),
     ) -> None:
         _check_databases(databases)
         # Retry-After takes whole seconds (RFC 9110, section 10.2.3).
@@ -98,6 +105,11 @@ class SQLAlchemyMiddleware:
         self.retry_after = retry_after
         self._http = HTTPOptions((b"retry-after", str(retry_after).encode()), server_timing)
         self._read_only = PathPatterns("read_only", read_only)
+        self._autocommit_reads = PathPatterns("autocommit_reads", autocommit_reads)
+        if self._autocommit_reads:  # autocommit routes are read-only routes too
+            self._read_only = PathPatterns(
+                "read_only", (*self._read_only.patterns, *self._autocommit_reads.patterns)
+            )
         self._manual_commit = PathPatterns("manual_commit", manual_commit)
         self._retry = PathPatterns("retry", retry)
         self._has_routes = bool(self._read_only or self._manual_commit or self._retry)
@@ -142,6 +154,8 @@ class SQLAlchemyMiddleware:
         unit = SessionContext(self.databases)
         if self._has_routes:
             unit.read_only = self._read_only.match(scope)
+            if self._autocommit_reads:
+                unit.autocommit = self._autocommit_reads.match(scope)
             unit.manual = self._manual_commit.match(scope)
         if self._two_phase:
             unit.two_phase = True

@@ -13,9 +13,10 @@ import functools
 import random
 import re
 from collections.abc import Awaitable, Callable, Iterable
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, overload
 
 from ._errors import ConfigurationError
+from ._options import check_bool
 from ._unit import SessionContext
 from .types import Message, Receive, Scope
 
@@ -31,7 +32,14 @@ _R = TypeVar("_R")
 #: read-only or manual-commit is treated as one (at worst a write is not committed,
 #: where a wrong guess the other way commits writes the route forbids), while only
 #: routes known to be safe to run twice are retried.
-_MATCHES_WITHOUT_PATH = {"read_only": True, "manual_commit": True, "retry": False}
+_MATCHES_WITHOUT_PATH = {
+    "read_only": True,
+    "manual_commit": True,
+    "retry": False,
+    # Read-only all the same (the middleware adds these patterns to read_only's), but
+    # in a transaction: autocommit gives up the one snapshot a route may rely on.
+    "autocommit_reads": False,
+}
 
 _REPEATED_SLASHES = re.compile("/{2,}")
 
@@ -114,17 +122,46 @@ def _route_path(pattern: str) -> str:
     return _merged(pattern).rstrip("/") or "/"
 
 
-def read_only(handler: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]]:
+@overload
+def read_only(handler: Callable[_P, Awaitable[_R]], /) -> Callable[_P, Awaitable[_R]]: ...
+@overload
+def read_only(
+    *, autocommit: bool = False
+) -> Callable[[Callable[_P, Awaitable[_R]]], Callable[_P, Awaitable[_R]]]: ...
+def read_only(
+    handler: Callable[_P, Awaitable[_R]] | None = None, /, *, autocommit: bool = False
+) -> Any:
     """Decorate a handler so the sessions it opens are read-only and never commit.
 
-    Sessions already open when the handler starts (opened by a dependency, say) keep
-    their mode; give the route to the middleware's ``read_only=`` patterns to cover
-    the whole request.
-    """
+    ``@read_only(autocommit=True)`` also runs their statements in autocommit, as the
+    middleware's ``autocommit_reads=`` routes do: no ``BEGIN`` nor ``COMMIT``, one
+    round trip per statement, each statement with its own snapshot, and writes
+    refused before they are sent (see docs/autocommit-reads.md).
 
+    Sessions already open when the handler starts (opened by a dependency, say) keep
+    their mode; give the route to the middleware's ``read_only=`` (or
+    ``autocommit_reads=``) patterns to cover the whole request.
+    """
+    check_bool("autocommit", autocommit, example="@read_only(autocommit=True)")
+    if handler is None:
+        return functools.partial(_read_only, autocommit=autocommit)
+    if not callable(handler):
+        raise ConfigurationError(
+            f"@read_only decorates a handler, not {type(handler).__name__}; for options, "
+            "write @read_only(autocommit=True)."
+        )
+    return _read_only(handler, autocommit=autocommit)
+
+
+def _read_only(
+    handler: Callable[_P, Awaitable[_R]], *, autocommit: bool
+) -> Callable[_P, Awaitable[_R]]:
     @functools.wraps(handler)
     async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        SessionContext.current().read_only = True
+        unit = SessionContext.current()
+        unit.read_only = True
+        if autocommit:
+            unit.autocommit = True
         return await handler(*args, **kwargs)
 
     return wrapper

@@ -57,13 +57,14 @@ from contextvars import ContextVar
 from typing import Any, Generic, TypeVar, cast, overload
 
 from greenlet import getcurrent  # type: ignore[import-untyped,unused-ignore]
-from sqlalchemy import event
+from sqlalchemy import Engine, event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session, SessionTransaction
 from sqlalchemy.util.concurrency import in_greenlet
 
 from ._admission import Ticket
+from ._autocommit import autocommit_engine, write_refused
 from ._errors import (
     BlockingCallError,
     ConcurrentSessionUseError,
@@ -172,6 +173,9 @@ class _GuardedSyncSession(Session):
     _asgi_sqla_reconnected: SessionTransaction | None = None
     #: Called at each such re-run: counts it in the request's statistics, when kept.
     _asgi_sqla_count_reconnect: Callable[[], None] | None = None
+    #: Reads in autocommit (``make_read_only(autocommit=True)``): pending changes are
+    #: refused at the flush, before anything is sent.
+    _asgi_sqla_autocommit = False
 
     def _execute_internal(self, *args: Any, **kwargs: Any) -> Any:
         # Every statement: execute(), scalar(s)(), get(), refresh(), lazy loads, exec().
@@ -232,7 +236,12 @@ class _GuardedSyncSession(Session):
 
     def flush(self, objects: Any = None) -> None:
         # Guarded before the flush, or an autoflush, changes anything.
-        self._guarded(super().flush, objects)
+        self._guarded(self._checked_flush if self._asgi_sqla_autocommit else super().flush, objects)
+
+    def _checked_flush(self, objects: Any) -> None:
+        if self.new or self.deleted or any(self.is_modified(o) for o in self.dirty):
+            raise write_refused("flushing the session's pending changes")
+        super().flush(objects)
 
     def _guarded(self, call: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
         """``call(*args, **kwargs)`` past the guard, remembering what its failure means."""
@@ -612,7 +621,7 @@ def guarded_class(cls: type[AsyncSession]) -> type[GuardedSession]:
     return type(f"Guarded{cls.__name__}", (GuardedSession, cls), {})
 
 
-def make_read_only(session: SessionLike) -> None:
+def make_read_only(session: SessionLike, *, autocommit: bool = False) -> None:
     """Make every transaction of ``session`` read-only and never committed.
 
     On PostgreSQL and MySQL the transaction is declared ``READ ONLY``, so a write fails
@@ -629,11 +638,24 @@ def make_read_only(session: SessionLike) -> None:
     ``commit()`` on the ``Connection`` that ``session.connection()`` returns, or a
     ``COMMIT`` sent as SQL text; on databases other than PostgreSQL and MySQL, writes
     made through those are not refused either.
+
+    With ``autocommit``, a session bound to an engine runs its statements in
+    autocommit instead (``_autocommit``): no ``BEGIN``, no ``COMMIT``, and every
+    statement its connection sends that is not a plain read is refused before it is
+    sent, as is a flush of pending changes.  A session bound to a connection (a test's,
+    through ``asgi_sqla.pytest_plugin``), or of a class with its own ``get_bind()``,
+    keeps its read-only transaction.
     """
     session._asgi_sqla_rollback_only = READ_ONLY
-    bind = session.bind
-    if bind is not None and bind.dialect.name in ("postgresql", "mysql"):
-        event.listen(sync_of(session), "after_begin", _set_transaction_read_only)
+    sync_session = sync_of(session)
+    bind = sync_session.bind
+    # A session class with its own get_bind() may not use the bind: it keeps the
+    # read-only transaction, as does a session bound to a connection.
+    if autocommit and isinstance(bind, Engine) and type(sync_session).get_bind is Session.get_bind:
+        sync_session.bind = autocommit_engine(bind)
+        sync_session._asgi_sqla_autocommit = True
+    elif bind is not None and bind.dialect.name in ("postgresql", "mysql"):
+        event.listen(sync_session, "after_begin", _set_transaction_read_only)
 
 
 def _set_transaction_read_only(session: Any, transaction: Any, connection: Any) -> None:

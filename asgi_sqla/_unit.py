@@ -289,6 +289,9 @@ class SessionContext:
     counted = False
     #: Sessions opened from now on are read-only (a ``read_only`` route).
     read_only = False
+    #: Read-only sessions opened from now on run each statement in autocommit (an
+    #: ``autocommit_reads`` route, ``@read_only(autocommit=True)``).
+    autocommit = False
     #: Nothing commits automatically (a ``manual_commit`` route).
     manual = False
     #: A block's own commit policy (``db.scope(commit=...)``): True commits on success
@@ -400,14 +403,15 @@ class SessionContext:
             return session
         self._check_open(db)
         options = self.session_options
-        if self.two_phase:
+        # A read in autocommit prepares nothing, and psycopg refuses tpc_begin() then.
+        if self.two_phase and not self.autocommit:
             session = db._make_session(twophase=True)
         elif options is not None:
             session = db._make_session(**options)
         else:
             session = db._make_session()
         if self.read_only:
-            make_read_only(session)
+            make_read_only(session, autocommit=self.autocommit)
         if key is not db:
             self._task_sessions = True
         elif db._session_per_task and self._owner is None:
