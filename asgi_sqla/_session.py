@@ -670,10 +670,21 @@ async def _wait_until_idle(session: GuardedSession) -> None:
         await asyncio.wait((task,), timeout=_IDLE_CHECK_INTERVAL)
 
 
-async def _in_a_task_of_its_own(coro: Awaitable[_T]) -> _T:
-    """:func:`run_to_completion` by a task that ``asyncio.wait`` does not cancel.
+async def run_to_completion(coro: Awaitable[_T]) -> _T:
+    """Run ``coro`` to its end even if the calling task is cancelled meanwhile.
 
-    For Python 3.10 (no ``Task.cancelling()``) and for a caller outside any task.
+    Cleanup that is abandoned halfway leaves a connection in an unknown state, or
+    returns it to the pool after the app has moved on.  The work runs in a task of
+    its own that ``asyncio.wait`` does not cancel; a cancellation that arrives
+    meanwhile is re-raised once the work has finished, so the caller never returns
+    before its cleanup did.  (SQLAlchemy's ``AsyncSession.__aexit__`` shields its
+    ``close()`` the same way.)  If the work failed too, the cancellation still wins
+    (the caller is being cancelled) and carries the work's error as its cause.
+
+    The task is also out of reach of the caller's anyio cancel scopes, which
+    anyio-aware work (a worker thread's hand-over, a framework's ``send``, the app's
+    callbacks) consults.  A request's own ending, which awaits only the driver, uses
+    :func:`run_driver_to_completion`, without a task.
     """
     task = asyncio.ensure_future(coro)
     cancelled: asyncio.CancelledError | None = None
@@ -770,27 +781,29 @@ if sys.version_info >= (3, 11):
         def __await__(self) -> Generator[Any, None, _T]:
             return _shielded_steps(self._awaitable, self._task)
 
-    async def run_to_completion(coro: Awaitable[_T]) -> _T:
-        """Run ``coro`` to its end even if the calling task is cancelled meanwhile.
+    async def run_driver_to_completion(coro: Awaitable[_T]) -> _T:
+        """:func:`run_to_completion` without a task, for work that awaits only the driver.
 
-        Cleanup that is abandoned halfway leaves a connection in an unknown state, or
-        returns it to the pool after the app has moved on.  The work runs in the
-        calling task, which cannot cancel it (see :func:`_shielded_steps`): no task
-        is created and the loop makes no extra turn, which for a request's COMMIT was
-        most of what ending it cost.  A cancellation that arrives meanwhile is
-        re-raised once the work has finished, so the caller never returns before its
-        cleanup did.  (SQLAlchemy's ``AsyncSession.__aexit__`` shields its
-        ``close()`` too.)  If the work failed too, the cancellation still wins (the
-        caller is being cancelled) and carries the work's error as its cause.  The
-        work runs in the caller's context: a context variable it sets stays set.
+        The work runs in the calling task, which cannot cancel it (see
+        :func:`_shielded_steps`): no task is made, and the loop makes no extra turn
+        to start it and to wake its caller, which was most of what ending a
+        one-query request cost (``make bench-hotpath``).  A cancellation that arrives
+        meanwhile, from ``Task.cancel()`` or an anyio cancel scope (which cancels the
+        task), is re-raised once the work has finished, the work's error as its
+        cause, as :func:`run_to_completion` does.  Only for work that never consults
+        anyio (SQLAlchemy over asyncpg, psycopg or aiosqlite): anyio-aware code would
+        wait for the scope's cancellation to reach it, which the shield never lets
+        happen.  It runs in the caller's context: a context variable it sets stays
+        set (see :func:`ending_here`).
         """
         task = asyncio.current_task()
         if task is None:
-            return await _in_a_task_of_its_own(coro)
+            return await run_to_completion(coro)
         return await _Shielded(coro, task)
 
 else:
-    run_to_completion = _in_a_task_of_its_own
+    # Python 3.10 has no Task.cancelling() to tell the task's cancellation apart.
+    run_driver_to_completion = run_to_completion
 
 
 def retire(session: SessionLike, reason: str) -> None:
@@ -811,7 +824,13 @@ async def end_session(session: GuardedSession, *, commit: bool, reason: str) -> 
     never returned to the pool in an unknown state.
     """
     retire(session, reason)
-    await run_to_completion(_end(session, commit))
+    try:
+        await run_driver_to_completion(_end(session, commit))
+    finally:
+        # The app's on_commit callbacks, run to their end too (even when the request
+        # was cancelled during the commit); they may be anyio-aware.
+        if sync_of(session)._asgi_sqla_committed:
+            await run_to_completion(run_committed_callbacks(session))
 
 
 async def _end(session: GuardedSession, commit: bool) -> None:
@@ -829,7 +848,6 @@ async def _end(session: GuardedSession, commit: bool) -> None:
                 await _invalidate(unguarded)
                 raise
         await _close(session)
-    await run_committed_callbacks(session)
 
 
 async def _close(session: GuardedSession) -> None:
