@@ -45,7 +45,7 @@ with open("pyproject.toml", "rb") as f:
 endef
 export PRINT_DEV_GROUP
 
-.PHONY: help venv run test pytest check lint typecheck imports format bench-overhead bench-autocommit bench bench-sync bench-shedding clean distclean
+.PHONY: help venv run test pytest check lint typecheck imports format bench-overhead bench-autocommit bench-hotpath bench bench-sync bench-shedding clean distclean
 
 help: ## list the targets
 	@echo "usage: make TARGET [VARIABLE=value ...]   (variables: see the top of the Makefile)"
@@ -101,6 +101,17 @@ bench-overhead: $(VENV_STAMP) ## time the middleware adds to a request that neve
 
 bench-autocommit: $(VENV_STAMP) ## one SELECT per request, PostgreSQL 0.5 ms away: autocommit_reads against the rest
 	$(VENV_PYTHON) benchmarks/autocommit.py
+
+# About 15 minutes (Valgrind runs Python some 50 times slower): instructions per request
+# (cachegrind) for no DB and one query, by hand and with asgi_sqla, on SQLite and a
+# throwaway PostgreSQL, then the same cases timed.  Valgrind from apt when root.
+# BENCH_ARGS="--only bare asgi_sqla --no-time" picks cases; see docs/overhead.md.
+bench-hotpath: $(VENV_STAMP) ## instructions per request on the hot path (no DB, one query), counted by Valgrind
+	@command -v valgrind >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		echo "installing valgrind (apt-get)" && export DEBIAN_FRONTEND=noninteractive && \
+		{ apt-get install -y -qq --no-install-recommends valgrind >/dev/null 2>&1 || \
+		  { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends valgrind >/dev/null; }; }; }
+	$(VENV_PYTHON) -m benchmarks.hotpath $(BENCH_ARGS)
 
 # Its own virtualenv (.venv-bench: the package, the peers and the `bench` group), rebuilt
 # like $(VENV) when pyproject.toml changes; wrk from apt when root, else a Python load

@@ -104,6 +104,10 @@ class HTTPResponder:
         self.receive = receive
         self._send = send
         self._options = options
+        # Read at every send: an instance's own attributes are read faster than a
+        # class's (CPython specialises the first), more than their setting costs here.
+        self.started = False
+        self.failed = False
 
     async def send(self, message: Message) -> None:
         if self.failed:

@@ -27,8 +27,6 @@ from .types import AnyASGIApp, ASGIApp, Receive, Scope, Send
 
 __all__ = ["SQLAlchemyMiddleware"]
 
-_HANDLED = frozenset({"http", "websocket", "lifespan"})
-
 
 class SQLAlchemyMiddleware:
     """Wraps an ASGI app so that each connection gets lazy sessions of ``databases``.
@@ -122,15 +120,21 @@ class SQLAlchemyMiddleware:
         self._two_phase = _check_two_phase(two_phase, databases)
         #: Some database has an ``admission_limit``: this middleware's units count.
         self._counted = any(db._admission is not None for db in databases)
+        #: Some database is a SyncDatabase: its sessions open in worker threads.
+        self._threaded = any(db._engine_type is not AsyncEngine for db in databases)
+        #: A unit needs nothing beyond its databases (see ``_unit``): the common case.
+        self._plain = not (self._has_routes or self._two_phase or self._counted or self._threaded)
 
     # Any-typed so that the middleware can stand wherever a framework's own ASGI type
     # is expected (``app.asgi_app = SQLAlchemyMiddleware(...)`` in Quart).
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         scope_type = scope["type"]
-        if scope_type not in _HANDLED:
-            await self.app(scope, receive, send)
-        elif scope_type == "http":
-            if self._has_routes and self._retry.match(scope):
+        if scope_type == "http":
+            if self._plain:  # the hot path: every request of most apps
+                unit = SessionContext(self.databases)
+                unit.threaded = False
+                await self._serve(scope, HTTPResponder(unit, receive, send, self._http))
+            elif self._has_routes and self._retry.match(scope):
                 await serve_retrying(
                     scope,
                     receive,
@@ -146,8 +150,10 @@ class SQLAlchemyMiddleware:
                 )
         elif scope_type == "websocket":
             await self._serve(scope, WebSocketResponder(self._unit(scope), receive, send))
-        else:
+        elif scope_type == "lifespan":
             await LifespanRelay(self.app, self.databases, scope, receive, send).run()
+        else:
+            await self.app(scope, receive, send)
 
     def _unit(self, scope: Scope) -> SessionContext:
         """A new unit of work for a connection, with its route's policies."""
@@ -161,6 +167,8 @@ class SQLAlchemyMiddleware:
             unit.two_phase = True
         if self._counted:
             unit.counted = True
+        if not self._threaded:
+            unit.threaded = False
         return unit
 
     def _http_responder(self, scope: Scope, receive: Receive, send: Send) -> HTTPResponder:

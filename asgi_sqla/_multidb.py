@@ -168,14 +168,14 @@ async def _find_writers(
 async def _probe(
     session: GuardedSession, db: Database, probes: dict[Database, Written | None]
 ) -> None:
-    ending_here(session)  # run_to_completion: this is a task of its own
-    await _wait_until_idle(session)
-    probes[db] = await _unguarded(session).run_sync(_probe_sync)
+    with ending_here(session):
+        await _wait_until_idle(session)
+        probes[db] = await _unguarded(session).run_sync(_probe_sync)
 
 
 async def _prepare(session: GuardedSession) -> None:
-    ending_here(session)  # run_to_completion: this is a task of its own
-    await _unguarded(session).run_sync(_prepare_sync)
+    with ending_here(session):
+        await _unguarded(session).run_sync(_prepare_sync)
 
 
 def _probe_sync(sync_session: Any) -> Written | None:

@@ -51,8 +51,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import sys
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, Generic, TypeVar, cast, overload
 
@@ -680,19 +682,24 @@ def is_conflict(exc: BaseException | None) -> bool:
 def _unguarded(session: GuardedSession) -> AsyncSession:
     """``session`` below ``GuardedSession``, for the package's own ending of it.
 
-    Its calls pass the ended mark only in a task that called :func:`ending_here`.
+    Its calls pass the ended mark only inside :func:`ending_here` for it.
     """
     return cast(AsyncSession, super(GuardedSession, session))
 
 
-def ending_here(session: GuardedSession) -> None:
-    """Let this task's calls on ``session`` pass the ended mark: the package ends it.
+@contextmanager
+def ending_here(session: GuardedSession) -> Iterator[None]:
+    """Let this context's calls on ``session`` pass the ended mark while the package ends it.
 
-    Only for a task of its own (``run_to_completion`` gives every ending one): the
-    mark lives in the task's context, which greenlet_spawn passes on to the calls'
-    greenlets, and goes with the task.
+    The mark lives in the context, which greenlet_spawn passes on to the calls'
+    greenlets; it is taken back at the end of the block, so that the app's code that
+    runs next in the same task (``run_to_completion`` runs the ending there) is refused.
     """
-    _ending.set(session.sync_session)
+    token = _ending.set(session.sync_session)
+    try:
+        yield
+    finally:
+        _ending.reset(token)
 
 
 def _task_name(task: asyncio.Task[Any] | None) -> str:
@@ -731,6 +738,11 @@ async def run_to_completion(coro: Awaitable[_T]) -> _T:
     before its cleanup did.  (SQLAlchemy's ``AsyncSession.__aexit__`` shields its
     ``close()`` the same way.)  If the work failed too, the cancellation still wins
     (the caller is being cancelled) and carries the work's error as its cause.
+
+    The task is also out of reach of the caller's anyio cancel scopes, which
+    anyio-aware work (a worker thread's hand-over, a framework's ``send``, the app's
+    callbacks) consults.  A request's own ending, which awaits only the driver, uses
+    :func:`run_driver_to_completion`, without a task.
     """
     task = asyncio.ensure_future(coro)
     cancelled: asyncio.CancelledError | None = None
@@ -745,6 +757,111 @@ async def run_to_completion(coro: Awaitable[_T]) -> _T:
         error = None if task.cancelled() else task.exception()
         raise cancelled from error
     return task.result()
+
+
+class _Uncancellable(asyncio.Future[Any]):
+    """What the task waits on in place of a future of the shielded work: ``cancel()``
+    refuses, and the task's wake-up is put on the work's own future."""
+
+    __slots__ = ("_waited",)
+
+    _waited: asyncio.Future[Any]
+
+    def cancel(self, msg: Any = None) -> bool:
+        # Task.cancel() then sets _must_cancel, and the task's next step (once the
+        # work's future is done) throws CancelledError to its coroutine: to
+        # _shielded_steps, which notes it instead of passing it on.
+        return False
+
+    def add_done_callback(self, fn: Any, *, context: Any = None) -> None:
+        # The task is woken when the work's future is done, in the same loop iteration
+        # as without the shield: no hop through this stand-in.
+        self._waited.add_done_callback(fn, context=context)
+
+
+if sys.version_info >= (3, 11):
+
+    def _shielded_steps(
+        awaitable: Awaitable[_T], task: asyncio.Task[Any]
+    ) -> Generator[Any, None, _T]:
+        """Drive ``awaitable`` in ``task`` itself, past any cancellation of ``task``.
+
+        A task awaits a future ``f`` of the work by calling ``f.add_done_callback``, and
+        ``Task.cancel()`` cancels the future its task waits on (``_fut_waiter``); only
+        when that ``cancel()`` returns False does it set ``_must_cancel`` and throw
+        ``CancelledError`` at the task's next step (CPython, Lib/asyncio/tasks.py,
+        ``Task.cancel`` and ``Task.__step``; _asynciomodule.c does the same).  So each
+        future the work yields is handed to the task behind an :class:`_Uncancellable`:
+        the work's futures are never cancelled, and a ``CancelledError`` thrown while
+        ``task.cancelling()`` is above its count at the start is the task's own, kept
+        to be raised once the work has finished.  Any other exception thrown is the
+        work's (its future failed) and goes on to it, as a task would pass it.
+        """
+        steps = awaitable.__await__()
+        cancels = task.cancelling()
+        cancelled: BaseException | None = None
+        thrown: BaseException | None = None
+        while True:
+            try:
+                yielded = steps.send(None) if thrown is None else steps.throw(thrown)
+            except StopIteration as done:
+                if cancelled is not None:
+                    raise cancelled from None
+                return cast(_T, done.value)
+            except BaseException as error:
+                if cancelled is None:
+                    raise
+                raise cancelled from error
+            thrown = None
+            if yielded is not None:  # a future (None: the work yields to the loop once)
+                stand_in = _Uncancellable(loop=yielded.get_loop())
+                stand_in._waited = yielded
+                stand_in._asyncio_future_blocking = True
+                yielded = stand_in
+            try:
+                yield yielded
+            except GeneratorExit:
+                steps.close()
+                raise
+            except BaseException as exc:
+                if isinstance(exc, asyncio.CancelledError) and task.cancelling() > cancels:
+                    cancelled = exc
+                else:
+                    thrown = exc
+
+    class _Shielded(Generic[_T]):
+        __slots__ = ("_awaitable", "_task")
+
+        def __init__(self, awaitable: Awaitable[_T], task: asyncio.Task[Any]) -> None:
+            self._awaitable = awaitable
+            self._task = task
+
+        def __await__(self) -> Generator[Any, None, _T]:
+            return _shielded_steps(self._awaitable, self._task)
+
+    async def run_driver_to_completion(coro: Awaitable[_T]) -> _T:
+        """:func:`run_to_completion` without a task, for work that awaits only the driver.
+
+        The work runs in the calling task, which cannot cancel it (see
+        :func:`_shielded_steps`): no task is made, and the loop makes no extra turn
+        to start it and to wake its caller, which was most of what ending a
+        one-query request cost (``make bench-hotpath``).  A cancellation that arrives
+        meanwhile, from ``Task.cancel()`` or an anyio cancel scope (which cancels the
+        task), is re-raised once the work has finished, the work's error as its
+        cause, as :func:`run_to_completion` does.  Only for work that never consults
+        anyio (SQLAlchemy over asyncpg, psycopg or aiosqlite): anyio-aware code would
+        wait for the scope's cancellation to reach it, which the shield never lets
+        happen.  It runs in the caller's context: a context variable it sets stays
+        set (see :func:`ending_here`).
+        """
+        task = asyncio.current_task()
+        if task is None:
+            return await run_to_completion(coro)
+        return await _Shielded(coro, task)
+
+else:
+    # Python 3.10 has no Task.cancelling() to tell the task's cancellation apart.
+    run_driver_to_completion = run_to_completion
 
 
 def retire(session: SessionLike, reason: str) -> None:
@@ -765,25 +882,30 @@ async def end_session(session: GuardedSession, *, commit: bool, reason: str) -> 
     never returned to the pool in an unknown state.
     """
     retire(session, reason)
-    await run_to_completion(_end(session, commit))
+    try:
+        await run_driver_to_completion(_end(session, commit))
+    finally:
+        # The app's on_commit callbacks, run to their end too (even when the request
+        # was cancelled during the commit); they may be anyio-aware.
+        if sync_of(session)._asgi_sqla_committed:
+            await run_to_completion(run_committed_callbacks(session))
 
 
 async def _end(session: GuardedSession, commit: bool) -> None:
-    ending_here(session)  # run_to_completion: this is a task of its own
-    await _wait_until_idle(session)
-    unguarded = _unguarded(session)
-    if commit and session._asgi_sqla_rollback_only is None:
-        try:
-            await unguarded.commit()
-        except BaseException:
-            # After a failed COMMIT the connection's state is not known: SQLite keeps
-            # the transaction open after a deferred constraint fails, yet SQLAlchemy
-            # marks it inactive, so close() would pool it without a ROLLBACK and the
-            # next request would inherit the failed writes.  Discard the connection.
-            await _invalidate(unguarded)
-            raise
-    await _close(session)
-    await run_committed_callbacks(session)
+    with ending_here(session):
+        await _wait_until_idle(session)
+        unguarded = _unguarded(session)
+        if commit and session._asgi_sqla_rollback_only is None:
+            try:
+                await unguarded.commit()
+            except BaseException:
+                # After a failed COMMIT the connection's state is not known: SQLite keeps
+                # the transaction open after a deferred constraint fails, yet SQLAlchemy
+                # marks it inactive, so close() would pool it without a ROLLBACK and the
+                # next request would inherit the failed writes.  Discard the connection.
+                await _invalidate(unguarded)
+                raise
+        await _close(session)
 
 
 async def _close(session: GuardedSession) -> None:

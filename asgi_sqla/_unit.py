@@ -319,6 +319,12 @@ class SessionContext:
     #: whose framework reads messages ahead (Quart) turns this off and ends them where
     #: the handler waits instead.
     ends_on_receive = True
+    #: Sessions may be added from worker threads (a ``SyncDatabase``'s): closing an
+    #: unused unit then holds ``_sessions_lock``.  The middleware turns it off when
+    #: every database is async: their sessions open only on the event loop's thread
+    #: (``Database.session`` needs a running loop, and an ``AsyncEngine`` serves one
+    #: loop), and taking the lock is most of what :meth:`close_unused` costs.
+    threaded = True
 
     def __init__(self, databases: tuple[ManagedDatabase, ...]) -> None:
         self._databases = databases
@@ -621,16 +627,24 @@ class SessionContext:
         """
         if self._state is not _OPEN:
             return True
-        with _sessions_lock:
-            if self._sessions:
-                return False
-            # OPEN -CLOSE-> CLOSING -DONE-> CLOSED in one step: there is nothing to end,
-            # and this runs at the end of every request.
-            self._ended = reason
-            self._state = _CLOSED
+        if self.threaded:
+            with _sessions_lock:
+                if self._sessions:
+                    return False
+                self._close_empty(reason)
+        elif self._sessions:
+            return False
+        else:
+            self._close_empty(reason)
         if self._after_close is not None:
             self._run_after_close()
         return True
+
+    def _close_empty(self, reason: str) -> None:
+        # OPEN -CLOSE-> CLOSING -DONE-> CLOSED in one step: there is nothing to end,
+        # and this runs at the end of every request.
+        self._ended = reason
+        self._state = _CLOSED
 
     async def release(self, db: ManagedDatabase, *, commit: bool, here: bool = False) -> Outcome:
         """End ``db``'s sessions now, if it has any; a later read opens a new one.
