@@ -32,6 +32,7 @@ from typing import Any
 from sqlalchemy import Engine, event
 
 from ._errors import ConfigurationError, RollbackOnlyError
+from ._statements import reads_only
 
 __all__ = ["autocommit_engine", "write_refused"]
 
@@ -104,24 +105,13 @@ def refuse_write(
 
 
 def _is_read(statement: str, context: Any) -> bool:
-    if context is None or context.isinsert or context.isupdate or context.isdelete:
-        return False
     if _MORE_STATEMENTS.search(statement):  # psycopg 2 sends "SELECT 1; DROP ..." whole
         return False
-    if context.isddl:
-        return False
-    compiled = context.compiled
-    if compiled is None or context.is_text:
-        return _TEXT_READ.match(statement) is not None and _TEXT_WRITE.search(statement) is None
-    clause = getattr(compiled, "statement", None)
-    if (
-        not getattr(clause, "is_select", False)
-        or getattr(clause, "_for_update_arg", None) is not None
-    ):
-        return False
-    # select(...).add_cte(insert(...).cte()) compiles to WITH ... INSERT ... SELECT.
-    ctes = getattr(compiled, "ctes", None) or {}
-    return not any(getattr(cte.element, "is_dml", False) for cte in ctes)
+    return reads_only(statement, context, _text_reads)
+
+
+def _text_reads(statement: str) -> bool:
+    return _TEXT_READ.match(statement) is not None and _TEXT_WRITE.search(statement) is None
 
 
 def _kind(statement: str) -> str:

@@ -46,6 +46,7 @@ from ._errors import SessionEndedError
 from ._log import logger
 from ._secrets import mask_text, mask_url
 from ._session import GuardedSession, end_session
+from ._statements import locks, reads_only
 
 __all__ = ["ReadRoute", "ReplicaSet", "ReplicaSlot", "end_read_session", "track_writes"]
 
@@ -177,27 +178,18 @@ def track_writes(sync_engine: Engine, on_write: Callable[[], None]) -> None:
 
 def _is_plain_read(statement: str, context: Any) -> bool:
     """Whether a statement about to run is a plain read (no write, no row lock)."""
-    if context is None or context.isinsert or context.isupdate or context.isdelete:
-        return False
-    if context.isddl:
-        return False
-    compiled = context.compiled
-    if compiled is None or context.is_text:
-        return _TEXT_READ.match(statement) is not None and _LOCKING.search(statement) is None
-    clause = getattr(compiled, "statement", None)
-    return bool(getattr(clause, "is_select", False)) and not _locks(clause)
+    return reads_only(statement, context, _text_reads)
 
 
-def _locks(statement: Any) -> bool:
-    """Whether ``statement`` is a SELECT ... FOR UPDATE / FOR SHARE."""
-    return getattr(statement, "_for_update_arg", None) is not None
+def _text_reads(statement: str) -> bool:
+    return _TEXT_READ.match(statement) is not None and _LOCKING.search(statement) is None
 
 
 def _needs_primary(statement: Any) -> bool:
     """Whether a statement given to the read session must run on the primary."""
     if getattr(statement, "is_dml", False):
         return True
-    return _locks(statement)
+    return locks(statement)
 
 
 class ReplicaSession(GuardedSession):

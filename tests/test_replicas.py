@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 import psycopg
 import pytest
-from sqlalchemy import URL, func, select, text, update
+from sqlalchemy import URL, func, insert, select, text, update
 
 from asgi_sqla import Database, RequestStats, SessionEndedError, SQLAlchemyMiddleware
 from asgi_sqla.types import ASGIApp, Message, Receive, Scope, Send
@@ -219,6 +219,25 @@ async def test_writes_go_to_the_primary_and_reach_the_replica(
     with _postgres.connect(pair.replica) as standby:
         replicated = {row[0] for row in standby.execute("SELECT key FROM items")}
     assert replicated == {"seeded", "written"}
+
+
+async def test_a_select_that_writes_through_a_cte_sends_the_later_reads_to_the_primary(
+    db: Database,
+) -> None:
+    # WITH ins AS (INSERT ... RETURNING key) SELECT ins.key FROM ins: a SELECT that writes.
+    inserted = insert(items).values(key="cte").returning(items.c.key).cte("ins")
+    seen: dict[str, Any] = {}
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen["inserted"] = await db.session.scalar(select(inserted.c.key))
+        seen["read_session is session"] = db.read_session is db.session
+        await plain_response(send, 200)
+
+    recorder = await call_http(SQLAlchemyMiddleware(app, db))
+
+    assert recorder.status == 200
+    assert seen == {"inserted": "cte", "read_session is session": True}
+    assert pools(db) == [0, 0]
 
 
 async def test_after_a_write_the_request_reads_its_own_writes_on_the_primary(
