@@ -44,13 +44,13 @@ async def count_where(session: AsyncSession, *criteria: ColumnElement[bool]) -> 
 async def test_concurrent_requests_see_only_their_own_uncommitted_row(db: Database) -> None:
     postgresql = db.engine.dialect.name == "postgresql"
     requests = POSTGRESQL_REQUESTS if postgresql else SQLITE_REQUESTS
-    inserted = 0
-    all_inserted = anyio.Event()
+    inserted = read = 0
+    all_inserted, all_read = anyio.Event(), anyio.Event()
     seen: dict[int, tuple[int, int]] = {}
     sessions: dict[int, AsyncSession] = {}
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        nonlocal inserted
+        nonlocal inserted, read
         number = int(scope["path"].strip("/"))
         sessions[number] = db.session
         await add_key(db, f"request-{number}-row")
@@ -62,6 +62,11 @@ async def test_concurrent_requests_see_only_their_own_uncommitted_row(db: Databa
         own = await count_where(db.session, items.c.key.like(f"request-{number}-%"))
         everything = await count_where(db.session)
         seen[number] = (own, everything)
+        if postgresql:  # nobody commits (at response start) before every request has read
+            read += 1
+            if read == requests:
+                all_read.set()
+            await all_read.wait()
         await plain_response(send, 201)
 
     middleware = SQLAlchemyMiddleware(app, db)
