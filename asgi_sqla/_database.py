@@ -34,7 +34,7 @@ from ._options import (
     check_session_options,
 )
 from ._outcome import Outcome
-from ._reconnect import watch_answers
+from ._reconnect import watch_sends
 from ._replicas import ReplicaSet, replica_class, track_writes
 from ._saturation import pool_capacity, watch_saturation
 from ._secrets import mask_text, mask_url
@@ -211,7 +211,7 @@ class BaseDatabase(ABC):
             # A pooled connection to a server turned read-only (a failover) is discarded.
             watch_read_only(sync_engine)
             # A dead pooled connection met by a transaction's first statement is replaced.
-            watch_answers(sync_engine)
+            watch_sends(sync_engine)
             self._read_only_watched = sync_engine
         if self._stats and self._instrumented is not sync_engine:
             instrument(sync_engine, self._current_stats)
@@ -262,7 +262,7 @@ class BaseDatabase(ABC):
             )
             for replica in engines:
                 watch_read_only(replica.sync_engine)
-                watch_answers(replica.sync_engine)
+                watch_sends(replica.sync_engine)
         if self._stats and self._instrumented_replicas is not engines:
             # Here rather than where they are made: every read session's engine is
             # picked from this tuple, so engines made before statistics were turned on

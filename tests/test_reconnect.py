@@ -27,7 +27,7 @@ from typing import Any
 import anyio
 import pytest
 from psycopg import sql
-from sqlalchemy import URL, create_engine, select, text
+from sqlalchemy import URL, create_engine, event, select, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import DeclarativeBase
 from starlette.applications import Starlette
@@ -206,7 +206,14 @@ def serve(flavour: tuple[str, str], url: URL, **options: Any) -> Served:
             (await adb.session.execute(select(items.c.key).where(items.c.key == key))).all()
             return PlainTextResponse("read")
 
-        endpoints: list[Any] = [write, two, add, read]
+        async def autoflush(request: Request) -> Response:
+            key = request.query_params["key"]
+            adb.session.add(Item(key=key))
+            # One call, two statements: the autoflush's INSERT, then the SELECT.
+            (await adb.session.execute(select(items.c.key).where(items.c.key == key))).all()
+            return answer(key)
+
+        endpoints: list[Any] = [write, two, add, read, autoflush]
     else:
         sdb = db
         assert isinstance(sdb, SyncDatabase)
@@ -233,11 +240,19 @@ def serve(flavour: tuple[str, str], url: URL, **options: Any) -> Served:
             sdb.session.execute(select(items.c.key).where(items.c.key == key)).all()
             return PlainTextResponse("read")
 
-        endpoints = [swrite, stwo, sadd, sread]
+        def sautoflush(request: Request) -> Response:
+            key = request.query_params["key"]
+            sdb.session.add(Item(key=key))
+            sdb.session.execute(select(items.c.key).where(items.c.key == key)).all()
+            return answer(key)
+
+        endpoints = [swrite, stwo, sadd, sread, sautoflush]
     app = Starlette(
         routes=[
             Route(f"/{name}", endpoint, methods=["POST"])
-            for name, endpoint in zip(("write", "two", "add", "read"), endpoints, strict=True)
+            for name, endpoint in zip(
+                ("write", "two", "add", "read", "autoflush"), endpoints, strict=True
+            )
         ],
         middleware=[Middleware(SQLAlchemyMiddleware, db)],
     )
@@ -430,6 +445,48 @@ async def test_a_flush_that_meets_a_dead_connection_is_not_re_run(
         assert status(await post(served.app, "/add", "next")) == 201
         assert served.keys() == {"next"}
     finally:
+        await dispose(served)
+
+
+async def test_a_statement_after_an_answered_one_of_the_same_call_is_not_re_run(
+    own_pg: DedicatedPostgres, own_database: URL, flavour: tuple[str, str]
+) -> None:
+    """An autoflush's INSERT is answered, then the connection dies before the SELECT of
+    the same call.  The call took the connection, but re-running the SELECT on a new one
+    would commit without the INSERT, which died with the old connection, and answer 201:
+    a 503, nothing committed."""
+    served = serve(flavour, own_database)
+    database = own_database.database
+    assert database is not None
+
+    killed: list[str] = []
+
+    def kill_before_the_select(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and not killed:
+            killed.append(statement)
+            with _postgres.connect(own_pg.admin) as admin:
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = %s AND pid <> pg_backend_pid()",
+                    (database,),
+                )
+            assert eventually(lambda: not own_pg.backends(database))
+
+    engine = served.db.engine
+    sync_engine = engine if isinstance(served.db, SyncDatabase) else engine.sync_engine
+    event.listen(sync_engine, "before_cursor_execute", kill_before_the_select)
+    try:
+        answer = await post(served.app, "/autoflush", "flushed")
+        assert len(killed) == 1
+        assert (status(answer), retry_after(answer)) == (503, [b"1"])
+        event.remove(sync_engine, "before_cursor_execute", kill_before_the_select)
+        assert served.keys() == set()
+        assert served.checked_out() == 0
+        assert status(await post(served.app, "/autoflush", "next")) == 201
+        assert served.keys() == {"next"}
+    finally:
+        if event.contains(sync_engine, "before_cursor_execute", kill_before_the_select):
+            event.remove(sync_engine, "before_cursor_execute", kill_before_the_select)
         await dispose(served)
 
 
