@@ -35,7 +35,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import Engine, event
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine.default import DefaultExecutionContext
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import SessionTransaction
 
@@ -67,15 +67,17 @@ def watch_sends(sync_engine: Engine) -> None:
         event.listen(sync_engine, "do_execute_no_params", _sent_no_params)
 
 
-def _sent(cursor: Any, statement: str, parameters: Any, context: Any) -> None:
+def _sent(
+    cursor: Any, statement: str, parameters: Any, context: DefaultExecutionContext | None
+) -> None:
     _count(context)
 
 
-def _sent_no_params(cursor: Any, statement: str, context: Any) -> None:
+def _sent_no_params(cursor: Any, statement: str, context: DefaultExecutionContext | None) -> None:
     _count(context)
 
 
-def _count(context: Any) -> None:
+def _count(context: DefaultExecutionContext | None) -> None:
     # Returning None lets the dialect send the statement as usual.  ``context`` is None
     # for the statements SQLAlchemy runs inside another (a sequence's next value): the
     # outer statement was counted.  A Connection is made for each checkout, so the count

@@ -111,7 +111,6 @@ async def test_a_session_ended_at_response_start_is_refused_to_the_same_task(
     assert checked_out(db) == 0
 
 
-
 async def test_the_package_adds_no_per_statement_engine_event(db: Database) -> None:
     """A listener of the engine's connection events (``after_cursor_execute``...) makes
     SQLAlchemy dispatch every connection event of every statement: measured at about

@@ -472,8 +472,8 @@ async def test_a_statement_after_an_answered_one_of_the_same_call_is_not_re_run(
                 )
             assert eventually(lambda: not own_pg.backends(database))
 
-    engine = served.db.engine
-    sync_engine = engine if isinstance(served.db, SyncDatabase) else engine.sync_engine
+    db = served.db
+    sync_engine = db.engine.sync_engine if isinstance(db, Database) else db.engine
     event.listen(sync_engine, "before_cursor_execute", kill_before_the_select)
     try:
         answer = await post(served.app, "/autoflush", "flushed")
