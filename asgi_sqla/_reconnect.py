@@ -47,8 +47,6 @@ __all__ = ["drop_dead_connection", "log_reconnect", "taken_for_this_call", "watc
 _SENT = "_asgi_sqla_sent"
 #: Set on a pool: the ``_invalidate_time`` of the invalidation already logged.
 _LOGGED = "_asgi_sqla_reconnect_logged"
-#: The dialect events through which every statement is sent, one for each DBAPI call.
-_SENDS = ("do_execute", "do_executemany", "do_execute_no_params")
 
 
 def watch_sends(sync_engine: Engine) -> None:
