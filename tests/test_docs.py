@@ -200,7 +200,11 @@ def page_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[typ
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'docs.db'}")
     monkeypatch.syspath_prepend(str(tmp_path))
-    yield types.ModuleType("docs_page")
+    module = types.ModuleType("docs_page")
+    # In sys.modules, as an app file would be: SQLAlchemy resolves the annotations of a
+    # mapped class, and Litestar a handler's, through the module.
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    yield module
 
 
 @pytest.mark.parametrize("page", pages_run_here())
@@ -258,3 +262,21 @@ def test_the_quick_starts_talk_to_their_app() -> None:
         replies = [e for talk in talks for e in talk]
         assert len(replies) >= 3, f"{path.name}: no curl lines with replies"
         assert all(e.reply and e.status for e in replies), f"{path.name}: a curl line lacks its reply or status"
+
+
+def test_with_lifespan_off_the_quick_start_creates_no_table(
+    page_module: types.ModuleType,
+) -> None:
+    """What docs/guides/lifespan.md says: without lifespan the app's startup never runs."""
+    code = next(b.code for b in blocks(ROOT / "docs/quickstart/starlette.md") if b.lang == "python")
+    exec(compile(code, "docs/quickstart/starlette.md", "exec"), page_module.__dict__)
+    app = page_module.__dict__["app"]
+
+    async def without_lifespan() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            response = await client.get("/notes")
+        await page_module.__dict__["db"].dispose()
+        return response
+
+    assert asyncio.run(without_lifespan()).status_code == 500
