@@ -84,7 +84,9 @@ def _soak() -> str:
         ("every other check", by_start["checks"].split(":", 1)[1].strip()),
     ]
     table = ["| | |", "| --- | --- |", *(f"| {what} | {figure} |" for what, figure in rows)]
-    return "\n".join([*table, "", "The report, as the test wrote it:", "", "```text", *lines, "```"])
+    return "\n".join(
+        [*table, "", "The report, as the test wrote it:", "", "```text", *lines, "```"]
+    )
 
 
 RENDERERS = {"benchmarks": _benchmarks, "latency": _latency, "soak": _soak}
@@ -98,7 +100,9 @@ def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Fil
         try:
             return renderer()
         except (OSError, KeyError, ValueError) as error:
-            raise PluginError(f"{page.file.src_path}: figures {match['name']!r}: {error!r}") from error
+            raise PluginError(
+                f"{page.file.src_path}: figures {match['name']!r}: {error!r}"
+            ) from error
 
     return MARKER.sub(render, markdown)
 

@@ -283,7 +283,8 @@ async def _cancel_a_streaming_body_by_disconnecting(db: Database, admin: Any, ke
 def connection_checking_options(url: str) -> dict[str, Any]:
     """Engine options making the server stop a statement once its client has gone.
 
-    ``client_connection_check_interval`` (PostgreSQL 14+) is the recipe docs/guides/cancellation-and-faults.md gives.
+    ``client_connection_check_interval`` (PostgreSQL 14+) is the recipe
+    docs/guides/cancellation-and-faults.md gives.
     """
     if url.startswith("postgresql+asyncpg"):
         settings = {"client_connection_check_interval": "200"}

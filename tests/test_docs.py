@@ -29,7 +29,6 @@ import shlex
 import sys
 import textwrap
 import types
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +64,10 @@ PAGES_RUN_ELSEWHERE: dict[str, str] = {
     # docs/versions.md.
 }
 
-FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.M | re.S)
+FENCE = re.compile(
+    r"^(?P<indent>[ \t]*)```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
+    re.M | re.S,
+)
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,9 @@ def exchanges(console: str) -> list[Exchange]:
                 index += 1
             url = url if "://" in url else f"http://{url}"
             found.append(
-                Exchange(command, method, url, headers, data, int(status[1]) if status else None, "")
+                Exchange(
+                    command, method, url, headers, data, int(status[1]) if status else None, ""
+                )
             )
         elif found and line.strip():
             found[-1].reply += line + "\n"
@@ -170,7 +174,8 @@ async def converse(app: Any, talk: list[Exchange], where: str) -> None:
                     headers=exchange.headers,
                     content=exchange.data.encode() if exchange.data is not None else None,
                 )
-                said = f"{where}: `{exchange.command}` answered {response.status_code} {response.text!r}"
+                answer = f"{response.status_code} {response.text!r}"
+                said = f"{where}: `{exchange.command}` answered {answer}"
                 if exchange.status is not None:
                     assert response.status_code == exchange.status, said
                 assert same_reply(exchange.reply, response.text), said
@@ -179,7 +184,9 @@ async def converse(app: Any, talk: list[Exchange], where: str) -> None:
 # -- running a page -----------------------------------------------------------------------
 
 
-def run(code: str, filename: str, namespace: dict[str, Any], loop: asyncio.AbstractEventLoop) -> None:
+def run(
+    code: str, filename: str, namespace: dict[str, Any], loop: asyncio.AbstractEventLoop
+) -> None:
     compiled = compile(code, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
     if compiled.co_flags & inspect.CO_COROUTINE:
         loop.run_until_complete(eval(compiled, namespace))
@@ -196,7 +203,7 @@ def dispose_all(namespace: dict[str, Any], loop: asyncio.AbstractEventLoop) -> N
 
 
 @pytest.fixture
-def page_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[types.ModuleType]:
+def page_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'docs.db'}")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -204,7 +211,7 @@ def page_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[typ
     # In sys.modules, as an app file would be: SQLAlchemy resolves the annotations of a
     # mapped class, and Litestar a handler's, through the module.
     monkeypatch.setitem(sys.modules, module.__name__, module)
-    yield module
+    return module
 
 
 @pytest.mark.parametrize("page", pages_run_here())
@@ -261,7 +268,9 @@ def test_the_quick_starts_talk_to_their_app() -> None:
         talks = [exchanges(b.code) for b in blocks(path) if b.lang == "console"]
         replies = [e for talk in talks for e in talk]
         assert len(replies) >= 3, f"{path.name}: no curl lines with replies"
-        assert all(e.reply and e.status for e in replies), f"{path.name}: a curl line lacks its reply or status"
+        assert all(e.reply and e.status for e in replies), (
+            f"{path.name}: a curl line lacks its reply or status"
+        )
 
 
 def test_with_lifespan_off_the_quick_start_creates_no_table(

@@ -1,4 +1,4 @@
-"""The OpenTelemetry recipe of docs/guides/observability.md works: a request's statements become spans.
+"""The OpenTelemetry recipe (docs/guides/observability.md) turns statements into spans.
 
 The recipe instruments the engine the ``Database`` created, from the app's lifespan,
 which runs after asgi_sqla has created the engine.

@@ -34,7 +34,8 @@ from _helpers import PoolEvents, call_http, checked_out, items, keys, plain_resp
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgresql]
 
-#: What docs/guides/pgbouncer.md documents (checked below) for PgBouncer's transaction (or statement) pooling mode.
+#: What docs/guides/pgbouncer.md documents (checked below) for PgBouncer's transaction (or
+#: statement) pooling mode.
 PGBOUNCER_CONNECT_ARGS: dict[str, dict[str, Any]] = {
     # asyncpg: no statement cache, so every statement is an unnamed one, parsed again in
     # each transaction; SQLAlchemy's cache of prepared statements off too.
@@ -54,7 +55,9 @@ def test_the_guide_shows_the_settings_tested_here() -> None:
     page = GUIDE.read_text()
     for settings in PGBOUNCER_CONNECT_ARGS.values():
         for name, value in settings.items():
-            assert re.search(rf'"{name}": {value!r}\b', page), f"{GUIDE.name} lacks {name}={value!r}"
+            assert re.search(rf'"{name}": {value!r}\b', page), (
+                f"{GUIDE.name} lacks {name}={value!r}"
+            )
 
 
 def pgbouncer_unavailable(reason: str) -> None:
