@@ -107,6 +107,15 @@ def on_page_markdown(markdown: str, page: Page, config: MkDocsConfig, files: Fil
     return MARKER.sub(render, markdown)
 
 
+#: A Sphinx role left in a docstring (``:class:`SyncDatabase```), which mkdocstrings shows
+#: as text before the code: the code alone is kept.
+SPHINX_ROLE = re.compile(r":(?:attr|class|meth|func|exc|data|mod|obj):(?=<code>)")
+
+
+def on_page_content(html: str, page: Page, config: MkDocsConfig, files: Files) -> str:
+    return SPHINX_ROLE.sub("", html)
+
+
 def on_files(files: Files, config: MkDocsConfig, **kwargs: Any) -> Files:
     files.append(File.generated(config, "figures/results.png", abs_src_path=str(CHART)))
     return files
