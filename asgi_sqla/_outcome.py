@@ -31,8 +31,7 @@ class Result(SingletonEnum):
     COMMITTED = "committed"
     """The transaction committed."""
     ROLLED_BACK = "rolled back"
-    """The transaction was rolled back, as decided (policy, rollback-only, the app failed).
-    """
+    """The transaction was rolled back, as decided (policy, rollback-only, app failure)."""
     FAILED = "failed"
     """The commit (or the decision to commit) failed; nothing of it was saved."""
     COMMITTED_WHILE_ANOTHER_FAILED = "committed while another failed"
