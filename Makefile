@@ -37,15 +37,23 @@ PYTEST_ARGS ?=
 # Checked and formatted code; directories that do not exist (yet) are left out.
 SOURCES := $(wildcard asgi_sqla tests examples)
 
-# Fallback for a pip without `--group` (older than 25.1): read the group with tomllib.
+# Fallback for a pip without `--group` (older than 25.1): read the group with tomllib,
+# resolving `{include-group = "..."}` entries (PEP 735) into the included group's lines.
 define PRINT_DEV_GROUP
 import tomllib
 with open("pyproject.toml", "rb") as f:
-    print("\n".join(tomllib.load(f)["dependency-groups"]["dev"]))
+    groups = tomllib.load(f)["dependency-groups"]
+def requirements(name):
+    for entry in groups[name]:
+        if isinstance(entry, dict):
+            yield from requirements(entry["include-group"])
+        else:
+            yield entry
+print("\n".join(requirements("dev")))
 endef
 export PRINT_DEV_GROUP
 
-.PHONY: help venv run test pytest check lint typecheck imports format bench-overhead bench-autocommit bench-hotpath bench bench-sync bench-shedding clean distclean
+.PHONY: help venv run test pytest check lint typecheck imports format bench-overhead bench-autocommit bench-hotpath bench bench-sync bench-shedding docs docs-serve clean distclean
 
 help: ## list the targets
 	@echo "usage: make TARGET [VARIABLE=value ...]   (variables: see the top of the Makefile)"
@@ -73,12 +81,22 @@ run: $(VENV_STAMP) ## uvicorn examples.FRAMEWORK_app:app on HOST:PORT with DATAB
 		{ echo "examples/$(FRAMEWORK)_app.py does not exist (FRAMEWORK=$(FRAMEWORK))" >&2; exit 1; }
 	$(BIN)/uvicorn --app-dir . examples.$(FRAMEWORK)_app:app --host $(HOST) --port $(PORT) $(UVICORN_ARGS)
 
-test: lint typecheck imports ## lint, typecheck, import contracts, then the tests under branch coverage
+test: lint typecheck imports docs ## lint, typecheck, import contracts, the strict docs build, then the tests under branch coverage
 	$(BIN)/coverage run -m pytest $(PYTEST_ARGS)
 	$(BIN)/coverage report
 
 pytest: $(VENV_STAMP) ## only the test suite (no lint, no typecheck, no coverage)
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The site in site/ (gitignored).  --strict turns every warning into a failure: a broken
+# link or anchor, a page missing from the nav or the disk, a bad mkdocstrings reference.
+# Material 9.7+ prints a banner about its end of life on every build; the build is the same.
+docs docs-serve: export NO_MKDOCS_2_WARNING := 1
+docs: $(VENV_STAMP) ## build the documentation site into site/ with mkdocs build --strict
+	$(BIN)/mkdocs build --strict --site-dir site
+
+docs-serve: $(VENV_STAMP) ## serve the documentation site on HOST:PORT, rebuilt on every change
+	$(BIN)/mkdocs serve --strict --dev-addr $(HOST):$(PORT)
 
 check: lint typecheck imports ## lint, typecheck and import contracts, changing nothing
 
@@ -155,7 +173,7 @@ bench-shedding: $(BENCH_STAMP) bench-wrk ## load shedding (admission_limit) agai
 	$(BENCH_VENV)/bin/python -m benchmarks.shedding $(BENCH_ARGS)
 
 clean: ## delete caches, coverage data, build artefacts and example.db (keeps the virtualenv)
-	rm -rf .pytest_cache .mypy_cache .ruff_cache htmlcov build dist *.egg-info
+	rm -rf .pytest_cache .mypy_cache .ruff_cache htmlcov build dist site *.egg-info
 	rm -f .coverage .coverage.* coverage.xml example.db
 	$(if $(SOURCES),find $(SOURCES) -type d -name __pycache__ -prune -exec rm -rf {} +)
 

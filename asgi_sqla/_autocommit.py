@@ -70,7 +70,7 @@ def autocommit_engine(engine: Engine) -> Engine:
     (``PoolEvents.reset``; ``Dialect.reset_isolation_level``): on asyncpg, psycopg 3,
     sqlite3 and aiosqlite both are attributes of the driver's connection, with no
     round trip (psycopg 2 sends ``SET default_transaction_isolation`` once the level
-    was reset: see docs/autocommit-reads.md).  Made once per engine and kept on it,
+    was reset: see docs/guides/autocommit-reads.md).  Made once per engine and kept on it,
     so that it lives as long as the engine does.
     """
     made: Engine | None = engine.__dict__.get(_ON_ENGINE)

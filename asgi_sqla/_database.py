@@ -489,7 +489,8 @@ class Database(BaseDatabase, Generic[_A]):
         ``Database[C]``.  The same as ``session_options={"class_": C}``, which the type
         checker cannot read.
     :param session_options: Keyword arguments for ``async_sessionmaker``; the default
-        ``expire_on_commit=False`` keeps loaded objects usable after the commit.
+        ``expire_on_commit=False`` keeps loaded objects usable after the commit.  A
+        ``class_`` of your own is honoured: the package's guard is mixed in above it.
     :param stats: Track what each request does with this database (statements, time
         in the database, time a connection was held, outcome): see :attr:`stats`.
     :param warn_held_over: Log a warning, naming the route, when a request held a
@@ -510,7 +511,7 @@ class Database(BaseDatabase, Generic[_A]):
         attempt (``sqlalchemy.exc.OperationalError``, the provider's exception as the
         cause), answered 503 with ``Retry-After`` like a database that cannot be
         reached.  Not with a ready ``engine``; with an engine factory, yes.
-        See docs/credentials.md.
+        See docs/guides/credentials.md.
     :param admission_limit: Load shedding: at most this many requests (HTTP requests,
         websocket rounds) use this database's connections at once.  A request takes a
         place when its session first needs a connection (one place, read session
@@ -520,7 +521,7 @@ class Database(BaseDatabase, Generic[_A]):
         which the middleware answers with 503 and ``Retry-After``, instead of queueing
         in the pool until ``pool_timeout``.  ``db.scope()`` and ``db.new_session()``
         are not counted.  Usually ``pool_size + max_overflow``: see
-        ``docs/load-shedding.md``.
+        ``docs/guides/load-shedding.md``.
     :param admission_timeout: Seconds a request past ``admission_limit`` waits for a
         place, first come first served, before it is refused; 0 refuses at once.
     :param warn_pool_saturated_for: Log a WARNING, once per episode, when at least
@@ -535,7 +536,7 @@ class Database(BaseDatabase, Generic[_A]):
         then use the database at once.  The first task to read it in a request (the
         request's own, usually) keeps the usual session.  Every session is committed
         or rolled back with the request's, but each separately, the request's own
-        last: one may commit while another fails (see ``docs/concurrency.md``).  Off
+        last: one may commit while another fails (see ``docs/guides/concurrency.md``).  Off
         by default: two tasks using one session at once get
         ``ConcurrentSessionUseError``.
     :param engine_options: Passed to ``create_async_engine`` for the engines the

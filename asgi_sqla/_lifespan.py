@@ -7,9 +7,10 @@ from ._log import logger
 from ._outcome import SingletonEnum
 from .types import AnyASGIApp, Message, Receive, Scope, Send
 
-#: Where the databases are published in the lifespan ``state`` (copied by the server
-#: into every request's scope as ``scope["state"]``).
 STATE_KEY = "asgi_sqla.databases"
+"""Where the databases are published in the lifespan ``state`` (copied by the server
+into every request's scope as ``scope["state"]``).
+"""
 
 
 class _Phase(SingletonEnum):

@@ -74,7 +74,7 @@ class SQLAlchemyMiddleware:
         per statement, and each statement sees its own snapshot (two statements may
         see different data).  They are read-only as ``read_only=`` routes are, and a
         write is refused before it is sent.  A request without a ``path`` is read-only
-        but keeps its transaction.  See docs/autocommit-reads.md.
+        but keeps its transaction.  See docs/guides/autocommit-reads.md.
     """
 
     def __init__(

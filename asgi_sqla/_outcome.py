@@ -28,15 +28,16 @@ class SingletonEnum(enum.Enum):
 class Result(SingletonEnum):
     """How one database's transaction ended."""
 
-    #: The transaction committed.
     COMMITTED = "committed"
-    #: The transaction was rolled back, as decided (policy, rollback-only, the app failed).
+    """The transaction committed."""
     ROLLED_BACK = "rolled back"
-    #: The commit (or the decision to commit) failed; nothing of it was saved.
+    """The transaction was rolled back, as decided (policy, rollback-only, app failure)."""
     FAILED = "failed"
-    #: It committed, but another database of the same request failed afterwards: the
-    #: request's writes are only partly saved (logged at ERROR).
+    """The commit (or the decision to commit) failed; nothing of it was saved."""
     COMMITTED_WHILE_ANOTHER_FAILED = "committed while another failed"
+    """It committed, but another database of the same request failed afterwards: the
+    request's writes are only partly saved (logged at ERROR).
+    """
 
 
 class Outcome:
@@ -80,5 +81,5 @@ class Outcome:
 _COMMITTED = frozenset({Result.COMMITTED, Result.COMMITTED_WHILE_ANOTHER_FAILED})
 
 
-#: The outcome of ending a unit of work that had no session open.
 NOTHING_ENDED = Outcome()
+"""The outcome of ending a unit of work that had no session open."""

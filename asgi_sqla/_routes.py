@@ -136,7 +136,7 @@ def read_only(
     ``@read_only(autocommit=True)`` also runs their statements in autocommit, as the
     middleware's ``autocommit_reads=`` routes do: no ``BEGIN`` nor ``COMMIT``, one
     round trip per statement, each statement with its own snapshot, and writes
-    refused before they are sent (see docs/autocommit-reads.md).
+    refused before they are sent (see docs/guides/autocommit-reads.md).
 
     Sessions already open when the handler starts (opened by a dependency, say) keep
     their mode; give the route to the middleware's ``read_only=`` (or

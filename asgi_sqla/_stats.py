@@ -58,32 +58,34 @@ _SEPARATE_BEGIN = frozenset({"asyncpg", "psycopg", "psycopg2"})
 class RequestStats:
     """One database's share of one request (or websocket, or ``db.scope()``)."""
 
-    #: Statements sent to the database, failed ones included.
     statements: int = 0
-    #: Seconds spent waiting for those statements.
+    """Statements sent to the database, failed ones included."""
     duration: float = 0.0
-    #: Seconds a connection was checked out from the pool for this request.
+    """Seconds spent waiting for those statements."""
     held: float = 0.0
-    #: How the last transaction ended: committed, rolled back or failed to commit.
+    """Seconds a connection was checked out from the pool for this request."""
     outcome: Outcome = "none"
-    #: Statements sent to the database's read replicas (``db.read_session``).
+    """How the last transaction ended: committed, rolled back or failed to commit."""
     replica_statements: int = 0
-    #: Seconds spent waiting for those statements.
+    """Statements sent to the database's read replicas (``db.read_session``)."""
     replica_duration: float = 0.0
-    #: Seconds a replica's connection was checked out for this request.
+    """Seconds spent waiting for those statements."""
     replica_held: float = 0.0
-    #: Round trips to the database as far as SQLAlchemy's events show them: each
-    #: statement, the ``BEGIN`` a driver sends on its own (asyncpg, psycopg), the
-    #: ``COMMIT`` or ``ROLLBACK``, a pool pre-ping.  Not seen: what a driver does
-    #: inside one statement (asyncpg prepares a statement on its first use on a
-    #: connection: one more round trip) and a new connection's set-up.
+    """Seconds a replica's connection was checked out for this request."""
     round_trips: int = 0
-    #: The same, to the read replicas.
+    """Round trips to the database as far as SQLAlchemy's events show them: each
+    statement, the ``BEGIN`` a driver sends on its own (asyncpg, psycopg), the
+    ``COMMIT`` or ``ROLLBACK``, a pool pre-ping.  Not seen: what a driver does
+    inside one statement (asyncpg prepares a statement on its first use on a
+    connection: one more round trip) and a new connection's set-up.
+    """
     replica_round_trips: int = 0
-    #: Statements that met a dead pooled connection as the first of their transaction
-    #: and ran again on a new one (the request did not see it): see ``pool_pre_ping``
-    #: in the README.
+    """The same, to the read replicas."""
     reconnects: int = 0
+    """Statements that met a dead pooled connection as the first of their transaction
+    and ran again on a new one (the request did not see it): see
+    docs/guides/restarts.md (no ``pool_pre_ping`` needed).
+    """
 
     @property
     def all_statements(self) -> int:
@@ -95,14 +97,14 @@ class RequestStats:
 class PoolStatus:
     """A snapshot of a connection pool, for health endpoints and metrics."""
 
-    #: Connections the pool keeps (``pool_size``).
     size: int
-    #: Connections currently checked out by requests.
+    """Connections the pool keeps (``pool_size``)."""
     checked_out: int
-    #: Connections idle in the pool.
+    """Connections currently checked out by requests."""
     checked_in: int
-    #: Connections open beyond ``size`` (negative while the pool is still filling).
+    """Connections idle in the pool."""
     overflow: int
+    """Connections open beyond ``size`` (negative while the pool is still filling)."""
 
 
 def instrument(

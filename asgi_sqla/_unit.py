@@ -92,9 +92,10 @@ _T = TypeVar("_T")
 #: Held while a unit's sessions are added or taken for an ending (see ``session()``).
 _sessions_lock = threading.Lock()
 
-#: Key of the ``SessionContext`` in the ASGI scope of every HTTP and websocket
-#: connection that passes through ``SQLAlchemyMiddleware``.
 SCOPE_KEY = "asgi_sqla.context"
+"""Key of the ``SessionContext`` in the ASGI scope of every HTTP and websocket
+connection that passes through ``SQLAlchemyMiddleware``.
+"""
 
 current_context: ContextVar[SessionContext | None] = ContextVar("current_context", default=None)
 
@@ -284,30 +285,34 @@ class SessionContext:
     _stats: dict[ManagedDatabase, RequestStats] | None = None  # only when tracked
     #: This round's places at the databases' ``admission_limit``, when counted.
     _tickets: dict[ManagedDatabase, Ticket] | None = None
-    #: Counts against the databases' ``admission_limit``: set on the middleware's units
-    #: (requests, websocket rounds), never on scripts' and workers' (``_admission``).
     counted = False
-    #: Sessions opened from now on are read-only (a ``read_only`` route).
+    """Counts against the databases' ``admission_limit``: set on the middleware's units
+    (requests, websocket rounds), never on scripts' and workers' (``_admission``).
+    """
     read_only = False
-    #: Read-only sessions opened from now on run each statement in autocommit (an
-    #: ``autocommit_reads`` route, ``@read_only(autocommit=True)``).
+    """Sessions opened from now on are read-only (a ``read_only`` route)."""
     autocommit = False
-    #: Nothing commits automatically (a ``manual_commit`` route).
+    """Read-only sessions opened from now on run each statement in autocommit (an
+    ``autocommit_reads`` route, ``@read_only(autocommit=True)``).
+    """
     manual = False
-    #: A block's own commit policy (``db.scope(commit=...)``): True commits on success
-    #: whatever ``commit_on`` says, False always rolls back; None: ``commit_on`` decides.
+    """Nothing commits automatically (a ``manual_commit`` route)."""
     commit: bool | None = None
-    #: Sessionmaker keywords for this unit's sessions (``db.scope(**options)``).
+    """A block's own commit policy (``db.scope(commit=...)``): True commits on success
+    whatever ``commit_on`` says, False always rolls back; None: ``commit_on`` decides.
+    """
     session_options: Mapping[str, Any] | None = None
-    #: Commit several databases with two-phase commit.
+    """Sessionmaker keywords for this unit's sessions (``db.scope(**options)``)."""
     two_phase = False
-    #: Something of this unit's work was committed (an ending, or a session's commit
-    #: when the middleware has ``retry`` routes): the request must not be re-run.
+    """Commit several databases with two-phase commit."""
     committed_any = False
-    #: Every ending so far committed everything it ended (nothing rolled back or failed).
+    """Something of this unit's work was committed (an ending, or a session's commit
+    when the middleware has ``retry`` routes): the request must not be re-run.
+    """
     committed_all = True
-    #: The outcome of the last ending; None before the first.
+    """Every ending so far committed everything it ended (nothing rolled back or failed)."""
     outcome: Outcome | None = None
+    """The outcome of the last ending; None before the first."""
     _after_close: list[Callable[[], object]] | None = None
     _ending_done: asyncio.Event | None = None  # for tasks waiting to end the unit too
     #: The task whose sessions are kept under their database (``session_per_task``): the
@@ -315,16 +320,18 @@ class SessionContext:
     _owner: weakref.ref[asyncio.Task[Any]] | None = None
     #: A session under a TaskSessionKey was opened here (see ``_ending_order``).
     _task_sessions = False
-    #: A websocket's transactions end when the app waits in ``receive()``.  An adapter
-    #: whose framework reads messages ahead (Quart) turns this off and ends them where
-    #: the handler waits instead.
     ends_on_receive = True
-    #: Sessions may be added from worker threads (a ``SyncDatabase``'s): closing an
-    #: unused unit then holds ``_sessions_lock``.  The middleware turns it off when
-    #: every database is async: their sessions open only on the event loop's thread
-    #: (``Database.session`` needs a running loop, and an ``AsyncEngine`` serves one
-    #: loop), and taking the lock is most of what :meth:`close_unused` costs.
+    """A websocket's transactions end when the app waits in ``receive()``.  An adapter
+    whose framework reads messages ahead (Quart) turns this off and ends them where
+    the handler waits instead.
+    """
     threaded = True
+    """Sessions may be added from worker threads (a ``SyncDatabase``'s): closing an
+    unused unit then holds ``_sessions_lock``.  The middleware turns it off when
+    every database is async: their sessions open only on the event loop's thread
+    (``Database.session`` needs a running loop, and an ``AsyncEngine`` serves one
+    loop), and taking the lock is most of what :meth:`close_unused` costs.
+    """
 
     def __init__(self, databases: tuple[ManagedDatabase, ...]) -> None:
         self._databases = databases

@@ -783,7 +783,7 @@ async def test_under_a_tests_transaction_the_route_keeps_a_read_only_transaction
 
 # -- the guide --------------------------------------------------------------------------------
 
-GUIDE = Path(__file__).resolve().parent.parent / "docs" / "autocommit-reads.md"
+GUIDE = Path(__file__).resolve().parent.parent / "docs/guides/autocommit-reads.md"
 
 
 async def test_the_guides_app_reads_in_autocommit(

@@ -283,7 +283,8 @@ async def _cancel_a_streaming_body_by_disconnecting(db: Database, admin: Any, ke
 def connection_checking_options(url: str) -> dict[str, Any]:
     """Engine options making the server stop a statement once its client has gone.
 
-    ``client_connection_check_interval`` (PostgreSQL 14+) is the recipe the README gives.
+    ``client_connection_check_interval`` (PostgreSQL 14+) is the recipe
+    docs/guides/cancellation-and-faults.md gives.
     """
     if url.startswith("postgresql+asyncpg"):
         settings = {"client_connection_check_interval": "200"}
@@ -302,7 +303,7 @@ async def test_a_cancelled_request_leaves_no_statement_running_on_the_server(
     send PostgreSQL a cancel request.  An anyio cancel scope re-delivers its cancellation
     at every await, which interrupts the drivers' own cancel handling: they close the
     socket instead, and the server only notices with ``client_connection_check_interval``
-    set (the README's recipe), which these variants use.
+    set (the recipe of docs/guides/cancellation-and-faults.md), which these variants use.
     """
     key = "retried"
     if how != "task-cancel":

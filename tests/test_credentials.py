@@ -57,7 +57,7 @@ from _helpers import (
 
 pytestmark = pytest.mark.anyio
 
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "credentials.md"
+DOCS = Path(__file__).resolve().parent.parent / "docs/guides/credentials.md"
 LIFESPAN_SCOPE: Scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}}
 
 
@@ -677,7 +677,7 @@ def docs_blocks() -> list[str]:
 
 @pytest.mark.postgresql
 async def test_the_guide_examples_connect(role: Role, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every Python block of docs/credentials.md runs; a stand-in ``boto3`` (not installed)
+    """Every Python block of docs/guides/credentials.md runs; a stand-in ``boto3`` (not installed)
     returns the role's password as the RDS token, and one for ``hvac``, Vault's client."""
     requested: list[dict[str, Any]] = []
 

@@ -1,4 +1,4 @@
-"""The Python blocks of ``docs/concurrency.md`` and ``docs/hooks.md`` run as written.
+"""The Python blocks of ``docs/guides/concurrency.md`` and ``docs/guides/hooks.md`` run as written.
 
 Each block names its file on its first line (``# per_task_app.py``); it is loaded as a
 module with ``DATABASE_URL`` set to the test's database, and its app is called.
@@ -20,7 +20,7 @@ from asgi_sqla import Database
 
 pytestmark = pytest.mark.anyio
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "guides"
 PAGES = ("concurrency.md", "hooks.md")
 
 

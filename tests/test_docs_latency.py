@@ -1,4 +1,4 @@
-"""The Python block of ``docs/latency.md`` runs as written.
+"""The Python block of ``docs/guides/latency.md`` runs as written.
 
 The block names its file on its first line (``# round_trips_app.py``); it is loaded as a
 module with ``DATABASE_URL`` set to the test's PostgreSQL database, and its app is
@@ -16,7 +16,7 @@ import pytest
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgresql]
 
-PAGE = Path(__file__).resolve().parent.parent / "docs" / "latency.md"
+PAGE = Path(__file__).resolve().parent.parent / "docs/guides/latency.md"
 
 
 def code_files(markdown: Path) -> dict[str, str]:

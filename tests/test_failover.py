@@ -477,7 +477,7 @@ async def test_a_read_that_failed_over_from_a_dead_replica_does_not_make_a_500_a
 
 # -- the guide -------------------------------------------------------------------------------
 
-GUIDE = Path(__file__).resolve().parent.parent / "docs" / "failover.md"
+GUIDE = Path(__file__).resolve().parent.parent / "docs/guides/failover.md"
 
 
 async def test_the_failover_guide_examples_name_both_hosts_and_ask_for_the_writable_one() -> None:

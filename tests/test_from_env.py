@@ -2,7 +2,7 @@
 
 Every variable is set through the process environment (``monkeypatch.setenv``) and read
 back from the engine the database makes, which connects to nothing until used; a few
-tests then use it on SQLite.  The guide, docs/configuration.md, is run as written.
+tests then use it on SQLite.  The guide, docs/guides/configuration.md, is run as written.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from asgi_sqla import ConfigurationError, Database, SQLAlchemyMiddleware, SyncDa
 
 pytestmark = pytest.mark.anyio
 
-GUIDE = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+GUIDE = Path(__file__).resolve().parent.parent / "docs/guides/configuration.md"
 PASSWORD = "s3cr3t-Pa55"
 #: Every variable from_env reads, after the prefix: cleared before each test.
 SUFFIXES = (

@@ -765,12 +765,12 @@ def test_wrong_shedding_options_are_refused(
         kind(f"{driver}:///{tmp_path / 'test.db'}", **options)
 
 
-GUIDE = Path(__file__).resolve().parent.parent / "docs" / "load-shedding.md"
+GUIDE = Path(__file__).resolve().parent.parent / "docs/guides/load-shedding.md"
 
 
 def test_the_guides_python_blocks_run() -> None:
     blocks = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.DOTALL)
-    assert blocks, "docs/load-shedding.md has no Python block"
+    assert blocks, "docs/guides/load-shedding.md has no Python block"
     for block in blocks:
         namespace: dict[str, Any] = {}
         exec(compile(block, str(GUIDE), "exec"), namespace)  # connects to nothing

@@ -1,4 +1,4 @@
-"""The README's OpenTelemetry recipe works: a request's statements become spans.
+"""The OpenTelemetry recipe (docs/guides/observability.md) turns statements into spans.
 
 The recipe instruments the engine the ``Database`` created, from the app's lifespan,
 which runs after asgi_sqla has created the engine.
@@ -34,7 +34,7 @@ async def test_the_opentelemetry_recipe_turns_statements_into_spans(database_url
     tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
     db = Database(database_url)
 
-    # The recipe, as in the README.
+    # The recipe, as in docs/guides/observability.md.
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         SQLAlchemyInstrumentor().instrument(

@@ -15,8 +15,10 @@ pgbouncer``, or ``TEST_PGBOUNCER=/path/to/pgbouncer``); under ``CI`` that is a f
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import _pgbouncer
@@ -32,7 +34,8 @@ from _helpers import PoolEvents, call_http, checked_out, items, keys, plain_resp
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgresql]
 
-#: What the README documents for PgBouncer's transaction (or statement) pooling mode.
+#: What docs/guides/pgbouncer.md documents (checked below) for PgBouncer's transaction (or
+#: statement) pooling mode.
 PGBOUNCER_CONNECT_ARGS: dict[str, dict[str, Any]] = {
     # asyncpg: no statement cache, so every statement is an unnamed one, parsed again in
     # each transaction; SQLAlchemy's cache of prepared statements off too.
@@ -43,6 +46,18 @@ PGBOUNCER_CONNECT_ARGS: dict[str, dict[str, Any]] = {
 
 #: The same query, run this many times per request: past psycopg's prepare threshold.
 REPEATS = 6
+
+
+GUIDE = Path(__file__).resolve().parent.parent / "docs/guides/pgbouncer.md"
+
+
+def test_the_guide_shows_the_settings_tested_here() -> None:
+    page = GUIDE.read_text()
+    for settings in PGBOUNCER_CONNECT_ARGS.values():
+        for name, value in settings.items():
+            assert re.search(rf'"{name}": {value!r}\b', page), (
+                f"{GUIDE.name} lacks {name}={value!r}"
+            )
 
 
 def pgbouncer_unavailable(reason: str) -> None:

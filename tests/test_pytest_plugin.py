@@ -45,7 +45,7 @@ from _helpers import (
 )
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-GUIDE = Path(__file__).resolve().parent.parent / "README.md"  # its "Testing your app" section
+GUIDE = Path(__file__).resolve().parent.parent / "docs/guides/testing.md"
 
 # Loaded here, so that the in-process pytester runs find them loaded and do not import
 # them again: after each run pytester unloads what it imported, and a second import

@@ -549,7 +549,7 @@ async def test_a_one_read_request_costs_the_round_trips_of_hand_written_code(
 
 # -- docs/restarts.md ---------------------------------------------------------------------
 
-DOCS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "restarts.md"
+DOCS_PAGE = Path(__file__).resolve().parent.parent / "docs/guides/restarts.md"
 
 
 def test_the_page_has_one_python_block() -> None:
