@@ -61,7 +61,7 @@ def _enable_sqlite_foreign_keys(dbapi_connection: Any, connection_record: Any) -
 
 def create_engine() -> AsyncEngine:
     # Read at startup, not import: each start (a test's too) uses the URL of its time.
-    engine = create_async_engine(os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL))
+    engine = create_async_engine(os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL)
     if engine.dialect.name == "sqlite":
         # SQLite checks foreign keys only when each connection asks it to.
         event.listen(engine.sync_engine, "connect", _enable_sqlite_foreign_keys)

@@ -138,7 +138,7 @@ def _enable_sqlite_foreign_keys(dbapi_connection: Any, connection_record: Any) -
 # DATABASE_URL then, a synchronous driver's URL.  SQLAlchemy lets SQLite file databases
 # be shared between threads already, so no `check_same_thread`.
 def create_engine() -> Engine:
-    engine = sqlmodel.create_engine(os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL))
+    engine = sqlmodel.create_engine(os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL)
     if engine.dialect.name == "sqlite":
         # SQLite checks foreign keys only when each connection asks it to.
         event.listen(engine, "connect", _enable_sqlite_foreign_keys)

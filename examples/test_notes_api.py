@@ -32,6 +32,8 @@ class Example:
 
     #: Whether its ``db`` is a ``SyncDatabase`` (its SQLite URL uses sqlite3).
     sync: bool = False
+    #: Whether ``POST /notes`` takes a ``parent_id`` (a foreign key checked at COMMIT).
+    parent_id: bool = True
 
 
 #: Every example app, by the name ``make run FRAMEWORK=<name>`` knows it by.
@@ -118,6 +120,10 @@ def committed_texts(database_url: str) -> list[str]:
         engine.dispose()
 
 
+def files_in(directory: Path) -> list[str]:
+    return sorted(path.name for path in directory.iterdir())
+
+
 async def post(client: httpx.AsyncClient, body: Any) -> httpx.Response:
     return await client.post("/notes", json=body)
 
@@ -183,10 +189,26 @@ async def test_a_note_is_read_by_id_and_a_missing_one_is_a_404(client: httpx.Asy
 
 
 async def test_a_reply_to_a_missing_note_fails_its_commit_and_answers_500(
-    client: httpx.AsyncClient, inserts: list[str], database_url: str
+    example_name: str, client: httpx.AsyncClient, inserts: list[str], database_url: str
 ) -> None:
+    if not EXAMPLES[example_name].parent_id:
+        pytest.skip(f"the {example_name} example takes no parent_id")
+
     response = await post(client, {"text": "re", "parent_id": 999})
 
     assert response.status_code == 500
     assert len(inserts) == 1  # the INSERT passed; the deferred foreign key failed the COMMIT
     assert committed_texts(database_url) == []
+
+
+async def test_without_database_url_the_notes_go_to_a_file_of_the_examples_own(
+    example_name: str, example: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What `make run` serves when DATABASE_URL is unset: ./<framework>_example.db.
+    monkeypatch.delenv("DATABASE_URL")
+    monkeypatch.chdir(tmp_path)
+
+    async with LifespanManager(example.app):
+        pass
+
+    assert files_in(tmp_path) == [f"{example_name}_example.db"]
