@@ -24,8 +24,8 @@ longer than 500 characters fails the database's CHECK constraint halfway, the ap
 raises, the middleware rolls back the notes before it and re-raises, and the server
 answers 500); ``GET /notes/export`` streams every note as JSON lines, its body sent
 after the response started, so it reads with a new session; ``websocat
-ws://localhost:8000/ws`` saves each message it receives as a note, one transaction per
-message.
+ws://localhost:8000/ws`` saves each JSON message it receives (``{"text": "..."}``) as a
+note, one transaction per message.
 """
 
 from __future__ import annotations
@@ -219,8 +219,8 @@ async def notes_socket(scope: Scope, receive: Receive, send: Send) -> None:
         message = await receive()
         if message["type"] == "websocket.disconnect":
             return
-        text = message.get("text") or (message.get("bytes") or b"").decode()
-        note = await add_note(text)
+        payload = json.loads(message.get("text") or message.get("bytes") or b"{}")
+        note = await add_note(str(payload["text"]), payload.get("parent_id"))
         reply = json.dumps(note.to_dict(), separators=(",", ":"))
         await send({"type": "websocket.send", "text": reply})
 

@@ -23,8 +23,8 @@ longer than 500 characters fails the database's CHECK constraint halfway, the
 ``IntegrityError`` propagates, FastAPI answers 500 and the notes before it are rolled
 back); ``GET /notes/export`` streams every note as JSON lines, its body produced after
 the response started, so it reads with a new session; ``websocat
-ws://localhost:8000/ws`` saves each message it receives as a note, one transaction per
-message.
+ws://localhost:8000/ws`` saves each JSON message it receives (``{"text": "..."}``) as a
+note, one transaction per message.
 
 ``app.add_middleware(SQLAlchemyMiddleware, db)`` is how FastAPI users mount ASGI
 middleware.  It puts the middleware inside FastAPI's ``ServerErrorMiddleware`` and
@@ -229,8 +229,8 @@ async def notes_socket(websocket: WebSocket) -> None:
         while True:
             # While this waits, the previous message's note is committed and the
             # connection is back in the pool: an idle socket holds nothing.
-            text = await websocket.receive_text()
-            note = await add_note(db.session, NoteIn(text=text))
+            note_in = NoteIn.model_validate(await websocket.receive_json())
+            note = await add_note(db.session, note_in)
             await websocket.send_json(NoteOut.of(note).model_dump())
     except WebSocketDisconnect:
         pass

@@ -23,8 +23,8 @@ longer than 500 characters fails the database's CHECK constraint halfway, the
 ``IntegrityError`` propagates, Litestar answers 500 and the notes before it are rolled
 back); ``GET /notes/export`` streams every note as JSON lines, its body produced after
 the response started, so it reads with a new session; ``websocat
-ws://localhost:8000/ws`` saves each message it receives as a note, one transaction per
-message.
+ws://localhost:8000/ws`` saves each JSON message it receives (``{"text": "..."}``) as a
+note, one transaction per message.
 
 The middleware wraps the ``Litestar`` application object: ``app`` below is
 ``SQLAlchemyMiddleware(Litestar(...), db)``.  Middleware given to
@@ -210,10 +210,10 @@ async def export_notes() -> Stream:
 
 
 @websocket_listener("/ws")
-async def notes_socket(data: str) -> dict[str, Any]:
+async def notes_socket(data: dict[str, Any]) -> dict[str, Any]:
     # Litestar reads the next message once this returns; while it waits, this
     # message's note is committed and the connection is back in the pool.
-    note = await add_note(db.session, NoteIn(text=data))
+    note = await add_note(db.session, NoteIn(str(data["text"]), data.get("parent_id")))
     return note.to_dict()
 
 

@@ -21,8 +21,8 @@ longer than 500 characters fails the database's CHECK constraint halfway, the
 ``IntegrityError`` propagates, Starlette answers 500 and the notes before it are
 rolled back); ``GET /notes/export`` streams every note as JSON lines, its body
 produced after the response started, so it reads with a new session;
-``websocat ws://localhost:8000/ws`` saves each message it receives as a note, one
-transaction per message.
+``websocat ws://localhost:8000/ws`` saves each JSON message it receives
+(``{"text": "..."}``) as a note, one transaction per message.
 
 ``Middleware(SQLAlchemyMiddleware, db)`` puts the middleware inside Starlette's
 ``ServerErrorMiddleware`` and outside its ``ExceptionMiddleware``: a response made by
@@ -184,8 +184,8 @@ async def notes_socket(websocket: WebSocket) -> None:
         while True:
             # While this waits, the previous message's note is committed and the
             # connection is back in the pool: an idle socket holds nothing.
-            text = await websocket.receive_text()
-            note = await add_note(text)
+            payload = await websocket.receive_json()
+            note = await add_note(str(payload["text"]), payload.get("parent_id"))
             await websocket.send_json(note.to_dict())
     except WebSocketDisconnect:
         pass

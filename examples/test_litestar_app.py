@@ -138,9 +138,9 @@ async def test_the_export_streams_every_note(client: httpx.AsyncClient) -> None:
 async def test_the_websocket_saves_each_message_as_a_note(client: httpx.AsyncClient) -> None:
     websocket: AsyncWebSocketSession
     async with aconnect_ws("/ws", client) as websocket:
-        await websocket.send_text("first")
+        await websocket.send_json({"text": "first"})
         assert (await websocket.receive_json())["text"] == "first"
-        await websocket.send_text("second")
+        await websocket.send_json({"text": "second"})
         assert (await websocket.receive_json())["text"] == "second"
 
     assert await texts(client) == ["first", "second"]

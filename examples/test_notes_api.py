@@ -2,7 +2,7 @@
 
 ``docs/guides/examples.md`` shows one set of curl lines that works against every
 example; this file checks each rule of that API on every example app, called in the
-test's event loop through httpx's ASGI transport with its lifespan run by
+test's event loop through httpx-ws's ASGI transport with its lifespan run by
 ``asgi_lifespan.LifespanManager`` (so its startup creates its tables, as under a
 server), on a new SQLite file per test.  The rows are read back through a connection
 of the test's own.  To check a new example, add its line to ``EXAMPLES``.
@@ -17,10 +17,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 import sqlalchemy
 from asgi_lifespan import LifespanManager
+from httpx_ws import AsyncWebSocketSession, aconnect_ws
+from httpx_ws.transport import ASGIWebSocketTransport
 from sqlalchemy import event
 
 pytestmark = pytest.mark.anyio
@@ -34,6 +37,9 @@ class Example:
     sync: bool = False
     #: Whether ``POST /notes`` takes a ``parent_id`` (a foreign key checked at COMMIT).
     parent_id: bool = True
+    #: Whether ``/ws`` saves each ``{"text": ...}`` message as a note, replying with it
+    #: (checked here in-process; ``tests/test_frameworks.py`` checks it in real servers).
+    websocket: bool = True
 
 
 #: Every example app, by the name ``make run FRAMEWORK=<name>`` knows it by.
@@ -42,8 +48,9 @@ EXAMPLES = {
     "starlette": Example(),
     "fastapi": Example(),
     "litestar": Example(),
-    "quart": Example(),
-    "sqlmodel": Example(sync=True),
+    # Quart closes a websocket opened through httpx-ws's ASGI transport at once (1000).
+    "quart": Example(websocket=False),
+    "sqlmodel": Example(sync=True, websocket=False),
 }
 
 NOT_AN_OBJECT = {"error": "the body must be a JSON object with a text field"}
@@ -86,7 +93,7 @@ async def client(example: ModuleType, database_url: str) -> AsyncIterator[httpx.
     ``raise_app_exceptions=False`` lets the client see the 500 a server would send.
     """
     app = example.app
-    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    transport = ASGIWebSocketTransport(app, raise_app_exceptions=False)
     async with (
         LifespanManager(app),
         httpx.AsyncClient(transport=transport, base_url="http://testserver") as client,
@@ -118,6 +125,16 @@ def committed_texts(database_url: str) -> list[str]:
             return list(connection.scalars(sqlalchemy.text("SELECT text FROM notes ORDER BY id")))
     finally:
         engine.dispose()
+
+
+async def eventually_committed(database_url: str, texts: list[str]) -> bool:
+    """Whether the committed texts become ``texts`` within 10 s (polled: no event to wait on)."""
+    deadline = anyio.current_time() + 10
+    committed = committed_texts(database_url)
+    while committed != texts and anyio.current_time() < deadline:
+        await anyio.sleep(0.01)
+        committed = committed_texts(database_url)
+    return committed == texts
 
 
 def files_in(directory: Path) -> list[str]:
@@ -199,6 +216,24 @@ async def test_a_reply_to_a_missing_note_fails_its_commit_and_answers_500(
     assert response.status_code == 500
     assert len(inserts) == 1  # the INSERT passed; the deferred foreign key failed the COMMIT
     assert committed_texts(database_url) == []
+
+
+async def test_the_websocket_saves_each_message_as_a_note_committed_before_the_next(
+    example_name: str, client: httpx.AsyncClient, database_url: str
+) -> None:
+    if not EXAMPLES[example_name].websocket:
+        pytest.skip(f"the {example_name} example's websocket is not checked in-process")
+
+    websocket: AsyncWebSocketSession
+    async with aconnect_ws("/ws", client) as websocket:
+        await websocket.send_json({"text": "first"})
+        assert await websocket.receive_json() == {"id": 1, "text": "first"}
+        await websocket.send_json({"text": "second"})
+        assert await websocket.receive_json() == {"id": 2, "text": "second"}
+        # The app read the second message: the first was committed before it could.
+        assert committed_texts(database_url)[:1] == ["first"]
+        # The second commits once the app waits for the next, the socket still open.
+        assert await eventually_committed(database_url, ["first", "second"])
 
 
 async def test_without_database_url_the_notes_go_to_a_file_of_the_examples_own(

@@ -8,7 +8,7 @@ after its responses, so one set of tests checks them all.  Each runs once per
 times ``module_database_url`` (SQLite, PostgreSQL through asyncpg), in a process
 started by ``tests/_servers.py``.
 What a framework does differently (who answers an unhandled exception, what the
-server logs, what its websocket takes) is a field of its :class:`Framework`; a test
+server logs) is a field of its :class:`Framework`; a test
 that only one or two examples can pass says so with ``@pytest.mark.frameworks(...)``.
 
 The tests talk to the server over HTTP and websockets and read the committed rows
@@ -74,7 +74,7 @@ class Framework:
 
     The notes API itself (routes, statuses, bodies) is the same in every example; what
     differs is what happens around it: who answers an unhandled exception, what the
-    server logs, what the websocket takes.
+    server logs.
     """
 
     #: The app, as ``module:attribute``.
@@ -85,8 +85,6 @@ class Framework:
     batch_failure_reaches_the_server: bool = False
     #: Whether the server itself answers the batch's 500 (no framework to answer it).
     server_answers_the_500: bool = False
-    #: Whether the websocket takes ``{"text": ...}`` JSON messages rather than the text.
-    websocket_takes_json: bool = False
     #: Whether each websocket note is recorded by a task held back until its commit.
     websocket_notes_are_recorded: bool = False
 
@@ -112,7 +110,6 @@ FRAMEWORKS = {
     "quart": Framework(
         "examples.quart_app:app",
         batch_failure_logged="Exception on request POST /notes/batch",
-        websocket_takes_json=True,
         websocket_notes_are_recorded=True,
     ),
 }
@@ -318,12 +315,9 @@ def test_a_websocket_commits_each_message_while_it_waits_for_the_next(
 ) -> None:
     first, second = unique("ws-1"), unique("ws-2")
 
-    def message(text: str) -> str:
-        return json.dumps({"text": text}) if framework.websocket_takes_json else text
-
     websocket: WebSocketSession
     with connect_ws(f"{server.url}/ws", client) as websocket:
-        websocket.send_text(message(first))
+        websocket.send_json({"text": first})
         assert json.loads(websocket.receive_text())["text"] == first
         # No next message: the app went back to receive() after replying, which
         # commits, so the idle socket holds no transaction.
@@ -332,7 +326,7 @@ def test_a_websocket_commits_each_message_while_it_waits_for_the_next(
         if framework.websocket_notes_are_recorded:
             # The note's background task was held back until that commit.
             assert eventually(lambda: event_mentions(module_database_url, first))
-        websocket.send_text(message(second))
+        websocket.send_json({"text": second})
         assert json.loads(websocket.receive_text())["text"] == second
         # The first was committed before the app could read the second.
         assert notes_with_text(module_database_url, first) == 1
