@@ -173,7 +173,9 @@ async def test_a_note_without_text_is_written_then_rolled_back_by_its_422(
 
 
 @pytest.mark.parametrize(
-    "content", [b"hello", b"[1, 2]", b'"text"', b'{"text": 5}'], ids=["text", "list", "str", "int"]
+    "content",
+    [b"hello", b"[1, 2]", b'"text"', b'{"text": 5}', b'{"text": null}'],
+    ids=["text", "list", "str", "int", "null"],
 )
 async def test_a_body_that_is_not_a_json_object_with_text_answers_400(
     client: httpx.AsyncClient, database_url: str, content: bytes
@@ -205,12 +207,10 @@ async def test_a_note_is_read_by_id_and_a_missing_one_is_a_404(client: httpx.Asy
     assert (missing.status_code, missing.json()) == (404, {"error": "no such note"})
 
 
+@pytest.mark.parametrize("example_name", [name for name, e in EXAMPLES.items() if e.parent_id])
 async def test_a_reply_to_a_missing_note_fails_its_commit_and_answers_500(
-    example_name: str, client: httpx.AsyncClient, inserts: list[str], database_url: str
+    client: httpx.AsyncClient, inserts: list[str], database_url: str
 ) -> None:
-    if not EXAMPLES[example_name].parent_id:
-        pytest.skip(f"the {example_name} example takes no parent_id")
-
     response = await post(client, {"text": "re", "parent_id": 999})
 
     assert response.status_code == 500
@@ -218,12 +218,10 @@ async def test_a_reply_to_a_missing_note_fails_its_commit_and_answers_500(
     assert committed_texts(database_url) == []
 
 
+@pytest.mark.parametrize("example_name", [name for name, e in EXAMPLES.items() if e.websocket])
 async def test_the_websocket_saves_each_message_as_a_note_committed_before_the_next(
-    example_name: str, client: httpx.AsyncClient, database_url: str
+    client: httpx.AsyncClient, database_url: str
 ) -> None:
-    if not EXAMPLES[example_name].websocket:
-        pytest.skip(f"the {example_name} example's websocket is not checked in-process")
-
     websocket: AsyncWebSocketSession
     async with aconnect_ws("/ws", client) as websocket:
         await websocket.send_json({"text": "first"})
