@@ -11,12 +11,12 @@ and their replies): ``GET /notes``, ``POST /notes``, ``GET /notes/count`` and
 the row it inserted is rolled back, because the transaction ends before the status
 line is sent and a status of 400 or more never commits.  A body that is not a JSON
 object answers 400 (Litestar refuses it before the handler runs; the handler of its
-400s below words it as every example does).  ``{"text": "re",
-"parent_id": 999}`` answers 500, not 201: ``parent_id`` is a foreign key checked at
-COMMIT (``DEFERRABLE INITIALLY DEFERRED``, so that related notes can be written in any
-order in one transaction), and note 999 does not exist.  The INSERT passes, the commit
-fails, and asgi_sqla sends a 500 in place of the 201 and logs why; the background task
-that would have recorded the note never runs.
+400s below words it as every example does).  ``{"text": "re", "parent_id": 999}``
+answers 500, not 201: ``parent_id`` is a foreign key checked at COMMIT (``DEFERRABLE
+INITIALLY DEFERRED``, so that related notes can be written in any order in one
+transaction), and note 999 does not exist.  The INSERT passes, the commit fails, and
+asgi_sqla sends a 500 in place of the 201 and logs why; the background task that would
+have recorded the note never runs.
 
 What this example shows besides: ``POST /notes/batch`` is one transaction (a note
 longer than 500 characters fails the database's CHECK constraint halfway, the
