@@ -6,8 +6,8 @@
 #   VENV          virtualenv directory                                (.venv)
 #   FRAMEWORK     `make run` serves examples/$(FRAMEWORK)_app.py:app   (starlette)
 #   HOST, PORT    where `make run` listens                            (127.0.0.1, 8000)
-#   DATABASE_URL  exported to `make run`     (sqlite+aiosqlite:///./example.db; for the
-#                 examples of a SyncDatabase, SYNC_EXAMPLES: sqlite:///./example.db)
+#   DATABASE_URL  the database `make run` serves; unset, each example uses a file of its
+#                 own: ./$(FRAMEWORK)_example.db (SQLite)
 #   UVICORN_ARGS  extra uvicorn options, e.g. --reload
 #   PYTEST_ARGS   extra pytest options, e.g. "-k websocket -x"
 #   Tests use TEST_DATABASE_URL (an existing PostgreSQL server) when set, and CI=true
@@ -27,10 +27,6 @@ VENV_STAMP := $(VENV)/.installed-from-pyproject
 FRAMEWORK ?= starlette
 HOST ?= 127.0.0.1
 PORT ?= 8000
-# The examples serving a SyncDatabase, which needs a synchronous driver: their default
-# URL is SQLite through the standard library's sqlite3 (the others' is aiosqlite).
-SYNC_EXAMPLES := sqlmodel
-DATABASE_URL ?= $(if $(filter $(FRAMEWORK),$(SYNC_EXAMPLES)),sqlite,sqlite+aiosqlite):///./example.db
 UVICORN_ARGS ?=
 PYTEST_ARGS ?=
 
@@ -75,11 +71,14 @@ $(VENV_STAMP): pyproject.toml
 
 venv: $(VENV_STAMP) ## create the virtualenv with the package (editable) and the dev group
 
-run: export DATABASE_URL := $(DATABASE_URL)
-run: $(VENV_STAMP) ## uvicorn examples.FRAMEWORK_app:app on HOST:PORT with DATABASE_URL (see the top)
+# DATABASE_URL, when set in the environment or on the command line, reaches uvicorn
+# (make exports both).  examples/logging.json is uvicorn's own logging configuration
+# plus a handler for every other logger: asgi_sqla's records show as
+# "ERROR:    asgi_sqla: ..." lines, like uvicorn's, instead of bare text.
+run: $(VENV_STAMP) ## uvicorn examples.FRAMEWORK_app:app on HOST:PORT (DATABASE_URL: see the top)
 	@test -f examples/$(FRAMEWORK)_app.py || \
 		{ echo "examples/$(FRAMEWORK)_app.py does not exist (FRAMEWORK=$(FRAMEWORK))" >&2; exit 1; }
-	$(BIN)/uvicorn --app-dir . examples.$(FRAMEWORK)_app:app --host $(HOST) --port $(PORT) $(UVICORN_ARGS)
+	$(BIN)/uvicorn --app-dir . examples.$(FRAMEWORK)_app:app --host $(HOST) --port $(PORT) --log-config examples/logging.json $(UVICORN_ARGS)
 
 test: lint typecheck imports docs ## lint, typecheck, import contracts, the strict docs build, then the tests under branch coverage
 	$(BIN)/coverage run -m pytest $(PYTEST_ARGS)
@@ -172,9 +171,9 @@ bench-sync: $(BENCH_STAMP) bench-wrk ## only the sync scenario (FastAPI def endp
 bench-shedding: $(BENCH_STAMP) bench-wrk ## load shedding (admission_limit) against the pool's queue, under wrk
 	$(BENCH_VENV)/bin/python -m benchmarks.shedding $(BENCH_ARGS)
 
-clean: ## delete caches, coverage data, build artefacts and example.db (keeps the virtualenv)
+clean: ## delete caches, coverage data, build artefacts, the site and the examples' databases (keeps the virtualenv)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache htmlcov build dist site *.egg-info
-	rm -f .coverage .coverage.* coverage.xml example.db
+	rm -f .coverage .coverage.* coverage.xml *_example.db*
 	$(if $(SOURCES),find $(SOURCES) -type d -name __pycache__ -prune -exec rm -rf {} +)
 
 distclean: clean ## clean, and delete the virtualenv too

@@ -130,7 +130,10 @@ class LifespanRelay:
             except Exception as exc:
                 self._started.append(db)  # its engine may exist, with no connection
                 await self._stop_databases()
-                logger.error("Application startup failed: %s", exc)
+                # DEBUG, not ERROR: every server shows the startup.failed message sent
+                # below (uvicorn and granian log it at ERROR, hypercorn raises it), so
+                # a record of the same text at ERROR printed the failure twice.
+                logger.debug("Application startup failed: %s", exc)
                 self._move("lifespan.startup.failed")
                 await self._send({"type": "lifespan.startup.failed", "message": str(exc)})
                 raise

@@ -1,37 +1,30 @@
 r"""A small notes service on Litestar, with asgi_sqla managing engine and sessions.
 
-Run it with ``make run FRAMEWORK=litestar`` (SQLite in ``./example.db``), or point it at
-PostgreSQL::
+Run it with ``make run FRAMEWORK=litestar`` (SQLite in ``./litestar_example.db``), or point
+it at PostgreSQL::
 
     DATABASE_URL=postgresql+asyncpg://user:password@127.0.0.1/notes make run FRAMEWORK=litestar
 
-Then::
+Every example serves the same notes API (``docs/guides/examples.md`` has the curl lines
+and their replies): ``GET /notes``, ``POST /notes``, ``GET /notes/count`` and
+``GET /notes/{id}``.  ``POST /notes`` with an empty or missing ``text`` answers 422:
+the row it inserted is rolled back, because the transaction ends before the status
+line is sent and a status of 400 or more never commits.  A body that is not a JSON
+object answers 400 (Litestar refuses it before the handler runs; the handler of its
+400s below words it as every example does).  ``{"text": "re", "parent_id": 999}``
+answers 500, not 201: ``parent_id`` is a foreign key checked at COMMIT (``DEFERRABLE
+INITIALLY DEFERRED``, so that related notes can be written in any order in one
+transaction), and note 999 does not exist.  The INSERT passes, the commit fails, and
+asgi_sqla sends a 500 in place of the 201 and logs why; the background task that would
+have recorded the note never runs.
 
-    curl -s -X POST localhost:8000/notes -H 'content-type: application/json' -d '{"text": "hello"}'
-    curl -s localhost:8000/notes
-    curl -s -X POST localhost:8000/notes -H 'content-type: application/json' -d '{"text": " "}'
-    curl -s -X POST localhost:8000/notes -H 'content-type: application/json' \
-        -d '{"text": "re", "parent_id": 999}'
-    curl -s -X POST localhost:8000/notes/batch -H 'content-type: application/json' \
-        -d '[{"text": "a"}, {"text": "b"}]'
-    curl -s localhost:8000/notes/999
-    curl -s localhost:8000/notes/export
-
-The third request answers 400 from Litestar's ``ValidationException``, raised after
-the note was inserted: the row is rolled back, because the transaction ends before
-the status line is sent and a status of 400 or more never commits.  (A body that does
-not match ``NoteIn`` is refused with 400 before the handler runs.)  The fourth answers
-500, not 201: a reply's ``parent_id`` is a foreign key checked at COMMIT
-(``DEFERRABLE INITIALLY DEFERRED``, so that related notes can be written in any order
-in one transaction), and note 999 does not exist.  The INSERT passes, the commit
-fails, and asgi_sqla sends a 500 in place of the 201 and logs why; the background
-task that would have recorded the note never runs.  A batch is one transaction: a
-note longer than 500 characters fails the database's CHECK constraint halfway, the
-``IntegrityError`` propagates (Litestar answers 500) and the notes before it are
-rolled back.  ``/notes/999`` answers 404 (``NotFoundException``).  The export streams
-every note as JSON lines; its body is produced after the response started, so it
-reads with a new session.  ``websocat ws://localhost:8000/ws`` saves each message it
-receives as a note, one transaction per message.
+What this example shows besides: ``POST /notes/batch`` is one transaction (a note
+longer than 500 characters fails the database's CHECK constraint halfway, the
+``IntegrityError`` propagates, Litestar answers 500 and the notes before it are rolled
+back); ``GET /notes/export`` streams every note as JSON lines, its body produced after
+the response started, so it reads with a new session; ``websocat
+ws://localhost:8000/ws`` saves each JSON message it receives (``{"text": "..."}``) as a
+note, one transaction per message.
 
 The middleware wraps the ``Litestar`` application object: ``app`` below is
 ``SQLAlchemyMiddleware(Litestar(...), db)``.  Middleware given to
@@ -59,23 +52,25 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from litestar import Litestar, Response, get, post
+from litestar import Litestar, Request, Response, get, post
 from litestar.background_tasks import BackgroundTask
 from litestar.di import NamedDependency
-from litestar.exceptions import NotFoundException, ValidationException
 from litestar.handlers import websocket_listener
 from litestar.logging import LoggingConfig
 from litestar.params import FromPath, JSONBody
 from litestar.response import Stream
 from litestar.serialization import encode_json
-from sqlalchemy import CheckConstraint, ForeignKey, Text, event, select
+from sqlalchemy import CheckConstraint, ForeignKey, Text, event, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from asgi_sqla import Database, SQLAlchemyMiddleware
 from asgi_sqla.litestar import provide_session
 
-DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite+aiosqlite:///./example.db")
+#: Where the notes are kept unless ``DATABASE_URL`` says otherwise: a file of this
+#: example's own, next to where the server runs.
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./litestar_example.db"
+NOT_AN_OBJECT = "the body must be a JSON object with a text field"
 
 
 def _enable_sqlite_foreign_keys(dbapi_connection: Any, connection_record: Any) -> None:
@@ -85,7 +80,8 @@ def _enable_sqlite_foreign_keys(dbapi_connection: Any, connection_record: Any) -
 
 
 def create_engine() -> AsyncEngine:
-    engine = create_async_engine(DATABASE_URL)
+    # Read at startup, not import: each start (a test's too) uses the URL of its time.
+    engine = create_async_engine(os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL)
     if engine.dialect.name == "sqlite":
         # SQLite checks foreign keys only when each connection asks it to.
         event.listen(engine.sync_engine, "connect", _enable_sqlite_foreign_keys)
@@ -116,7 +112,7 @@ class Note(Base):
     )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "text": self.text, "parent_id": self.parent_id}
+        return {"id": self.id, "text": self.text}
 
 
 class Event(Base):
@@ -130,8 +126,20 @@ class Event(Base):
 
 @dataclass
 class NoteIn:
-    text: str
+    # Missing is the same as empty: the handler inserts it, then refuses it with 422.
+    text: str = ""
     parent_id: int | None = None
+
+
+def error(status_code: int, message: str) -> Response[dict[str, str]]:
+    return Response({"error": message}, status_code=status_code)
+
+
+def refuse_malformed_body(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    # Litestar's 400s: a body it cannot read as JSON (ClientException) or as a NoteIn
+    # (ValidationException, text not a string).  The status decides the outcome: 400,
+    # so nothing the request wrote is committed.
+    return error(400, NOT_AN_OBJECT)
 
 
 async def add_note(session: AsyncSession, note_in: NoteIn) -> Note:
@@ -148,13 +156,11 @@ async def record_event(message: str) -> None:
 
 
 @post("/notes")
-async def create_note(
-    data: JSONBody[NoteIn], session: NamedDependency[AsyncSession]
-) -> Response[dict[str, Any]]:
+async def create_note(data: JSONBody[NoteIn], session: DBSession) -> Response[dict[str, Any]]:
     note = await add_note(session, data)
     if not note.text.strip():
-        # The row was written, but 400 >= 400: it is rolled back before the status goes out.
-        raise ValidationException("text must not be empty")
+        # The row was written, but 422 >= 400: it is rolled back before the status goes out.
+        return error(422, "text must not be empty")
     return Response(
         note.to_dict(),
         status_code=201,
@@ -163,9 +169,7 @@ async def create_note(
 
 
 @post("/notes/batch")
-async def create_notes(
-    data: JSONBody[list[NoteIn]], session: NamedDependency[AsyncSession]
-) -> list[dict[str, Any]]:
+async def create_notes(data: JSONBody[list[NoteIn]], session: DBSession) -> list[dict[str, Any]]:
     # One transaction for the whole list: a note that breaks the CHECK constraint
     # raises IntegrityError halfway, and the notes already inserted are rolled back.
     return [(await add_note(session, note_in)).to_dict() for note_in in data]
@@ -177,12 +181,18 @@ async def list_notes(session: DBSession) -> list[dict[str, Any]]:
     return [note.to_dict() for note in notes]
 
 
+@get("/notes/count")
+async def count_notes(session: DBSession) -> dict[str, int]:
+    count = await session.scalar(select(func.count()).select_from(Note))
+    return {"count": count or 0}
+
+
 @get("/notes/{note_id:int}")
-async def get_note(note_id: FromPath[int], session: DBSession) -> dict[str, Any]:
+async def get_note(note_id: FromPath[int], session: DBSession) -> Response[dict[str, Any]]:
     note = await session.get(Note, note_id)
     if note is None:
-        raise NotFoundException(f"note {note_id} does not exist")
-    return note.to_dict()
+        return error(404, "no such note")
+    return Response(note.to_dict())
 
 
 @get("/notes/export")
@@ -200,10 +210,10 @@ async def export_notes() -> Stream:
 
 
 @websocket_listener("/ws")
-async def notes_socket(data: str) -> dict[str, Any]:
+async def notes_socket(data: dict[str, Any]) -> dict[str, Any]:
     # Litestar reads the next message once this returns; while it waits, this
     # message's note is committed and the connection is back in the pool.
-    note = await add_note(db.session, NoteIn(text=data))
+    note = await add_note(db.session, NoteIn(str(data["text"]), data.get("parent_id")))
     return note.to_dict()
 
 
@@ -219,11 +229,13 @@ app = SQLAlchemyMiddleware(
             create_note,
             create_notes,
             list_notes,
+            count_notes,
             get_note,
             export_notes,
             notes_socket,
         ],
         dependencies={"session": provide_session(db)},
+        exception_handlers={400: refuse_malformed_body},
         on_startup=[create_tables],
         # Litestar's own loggers only: the root logger (where asgi_sqla's records go)
         # stays the server's, or the host application's, to configure.

@@ -1,38 +1,31 @@
 r"""A small notes service on Quart, with asgi_sqla managing engine and sessions.
 
-Run it with ``make run FRAMEWORK=quart`` (SQLite in ``./example.db``), or point it at
-PostgreSQL::
+Run it with ``make run FRAMEWORK=quart`` (SQLite in ``./quart_example.db``), or point it
+at PostgreSQL::
 
     DATABASE_URL=postgresql+asyncpg://user:password@127.0.0.1/notes make run FRAMEWORK=quart
 
-Then::
-
-    curl -s -X POST localhost:8000/notes -H 'content-type: application/json' -d '{"text": "hello"}'
-    curl -s localhost:8000/notes
-    curl -s -X POST localhost:8000/notes -H 'content-type: application/json' -d '{"text": " "}'
-    curl -s -X POST localhost:8000/notes -H 'content-type: application/json' \
-        -d '{"text": "re", "parent_id": 999}'
-    curl -s -X POST localhost:8000/notes/batch -H 'content-type: application/json' \
-        -d '[{"text": "a"}, {"text": "b"}]'
-    curl -s localhost:8000/notes/999
-    curl -s localhost:8000/notes/events
-    curl -s localhost:8000/notes/export
-
-The third request answers 400 (``abort(400)``) after the note was inserted: the row is
-rolled back, because the transaction ends before the status line is sent and a status
-of 400 or more never commits.  The fourth answers 500, not 201: a reply's
+Every example serves the same notes API (``docs/guides/examples.md`` has the curl lines
+and their replies): ``GET /notes``, ``POST /notes``, ``GET /notes/count`` and
+``GET /notes/{id}``.  ``POST /notes`` with an empty or missing ``text`` answers 422:
+the row it inserted is rolled back, because the transaction ends before the status
+line is sent and a status of 400 or more never commits.  A body that is not a JSON
+object answers 400.  ``{"text": "re", "parent_id": 999}`` answers 500, not 201:
 ``parent_id`` is a foreign key checked at COMMIT (``DEFERRABLE INITIALLY DEFERRED``, so
 that related notes can be written in any order in one transaction), and note 999 does
 not exist.  The INSERT passes, the commit fails, and asgi_sqla sends a 500 in place of
-the 201 and logs why.  A batch is one transaction: a note longer than 500 characters
-fails the database's CHECK constraint halfway, the ``IntegrityError`` reaches Quart's
-error handling (500) and the notes before it are rolled back.  ``/notes/999`` answers
-404 (``abort(404)``).  Every note that is created schedules a background task that
-records it in ``/notes/events``; the task runs after the response, and only if the
-note was committed, so none of the failed requests above leaves an event.  The export
-streams every note as JSON lines; its body is produced after the response started,
-so it reads with a new session.  ``websocat ws://localhost:8000/ws`` saves each JSON
-message it receives (``{"text": "..."}``) as a note, one transaction per message.
+the 201 and logs why.
+
+What this example shows besides: every note that is created schedules a background
+task that records it in ``GET /notes/events``; the task runs after the response, and
+only if the note was committed, so none of the failed requests above leaves an event.
+``POST /notes/batch`` is one transaction (a note longer than 500 characters fails the
+database's CHECK constraint halfway, the ``IntegrityError`` reaches Quart's error
+handling, which answers 500, and the notes before it are rolled back);
+``GET /notes/export`` streams every note as JSON lines, its body produced after the
+response started, so it reads with a new session; ``websocat ws://localhost:8000/ws``
+saves each JSON message it receives (``{"text": "..."}``) as a note, one transaction
+per message.
 
 ``app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, db)`` is how Quart mounts ASGI
 middleware: ``asgi_app`` is Quart's ASGI entry point (``Quart.__call__`` calls it), so
@@ -52,15 +45,18 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-from quart import Quart, abort, request, websocket
-from sqlalchemy import CheckConstraint, ForeignKey, Text, event, select
+from quart import Quart, request, websocket
+from sqlalchemy import CheckConstraint, ForeignKey, Text, event, func, select
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from asgi_sqla import Database, SQLAlchemyMiddleware
 from asgi_sqla.quart import add_background_task, init_app
 
-DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite+aiosqlite:///./example.db")
+#: Where the notes are kept unless ``DATABASE_URL`` says otherwise: a file of this
+#: example's own, next to where the server runs.
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./quart_example.db"
+NOT_AN_OBJECT = "the body must be a JSON object with a text field"
 
 
 def _enable_sqlite_foreign_keys(dbapi_connection: Any, connection_record: Any) -> None:
@@ -70,7 +66,8 @@ def _enable_sqlite_foreign_keys(dbapi_connection: Any, connection_record: Any) -
 
 
 def create_engine() -> AsyncEngine:
-    engine = create_async_engine(DATABASE_URL)
+    # Read at startup, not import: each start (a test's too) uses the URL of its time.
+    engine = create_async_engine(os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL)
     if engine.dialect.name == "sqlite":
         # SQLite checks foreign keys only when each connection asks it to.
         event.listen(engine.sync_engine, "connect", _enable_sqlite_foreign_keys)
@@ -97,7 +94,7 @@ class Note(Base):
     )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "text": self.text, "parent_id": self.parent_id}
+        return {"id": self.id, "text": self.text}
 
 
 class Event(Base):
@@ -115,7 +112,7 @@ init_app(app)
 
 
 async def add_note(payload: dict[str, Any]) -> Note:
-    note = Note(text=str(payload.get("text", "")), parent_id=payload.get("parent_id"))
+    note = Note(text=payload.get("text", ""), parent_id=payload.get("parent_id"))
     db.session.add(note)
     await db.session.flush()  # assigns note.id inside the request's transaction
     # Held back until the transaction has committed; dropped if it rolls back.
@@ -129,12 +126,20 @@ async def record_event(message: str) -> None:
     db.session.add(Event(message=message))
 
 
+def error(status_code: int, message: str) -> tuple[dict[str, str], int]:
+    return {"error": message}, status_code
+
+
 @app.post("/notes")
 async def create_note() -> tuple[dict[str, Any], int]:
-    note = await add_note(await request.get_json())
+    # force: whatever the content type; silent: None, not Quart's HTML 400, if not JSON.
+    payload = await request.get_json(force=True, silent=True)
+    if not isinstance(payload, dict) or not isinstance(payload.get("text", ""), str):
+        return error(400, NOT_AN_OBJECT)
+    note = await add_note(payload)
     if not note.text.strip():
-        # The row was written, but 400 >= 400: it is rolled back before the status goes out.
-        abort(400, "text must not be empty")
+        # The row was written, but 422 >= 400: it is rolled back before the status goes out.
+        return error(422, "text must not be empty")
     return note.to_dict(), 201
 
 
@@ -152,12 +157,18 @@ async def list_notes() -> list[dict[str, Any]]:
     return [note.to_dict() for note in notes]
 
 
+@app.get("/notes/count")
+async def count_notes() -> dict[str, int]:
+    count = await db.session.scalar(select(func.count()).select_from(Note))
+    return {"count": count or 0}
+
+
 @app.get("/notes/<int:note_id>")
-async def get_note(note_id: int) -> dict[str, Any]:
+async def get_note(note_id: int) -> tuple[dict[str, Any], int]:
     note = await db.session.get(Note, note_id)
     if note is None:
-        abort(404, f"note {note_id} does not exist")
-    return note.to_dict()
+        return error(404, "no such note")
+    return note.to_dict(), 200
 
 
 @app.get("/notes/events")

@@ -4,10 +4,14 @@ The models and the endpoints are the tutorial's, ``def`` endpoints and all.  Wha
 differs: the tutorial's ``engine`` and its ``get_session`` dependency (a ``yield``
 opening ``Session(engine)``) are replaced by a ``SyncDatabase`` and its session
 dependency, the app is wrapped in ``SQLAlchemyMiddleware``, the tables are created in
-a lifespan, and ``create_hero`` flushes where the tutorial commits.  Two endpoints are
-added: ``/heroes/{id}/birthday``, with a ``def`` dependency with ``yield``, and
-``/health``.  Run it with ``make run FRAMEWORK=sqlmodel`` (SQLite in ``./example.db``),
-or point it at PostgreSQL with a synchronous driver::
+a lifespan, and ``create_hero`` flushes where the tutorial commits.  Added: the notes
+API every example serves (``GET /notes``, ``POST /notes``, ``GET /notes/count``,
+``GET /notes/{id}``: ``docs/guides/examples.md`` has its curl lines and their replies),
+here with ``def`` endpoints, ``/heroes/{id}/birthday``, with a ``def`` dependency with
+``yield``, and ``/health``.  Run it with ``make run FRAMEWORK=sqlmodel`` (SQLite in
+``./sqlmodel_example.db``, through the standard library's ``sqlite3``: a
+``SyncDatabase`` needs a synchronous driver), or point it at PostgreSQL with a
+synchronous driver::
 
     DATABASE_URL=postgresql+psycopg://user:password@127.0.0.1/heroes make run FRAMEWORK=sqlmodel
 
@@ -51,16 +55,25 @@ import logging
 import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Any
 
 import sqlmodel
-from fastapi import Depends, FastAPI, HTTPException, Query
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.exception_handlers import request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy import CheckConstraint, Column, Engine, ForeignKey, event, func
 from sqlmodel import Field, Session, SQLModel, select
 
 from asgi_sqla import SQLAlchemyMiddleware, SyncDatabase
 from asgi_sqla.fastapi import session_dependency
 
 logger = logging.getLogger(__name__)
+
+#: Where the heroes and notes are kept unless ``DATABASE_URL`` says otherwise: a file of
+#: this example's own, next to where the server runs.
+DEFAULT_DATABASE_URL = "sqlite:///./sqlmodel_example.db"
+NOT_AN_OBJECT = "the body must be a JSON object with a text field"
 
 
 class HeroBase(SQLModel):
@@ -87,13 +100,52 @@ class HeroUpdate(SQLModel):
     secret_name: str | None = None
 
 
+class Note(SQLModel, table=True):
+    """A note of the API every example serves."""
+
+    __tablename__ = "notes"
+    # The database is the authority on the length: a CHECK, which SQLite enforces too.
+    __table_args__ = (CheckConstraint("length(text) <= 500", name="note_text_length"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    text: str
+    # Checked at COMMIT: a reply to a missing note fails the commit, not the INSERT.
+    parent_id: int | None = Field(
+        default=None,
+        sa_column=Column(ForeignKey("notes.id", deferrable=True, initially="DEFERRED")),
+    )
+
+
+class NoteCreate(SQLModel):
+    # Missing is the same as empty: the endpoint inserts it, then refuses it with 422.
+    text: str = ""
+    parent_id: int | None = None
+
+
+class NotePublic(SQLModel):
+    id: int
+    text: str
+
+
+def _enable_sqlite_foreign_keys(dbapi_connection: Any, connection_record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys = ON")
+    cursor.close()
+
+
 # In place of the tutorial's `engine = create_engine(sqlite_url, connect_args=...)`: a
-# synchronous driver's URL (SQLAlchemy lets SQLite file databases be shared between
-# threads already, so no `check_same_thread`).  The middleware creates the engine at
-# startup and disposes it at shutdown.
-db = SyncDatabase(
-    os.environ.get("DATABASE_URL", "sqlite:///./example.db"), session_class=sqlmodel.Session
-)
+# factory the middleware calls at startup (it disposes the engine at shutdown), reading
+# DATABASE_URL then, a synchronous driver's URL.  SQLAlchemy lets SQLite file databases
+# be shared between threads already, so no `check_same_thread`.
+def create_engine() -> Engine:
+    engine = sqlmodel.create_engine(os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL)
+    if engine.dialect.name == "sqlite":
+        # SQLite checks foreign keys only when each connection asks it to.
+        event.listen(engine, "connect", _enable_sqlite_foreign_keys)
+    return engine
+
+
+db = SyncDatabase(engine=create_engine, session_class=sqlmodel.Session)
 
 
 def create_db_and_tables() -> None:
@@ -116,6 +168,48 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 app = FastAPI(lifespan=lifespan)
 app.add_middleware(SQLAlchemyMiddleware, db)
+
+
+def error(status_code: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status_code)
+
+
+@app.exception_handler(RequestValidationError)
+async def refuse_malformed_note(request: Request, exc: RequestValidationError) -> Response:
+    # A body the notes API cannot read answers 400, as in every example; the tutorial's
+    # routes keep FastAPI's 422.  Either status rolls back what the request wrote.
+    if request.url.path.startswith("/notes"):
+        return error(400, NOT_AN_OBJECT)
+    return await request_validation_exception_handler(request, exc)
+
+
+@app.post("/notes", status_code=201, response_model=NotePublic)
+def create_note(note_in: NoteCreate, session: SessionDep) -> Note | JSONResponse:
+    note = Note.model_validate(note_in)
+    session.add(note)
+    session.flush()  # assigns note.id inside the request's transaction
+    if not note.text.strip():
+        # The row was written, but 422 >= 400: it is rolled back before the status goes out.
+        return error(422, "text must not be empty")
+    return note
+
+
+@app.get("/notes", response_model=list[NotePublic])
+def list_notes(session: SessionDep) -> Sequence[Note]:
+    return session.exec(select(Note).order_by(Note.id)).all()  # type: ignore[arg-type]
+
+
+@app.get("/notes/count")
+def count_notes(session: SessionDep) -> dict[str, int]:
+    return {"count": session.exec(select(func.count()).select_from(Note)).one()}
+
+
+@app.get("/notes/{note_id:int}", response_model=NotePublic)
+def get_note(note_id: int, session: SessionDep) -> Note | JSONResponse:
+    note = session.get(Note, note_id)
+    if note is None:
+        return error(404, "no such note")
+    return note
 
 
 @app.post("/heroes/", response_model=HeroPublic)

@@ -1,33 +1,28 @@
 r"""A small notes service on Starlette, with asgi_sqla managing engine and sessions.
 
-Run it with ``make run`` (SQLite in ``./example.db``), or point it at PostgreSQL::
+Run it with ``make run`` (SQLite in ``./starlette_example.db``), or point it at
+PostgreSQL::
 
     DATABASE_URL=postgresql+asyncpg://user:password@127.0.0.1/notes make run
 
-Then::
+Every example serves the same notes API (``docs/guides/examples.md`` has the curl lines
+and their replies): ``GET /notes``, ``POST /notes``, ``GET /notes/count`` and
+``GET /notes/{id}``.  ``POST /notes`` with an empty ``text`` answers 422: the row it
+inserted is rolled back, because the transaction ends before the status line is sent
+and a status of 400 or more never commits.  A body that is not a JSON object answers
+400.  ``{"text": "re", "parent_id": 999}`` answers 500, not 201: ``parent_id`` is a
+foreign key checked at COMMIT (``DEFERRABLE INITIALLY DEFERRED``, so that related notes
+can be written in any order in one transaction), and note 999 does not exist.  The
+INSERT passes, the commit fails, and asgi_sqla sends a 500 in place of the 201 and
+logs why; the background task that would have recorded the note never runs.
 
-    curl -s -X POST localhost:8000/notes -H 'content-type: application/json' -d '{"text": "hello"}'
-    curl -s localhost:8000/notes
-    curl -s -X POST localhost:8000/notes -H 'content-type: application/json' -d '{"text": ""}'
-    curl -s localhost:8000/notes/count
-    curl -s -X POST localhost:8000/notes -H 'content-type: application/json' \
-        -d '{"text": "re", "parent_id": 999}'
-    curl -s -X POST localhost:8000/notes/batch -H 'content-type: application/json' \
-        -d '[{"text": "a"}, {}]'
-    curl -s localhost:8000/notes/export
-
-The third request answers 422: the row it inserted is rolled back, because the
-transaction ends before the status line is sent and a status of 400 or more never
-commits.  The fifth answers 500, not 201: a reply's ``parent_id`` is a foreign key
-checked at COMMIT (``DEFERRABLE INITIALLY DEFERRED``, so that related notes can be
-written in any order in one transaction), and note 999 does not exist.  The INSERT
-passes, the commit fails, and asgi_sqla sends a 500 in place of the 201 and logs why;
-the background task that would have recorded the note never runs.  The batch is one
-transaction: its second item has no ``text``, the handler raises, Starlette answers
-500 and the first note is rolled back.  The export streams every note as JSON lines;
-its body is produced after the response started, so it reads with a new session.
-``websocat ws://localhost:8000/ws`` saves each message it receives as a note, one
-transaction per message.
+What this example shows besides: ``POST /notes/batch`` is one transaction (a note
+longer than 500 characters fails the database's CHECK constraint halfway, the
+``IntegrityError`` propagates, Starlette answers 500 and the notes before it are
+rolled back); ``GET /notes/export`` streams every note as JSON lines, its body
+produced after the response started, so it reads with a new session;
+``websocat ws://localhost:8000/ws`` saves each JSON message it receives
+(``{"text": "..."}``) as a note, one transaction per message.
 
 ``Middleware(SQLAlchemyMiddleware, db)`` puts the middleware inside Starlette's
 ``ServerErrorMiddleware`` and outside its ``ExceptionMiddleware``: a response made by
@@ -50,13 +45,16 @@ from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from asgi_sqla import Database, SQLAlchemyMiddleware
 
-DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite+aiosqlite:///./example.db")
+#: Where the notes are kept unless ``DATABASE_URL`` says otherwise: a file of this
+#: example's own, next to where the server runs.
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./starlette_example.db"
+NOT_AN_OBJECT = "the body must be a JSON object with a text field"
 
 
 def _enable_sqlite_foreign_keys(dbapi_connection: Any, connection_record: Any) -> None:
@@ -66,7 +64,8 @@ def _enable_sqlite_foreign_keys(dbapi_connection: Any, connection_record: Any) -
 
 
 def create_engine() -> AsyncEngine:
-    engine = create_async_engine(DATABASE_URL)
+    # Read at startup, not import: each start (a test's too) uses the URL of its time.
+    engine = create_async_engine(os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL)
     if engine.dialect.name == "sqlite":
         # SQLite checks foreign keys only when each connection asks it to.
         event.listen(engine.sync_engine, "connect", _enable_sqlite_foreign_keys)
@@ -95,7 +94,7 @@ class Note(Base):
     )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "text": self.text, "parent_id": self.parent_id}
+        return {"id": self.id, "text": self.text}
 
 
 class Event(Base):
@@ -105,6 +104,10 @@ class Event(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     message: Mapped[str] = mapped_column(String(200))
+
+
+def error(status_code: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status_code)
 
 
 async def add_note(text: str, parent_id: int | None = None) -> Note:
@@ -121,11 +124,16 @@ async def record_event(message: str) -> None:
 
 
 async def create_note(request: Request) -> JSONResponse:
-    payload = await request.json()
-    note = await add_note(str(payload.get("text", "")), payload.get("parent_id"))
+    try:
+        payload = await request.json()
+    except ValueError:
+        return error(400, NOT_AN_OBJECT)
+    if not isinstance(payload, dict) or not isinstance(payload.get("text", ""), str):
+        return error(400, NOT_AN_OBJECT)
+    note = await add_note(payload.get("text", ""), payload.get("parent_id"))
     if not note.text.strip():
         # The row was written, but 422 >= 400: it is rolled back before the status goes out.
-        return JSONResponse({"error": "text must not be empty"}, status_code=422)
+        return error(422, "text must not be empty")
     return JSONResponse(
         note.to_dict(),
         status_code=201,
@@ -134,11 +142,9 @@ async def create_note(request: Request) -> JSONResponse:
 
 
 async def create_notes(request: Request) -> JSONResponse:
-    # One transaction for the whole list: an item without "text" raises KeyError
-    # halfway through, and the notes already inserted are rolled back with it.
-    notes = [
-        await add_note(str(item["text"]), item.get("parent_id")) for item in await request.json()
-    ]
+    # One transaction for the whole list: a note that breaks the CHECK constraint
+    # raises IntegrityError halfway, and the notes already inserted are rolled back.
+    notes = [await add_note(str(item["text"])) for item in await request.json()]
     return JSONResponse([note.to_dict() for note in notes], status_code=201)
 
 
@@ -147,9 +153,16 @@ async def list_notes(request: Request) -> JSONResponse:
     return JSONResponse([note.to_dict() for note in notes])
 
 
-async def count_notes(request: Request) -> PlainTextResponse:
+async def count_notes(request: Request) -> JSONResponse:
     count = await db.session.scalar(select(func.count()).select_from(Note))
-    return PlainTextResponse(f"{count}\n")
+    return JSONResponse({"count": count})
+
+
+async def get_note(request: Request) -> JSONResponse:
+    note = await db.session.get(Note, request.path_params["note_id"])
+    if note is None:
+        return error(404, "no such note")
+    return JSONResponse(note.to_dict())
 
 
 async def export_notes(request: Request) -> StreamingResponse:
@@ -171,8 +184,8 @@ async def notes_socket(websocket: WebSocket) -> None:
         while True:
             # While this waits, the previous message's note is committed and the
             # connection is back in the pool: an idle socket holds nothing.
-            text = await websocket.receive_text()
-            note = await add_note(text)
+            payload = await websocket.receive_json()
+            note = await add_note(str(payload["text"]), payload.get("parent_id"))
             await websocket.send_json(note.to_dict())
     except WebSocketDisconnect:
         pass
@@ -193,6 +206,7 @@ app = Starlette(
         Route("/notes/batch", create_notes, methods=["POST"]),
         Route("/notes/count", count_notes),
         Route("/notes/export", export_notes),
+        Route("/notes/{note_id:int}", get_note),
         WebSocketRoute("/ws", notes_socket),
     ],
     middleware=[Middleware(SQLAlchemyMiddleware, db)],

@@ -1,7 +1,8 @@
 """Tests of ``examples/fastapi_app.py``, each in a transaction rolled back at its end.
 
-Run them with ``pytest examples/test_fastapi_app.py`` (SQLite in ``./example.db``, or
-``DATABASE_URL``).  The asgi_sqla pytest plugin, installed with
+Run them with ``pytest examples/test_fastapi_app.py``: each test gets a new SQLite file
+(``examples/conftest.py``), never the database ``make run`` serves, or the database
+``EXAMPLES_DATABASE_URL`` names.  The asgi_sqla pytest plugin, installed with
 ``pip install 'asgi-sqla[pytest]'``, gives each test an outer transaction on one
 connection, and every session the app opens during the test joins it through a
 savepoint: the app's commits and rollbacks behave as in production (a 422 really
@@ -130,9 +131,9 @@ async def test_the_export_streams_every_note(client: httpx.AsyncClient) -> None:
 async def test_the_websocket_saves_each_message_as_a_note(client: httpx.AsyncClient) -> None:
     websocket: AsyncWebSocketSession
     async with aconnect_ws("/ws", client) as websocket:
-        await websocket.send_text("first")
+        await websocket.send_json({"text": "first"})
         assert (await websocket.receive_json())["text"] == "first"
-        await websocket.send_text("second")
+        await websocket.send_json({"text": "second"})
         assert (await websocket.receive_json())["text"] == "second"
 
     assert await texts(client) == ["first", "second"]

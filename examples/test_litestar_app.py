@@ -1,10 +1,11 @@
 """Tests of ``examples/litestar_app.py``, each in a transaction rolled back at its end.
 
-Run them with ``pytest examples/test_litestar_app.py`` (SQLite in ``./example.db``, or
-``DATABASE_URL``).  The asgi_sqla pytest plugin, installed with
+Run them with ``pytest examples/test_litestar_app.py``: each test gets a new SQLite file
+(``examples/conftest.py``), never the database ``make run`` serves, or the database
+``EXAMPLES_DATABASE_URL`` names.  The asgi_sqla pytest plugin, installed with
 ``pip install 'asgi-sqla[pytest]'``, gives each test an outer transaction on one
 connection, and every session the app opens during the test joins it through a
-savepoint: the app's commits and rollbacks behave as in production (a 400 really
+savepoint: the app's commits and rollbacks behave as in production (a 422 really
 rolls back, the next request sees what the previous one committed), and when the test
 ends everything is rolled back, so each test starts from the same data.
 
@@ -82,10 +83,10 @@ async def test_each_test_starts_without_the_notes_of_the_others(client: httpx.As
     assert await texts(client) == []
 
 
-async def test_an_empty_note_answers_400_and_is_rolled_back(client: httpx.AsyncClient) -> None:
+async def test_an_empty_note_answers_422_and_is_rolled_back(client: httpx.AsyncClient) -> None:
     response = await client.post("/notes", json={"text": " "})
 
-    assert response.status_code == 400
+    assert response.status_code == 422
     assert await texts(client) == []  # the row was inserted, then rolled back
 
 
@@ -137,9 +138,9 @@ async def test_the_export_streams_every_note(client: httpx.AsyncClient) -> None:
 async def test_the_websocket_saves_each_message_as_a_note(client: httpx.AsyncClient) -> None:
     websocket: AsyncWebSocketSession
     async with aconnect_ws("/ws", client) as websocket:
-        await websocket.send_text("first")
+        await websocket.send_json({"text": "first"})
         assert (await websocket.receive_json())["text"] == "first"
-        await websocket.send_text("second")
+        await websocket.send_json({"text": "second"})
         assert (await websocket.receive_json())["text"] == "second"
 
     assert await texts(client) == ["first", "second"]
@@ -151,7 +152,7 @@ async def test_concurrent_requests_each_commit_their_own_note(client: httpx.Asyn
         client.post("/notes", json={"text": ""}),
     )
 
-    assert sorted(response.status_code for response in responses) == [201] * 8 + [400]
+    assert sorted(response.status_code for response in responses) == [201] * 8 + [422]
     assert sorted(await texts(client)) == [f"note {i}" for i in range(8)]
 
 

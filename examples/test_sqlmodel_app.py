@@ -1,7 +1,8 @@
 """Tests of ``examples/sqlmodel_app.py``, each in a transaction rolled back at its end.
 
-Run them with ``pytest examples/test_sqlmodel_app.py`` (SQLite in ``./example.db``, or
-``DATABASE_URL`` with a synchronous driver).  Plain ``def`` tests, FastAPI's
+Run them with ``pytest examples/test_sqlmodel_app.py``: each test gets a new SQLite file
+(``examples/conftest.py``), never the database ``make run`` serves, or the database
+``EXAMPLES_DATABASE_URL`` names (with a synchronous driver).  Plain ``def`` tests, FastAPI's
 ``TestClient``, and the asgi_sqla pytest plugin's ``asgi_sqla_sync_transaction``: each
 test gets an outer transaction on one connection, every session the app opens joins it
 through a savepoint (so a 404 really rolls back, and the next request sees what the
@@ -19,6 +20,12 @@ from sqlmodel import select
 from asgi_sqla import SyncDatabase
 from asgi_sqla.pytest_plugin import SyncOuterTransaction
 from examples.sqlmodel_app import Hero, app, db
+
+
+@pytest.fixture
+def sqlite_driver() -> str:
+    """The test database's driver: a ``SyncDatabase`` needs a synchronous one."""
+    return "sqlite"
 
 
 @pytest.fixture

@@ -646,6 +646,25 @@ async def test_a_database_that_does_not_answer_fails_startup_without_showing_its
     assert all(PASSWORD not in (r.exc_text or "") for r in caplog.records)
 
 
+async def test_a_database_that_does_not_answer_is_reported_once_in_startup_failed_not_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Servers show lifespan.startup.failed's message (uvicorn logs it at ERROR): an ERROR
+    # record of the same failure made every server print it twice.
+    bad = Database(unanswered_url())
+    caplog.set_level(logging.DEBUG, logger="asgi_sqla")
+    server = LifespanServer(SQLAlchemyMiddleware(Starlette(), bad))
+    try:
+        await server.serve()
+    finally:
+        await disposed(bad)
+
+    assert server.types() == ["lifespan.startup.failed"]
+    assert "did not answer" in server.sent[0]["message"]
+    shown = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert not [m for m in shown if "did not answer" in m], shown
+
+
 async def test_an_app_that_reports_the_database_failure_itself_does_not_double_the_answer(
     sqlite_url: str,
 ) -> None:
