@@ -36,6 +36,8 @@ from typing import Any
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
+from sqlalchemy import MetaData
+from sqlmodel import SQLModel
 
 from asgi_sqla import Database, SyncDatabase
 
@@ -47,6 +49,7 @@ PAGES_RUN_ELSEWHERE: dict[str, str] = {
     "docs/guides/concurrency.md": "tests/test_docs_concurrency.py",
     "docs/guides/configuration.md": "tests/test_from_env.py",
     "docs/guides/credentials.md": "tests/test_credentials.py",
+    "docs/guides/examples.md": "examples/test_make_run.py",
     "docs/guides/failover.md": "tests/test_failover.py",
     "docs/guides/hooks.md": "tests/test_docs_concurrency.py",
     "docs/guides/latency.md": "tests/test_docs_latency.py",
@@ -208,6 +211,9 @@ def page_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> types.Module
     monkeypatch.setenv("DATABASE_URL", f"sqlite+aiosqlite:///{tmp_path / 'docs.db'}")
     monkeypatch.syspath_prepend(str(tmp_path))
     module = types.ModuleType("docs_page")
+    # A page runs as if in a process of its own: SQLModel's table classes register in
+    # one MetaData shared by the whole process, where the examples' ``Hero`` already is.
+    monkeypatch.setattr(SQLModel, "metadata", MetaData())
     # In sys.modules, as an app file would be: SQLAlchemy resolves the annotations of a
     # mapped class, and Litestar a handler's, through the module.
     monkeypatch.setitem(sys.modules, module.__name__, module)
