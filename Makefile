@@ -129,6 +129,7 @@ bench-hotpath: $(VENV_STAMP) ## instructions per request on the hot path (no DB,
 		{ apt-get install -y -qq --no-install-recommends valgrind >/dev/null 2>&1 || \
 		  { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends valgrind >/dev/null; }; }; }
 	$(VENV_PYTHON) -m benchmarks.hotpath $(BENCH_ARGS)
+	$(VENV_PYTHON) -m benchmarks.server_count
 
 # Its own virtualenv (.venv-bench: the package, the peers and the `bench` group), rebuilt
 # like $(VENV) when pyproject.toml changes; wrk from apt when root, else a Python load
