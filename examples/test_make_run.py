@@ -53,12 +53,19 @@ def free_port() -> int:
 
 def make_run_command(framework: str, port: int) -> list[str]:
     """The command ``make run`` runs, as ``make -n`` prints it (its last line)."""
+    # Under `make test` this make is a sub-make: without the parent's variables (and
+    # with --no-print-directory) it prints only the recipe, as it does from a shell.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     printed = subprocess.run(
-        ["make", "-n", "run", f"FRAMEWORK={framework}", f"PORT={port}", f"VENV={sys.prefix}"],
+        [
+            *("make", "--no-print-directory", "-n", "run"),
+            *(f"FRAMEWORK={framework}", f"PORT={port}", f"VENV={sys.prefix}"),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
         check=True,
+        env=env,
     ).stdout
     command = shlex.split(printed.strip().splitlines()[-1])
     assert Path(command[0]).name == "uvicorn", printed

@@ -275,8 +275,9 @@ def test_a_synchronous_user_test_file_runs_each_test_in_a_transaction_that_leave
 def test_the_sqlmodel_example_test_file_passes_and_leaves_no_rows(
     pytester: pytest.Pytester, sync_database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("DATABASE_URL", sync_database_url)
-    # In a process of its own: the example reads DATABASE_URL when imported, and its
+    # The examples' conftest gives each test this database instead of a file of its own.
+    monkeypatch.setenv("EXAMPLES_DATABASE_URL", sync_database_url)
+    # In a process of its own: the example reads DATABASE_URL when it starts, and its
     # SQLModel tables live in SQLModel's one metadata, which a second import would
     # define again.
     monkeypatch.setenv("PYTHONPATH", str(EXAMPLES.parent))
