@@ -49,11 +49,11 @@ class SQLAlchemyMiddleware:
         so.  Each such 503 is logged at WARNING, at most once a second for each reason
         (the next line counts those left out).
     :param read_only: Path patterns (``/reports/*``) whose transactions are read-only
-        and never commit (``READ ONLY`` on PostgreSQL and MySQL).  These patterns, like
-        those of ``manual_commit`` and ``retry``, match every spelling of a path that
-        frameworks route alike: repeated slashes merged, a trailing slash ignored, with
-        and without ``root_path``.  A request without a ``path`` is read-only (and
-        manual-commit) when such patterns are given, and never retried.
+        and never commit (``READ ONLY`` on PostgreSQL, MySQL and MariaDB).  These
+        patterns, like those of ``manual_commit`` and ``retry``, match every spelling of a
+        path that frameworks route alike: repeated slashes merged, a trailing slash
+        ignored, with and without ``root_path``.  A request without a ``path`` is
+        read-only (and manual-commit) when such patterns are given, and never retried.
     :param manual_commit: Path patterns whose transactions never commit automatically:
         the handler calls ``db.commit()``; the rest is rolled back.
     :param retry: Path patterns whose requests are re-run from the start, up to
@@ -225,6 +225,23 @@ def _check_databases(databases: tuple[object, ...]) -> None:
         )
 
 
+def _two_phase_refused(db: BaseDatabase, backend: str) -> str:
+    message = f"two_phase=True needs PostgreSQL (PREPARE TRANSACTION); {db!r} is {backend}."
+    if backend in ("mysql", "mariadb"):
+        # The drivers could send XA statements (SQLAlchemy's MySQL dialect has them), but
+        # the package's two-phase commit relies on PostgreSQL to tell whether a session
+        # wrote and how a prepared transaction ended (see _multidb).
+        message += (
+            " MySQL's and MariaDB's XA transactions are not supported: the package's "
+            "two-phase commit asks PostgreSQL whether a transaction wrote "
+            "(txid_current_if_assigned) and, after a lost connection, whether a prepared "
+            "one committed (txid_status). Leave two_phase off (the databases then commit "
+            "one after the other, and a failure is logged naming which committed), or "
+            "keep the writes that must commit together in one database."
+        )
+    return message
+
+
 def _check_two_phase(two_phase: bool, databases: tuple[BaseDatabase, ...]) -> bool:
     if check_bool("two_phase", two_phase):
         for db in databases:
@@ -235,9 +252,6 @@ def _check_two_phase(two_phase: bool, databases: tuple[BaseDatabase, ...]) -> bo
                 )
             url = db._url
             if url is not None and url.get_backend_name() != "postgresql":
-                raise ConfigurationError(
-                    f"two_phase=True needs PostgreSQL (PREPARE TRANSACTION); {db!r} is "
-                    f"{url.get_backend_name()}."
-                )
+                raise ConfigurationError(_two_phase_refused(db, url.get_backend_name()))
             db._two_phase_check = True  # startup checks max_prepared_transactions
     return two_phase

@@ -54,6 +54,7 @@ __all__ = [
     "POOL_TIMEOUT",
     "READ_ONLY",
     "UNREACHABLE",
+    "mysql_error_code",
     "note_acquire_failure",
     "note_read_only_transaction",
     "sqlstate",
@@ -90,6 +91,23 @@ def sqlstate(error: BaseException | None) -> str | None:
         code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
         if isinstance(code, str):
             return code
+    return None
+
+
+#: The packages whose exceptions carry a MySQL error number as ``args[0]``: PyMySQL (and
+#: aiomysql, which raises PyMySQL's), asyncmy, mysqlclient, MySQL Connector, MariaDB
+#: Connector.  They give no SQLSTATE attribute, only the number.
+_MYSQL_DRIVERS = frozenset({"pymysql", "asyncmy", "MySQLdb", "mysql", "mariadb"})
+
+
+def mysql_error_code(error: BaseException | None) -> int | None:
+    """The MySQL error number of a MySQL driver's error, or of the one a SQLAlchemy error wraps."""
+    for candidate in (error, getattr(error, "orig", None)):
+        if candidate is None or type(candidate).__module__.partition(".")[0] not in _MYSQL_DRIVERS:
+            continue
+        args = getattr(candidate, "args", ())
+        if args and isinstance(args[0], int):
+            return args[0]
     return None
 
 

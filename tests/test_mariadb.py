@@ -1,0 +1,385 @@
+"""The contract on MariaDB: aiomysql and asyncmy for ``Database``, PyMySQL for ``SyncDatabase``.
+
+The server is real (``tests/_mariadb.py``, started once for the session when a test
+here asks for it).  The tests of other modules that hold on any database are collected
+here again (imported below: pytest collects every ``test_*`` function of a module's
+namespace, and they take this module's ``database_url``, ``sync_database_url`` and
+``serializable`` fixtures); the rest is what MariaDB does its own way:
+
+* A COMMIT that fails for real.  MariaDB has no deferrable constraints, so every
+  statement's error comes at the statement.  What does fail at COMMIT: a server made
+  read-only (``SET GLOBAL read_only = 1``) between the last statement and the COMMIT:
+  ``ha_commit_trans()`` (sql/handler.cc) refuses to commit a transaction that wrote,
+  for a user without the ``READ ONLY ADMIN`` privilege, with error 1290, and rolls it
+  back.  And a connection killed there (``KILL CONNECTION`` from ``before_commit``):
+  the COMMIT meets a closed socket (error 2013), which is a lost connection, a 503.
+* A deadlock (error 1213) between two requests, detected by InnoDB at the INSERT.
+* Read-only routes: ``SET TRANSACTION READ ONLY``, the write refused with error 1792.
+* Connections refused (error 2003): a 503; a refused password (1045): not a 503.
+* ``two_phase=True``: refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import pytest
+from sqlalchemy import URL, make_url, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from asgi_sqla import (
+    CommitFailedError,
+    ConfigurationError,
+    Database,
+    SQLAlchemyMiddleware,
+    SyncDatabase,
+)
+from asgi_sqla.types import Receive, Scope, Send
+
+import _mariadb
+from _helpers import (
+    add_key,
+    call_http,
+    checked_out,
+    create_tables,
+    items,
+    keys,
+    open_database,
+    open_sync_database,
+    plain_response,
+    sync_checked_out,
+    sync_keys,
+)
+from test_connection_release import (  # noqa: F401 -- collected here, on MariaDB
+    test_a_session_opened_after_start_commits_even_for_an_error_status,
+    test_a_streaming_body_holds_no_connection_between_chunks,
+    test_at_response_start_the_connection_is_back_and_the_outcome_is_visible,
+)
+from test_exceptions import (  # noqa: F401 -- collected here, on MariaDB
+    test_a_starlette_endpoint_error_answered_with_500_is_rolled_back,
+    test_an_exception_before_the_start_rolls_back_and_propagates_unchanged,
+)
+from test_routes import (  # noqa: F401 -- collected here, on MariaDB
+    test_two_conflicting_requests_on_a_retry_route_both_succeed_with_both_writes,
+    test_without_retry_one_of_two_conflicting_requests_gets_500,
+)
+from test_status_line import (  # noqa: F401 -- collected here, on MariaDB
+    test_a_custom_commit_on_decides_from_the_status,
+    test_a_response_below_400_commits_the_request,
+    test_a_response_of_400_or_more_rolls_the_request_back,
+    test_commit_on_none_keeps_what_the_app_committed_and_drops_the_rest,
+    test_starlette_background_task_runs_after_a_successful_commit,
+)
+from test_sync import (  # noqa: F401 -- collected here, on MariaDB
+    test_a_response_below_400_commits_before_the_status_line,
+    test_a_response_of_400_or_more_rolls_back,
+    test_an_app_that_raises_rolls_back,
+)
+
+pytestmark = pytest.mark.anyio
+
+#: ER_OPTION_PREVENTS_STATEMENT: "The MariaDB server is running with the --read-only option".
+READ_ONLY_SERVER = 1290
+#: ER_CANT_EXECUTE_IN_READ_ONLY_TRANSACTION.
+READ_ONLY_TRANSACTION = 1792
+#: CR_SERVER_LOST: "Lost connection to server during query".
+SERVER_LOST = 2013
+
+
+@pytest.fixture
+def database_url(mariadb_url: str) -> str:
+    """This module's ``database_url``: MariaDB only (``mariadb-aiomysql``, ``mariadb-asyncmy``)."""
+    return mariadb_url
+
+
+@pytest.fixture
+def sync_database_url(sync_mariadb_url: str) -> str:
+    """This module's ``sync_database_url``: MariaDB through PyMySQL (id ``mariadb-pymysql``)."""
+    return sync_mariadb_url
+
+
+@pytest.fixture
+async def serializable(mariadb_url: str) -> AsyncIterator[Database]:
+    """For tests/test_routes.py's conflicts: under SERIALIZABLE, InnoDB takes a shared lock
+    on what a plain SELECT reads, so two requests that count the rows and then insert
+    one deadlock (error 1213) at the second INSERT."""
+    database = Database(mariadb_url, isolation_level="SERIALIZABLE")
+    await create_tables(database)
+    try:
+        yield database
+    finally:
+        await database.dispose()
+
+
+def error_code(error: BaseException) -> int | None:
+    """The MySQL error number of a driver error wrapped by SQLAlchemy."""
+    orig = getattr(error, "orig", None)
+    args = getattr(orig, "args", ())
+    return args[0] if args and isinstance(args[0], int) else None
+
+
+def asgi_sqla_errors(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "asgi_sqla" and r.levelno >= logging.ERROR]
+
+
+# -- a COMMIT that fails ------------------------------------------------------------------
+
+
+@pytest.fixture
+def app_user(mariadb_databases: _mariadb.DatabaseFactory, mariadb_database: URL) -> Iterator[URL]:
+    """The test database's URL for a new user with every right on it and none on the server.
+
+    Unlike root, such a user is bound by the server's ``read_only``.
+    """
+    name, password = f"u_{uuid.uuid4().hex[:12]}", uuid.uuid4().hex
+    mariadb_databases.execute("CREATE USER %s@'%%' IDENTIFIED BY %s", (name, password))
+    try:
+        mariadb_databases.execute(
+            f"GRANT ALL ON `{mariadb_database.database}`.* TO %s@'%%'", (name,)
+        )
+        yield mariadb_database.set(username=name, password=password)
+    finally:
+        mariadb_databases.execute("DROP USER IF EXISTS %s@'%%'", (name,))
+
+
+class ReadOnlyServer:
+    """Makes the whole server read-only on demand; writable again when the test ends."""
+
+    def __init__(self, admin: _mariadb.DatabaseFactory) -> None:
+        self.admin = admin
+
+    def now(self) -> None:
+        # Waits only for statements running and COMMITs under way (it takes the global
+        # read lock for a moment), not for open transactions like the request's.
+        self.admin.execute("SET GLOBAL read_only = 1")
+
+
+@pytest.fixture
+def read_only_server(mariadb_databases: _mariadb.DatabaseFactory) -> Iterator[ReadOnlyServer]:
+    try:
+        yield ReadOnlyServer(mariadb_databases)
+    finally:
+        mariadb_databases.execute("SET GLOBAL read_only = 0")
+
+
+@pytest.mark.parametrize("driver", ["mariadb+aiomysql", "mysql+asyncmy"])
+async def test_a_commit_the_server_refuses_answers_500_and_keeps_nothing(
+    app_user: URL,
+    read_only_server: ReadOnlyServer,
+    driver: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    db = await open_database(app_user.set(drivername=driver).render_as_string(hide_password=False))
+    try:
+        app_errors: list[BaseException] = []
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            await add_key(db, "doomed")
+            read_only_server.now()  # after the last statement, before the COMMIT
+            try:
+                await plain_response(send, 200, b"saved")
+            except BaseException as error:
+                app_errors.append(error)
+                raise
+
+        with caplog.at_level(logging.ERROR, logger="asgi_sqla"):
+            recorder = await call_http(SQLAlchemyMiddleware(app, db))
+
+        assert recorder.status == 500
+        assert recorder.body == b"Internal Server Error"
+        [record] = asgi_sqla_errors(caplog)
+        assert record.exc_info is not None
+        assert error_code(record.exc_info[1]) == READ_ONLY_SERVER
+        assert [type(e) for e in app_errors] == [CommitFailedError]
+        assert await keys(db) == set()
+        assert checked_out(db) == 0
+    finally:
+        await db.dispose()
+
+
+async def test_a_sync_commit_the_server_refuses_answers_500_and_keeps_nothing(
+    app_user: URL, read_only_server: ReadOnlyServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = app_user.set(drivername="mariadb+pymysql").render_as_string(hide_password=False)
+    db = open_sync_database(url)
+    try:
+
+        def work() -> None:
+            db.session.execute(items.insert().values(key="doomed"))
+            read_only_server.now()
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            await anyio.to_thread.run_sync(work)
+            await plain_response(send, 201)
+
+        with caplog.at_level(logging.ERROR, logger="asgi_sqla"):
+            recorder = await call_http(SQLAlchemyMiddleware(app, db))
+
+        assert recorder.status == 500
+        [record] = asgi_sqla_errors(caplog)
+        assert record.exc_info is not None
+        assert error_code(record.exc_info[1]) == READ_ONLY_SERVER
+        assert sync_keys(db) == set()
+        assert sync_checked_out(db) == 0
+    finally:
+        db.dispose()
+
+
+def kill_own_connection(admin: _mariadb.DatabaseFactory) -> Any:
+    """A ``before_commit`` hook that has the admin kill the session's connection."""
+
+    def hook(session: Session) -> None:
+        connection_id = session.execute(text("SELECT CONNECTION_ID()")).scalar_one()
+        admin.execute(f"KILL CONNECTION {int(connection_id)}")
+
+    return hook
+
+
+async def test_a_connection_killed_before_the_commit_answers_503_with_retry_after(
+    database_url: str,
+    mariadb_databases: _mariadb.DatabaseFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    db = await open_database(database_url)
+    try:
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            await add_key(db, "lost")
+            db.before_commit(kill_own_connection(mariadb_databases))
+            await plain_response(send, 200, b"saved")
+
+        with caplog.at_level(logging.ERROR, logger="asgi_sqla"):
+            recorder = await call_http(SQLAlchemyMiddleware(app, db))
+
+        assert recorder.status == 503
+        [start] = [m for m in recorder.sent if m["type"] == "http.response.start"]
+        assert (b"retry-after", b"1") in start["headers"]
+        assert b"saved" not in recorder.body
+        [record] = asgi_sqla_errors(caplog)
+        assert record.exc_info is not None
+        assert error_code(record.exc_info[1]) == SERVER_LOST
+        assert await keys(db) == set()
+        assert checked_out(db) == 0
+        # The pool dropped the dead connection: the next request commits.
+        recorder = await call_http(SQLAlchemyMiddleware(app_that_adds(db, "next"), db))
+        assert recorder.status == 201
+        assert await keys(db) == {"next"}
+    finally:
+        await db.dispose()
+
+
+def app_that_adds(db: Database, key: str) -> Any:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await add_key(db, key)
+        await plain_response(send, 201)
+
+    return app
+
+
+# -- the database unavailable -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("driver", ["mariadb+aiomysql", "mysql+asyncmy"])
+async def test_a_server_that_refuses_connections_answers_503_at_once(driver: str) -> None:
+    url = _mariadb.free_port_url().set(drivername=driver).render_as_string(hide_password=False)
+    db = Database(url, pool_timeout=5)
+    try:
+        began = anyio.current_time()
+        recorder = await call_http(SQLAlchemyMiddleware(app_that_adds(db, "refused"), db))
+
+        assert recorder.status == 503
+        [start] = [m for m in recorder.sent if m["type"] == "http.response.start"]
+        assert (b"retry-after", b"1") in start["headers"]
+        assert anyio.current_time() - began < 5
+        assert checked_out(db) == 0
+    finally:
+        await db.dispose()
+
+
+async def test_a_refused_password_is_not_an_unavailable_database(
+    database_url: str, mariadb_server: URL
+) -> None:
+    """Error 1045 is the server answering: the app's configuration, not a 503 to retry."""
+    url = make_url(database_url).set(password="wrong-password")
+    db = Database(url.render_as_string(hide_password=False))
+    try:
+        with pytest.raises(DBAPIError) as raised:
+            await call_http(SQLAlchemyMiddleware(app_that_adds(db, "denied"), db))
+
+        assert error_code(raised.value) == 1045
+        assert checked_out(db) == 0
+    finally:
+        await db.dispose()
+
+
+# -- read-only routes ---------------------------------------------------------------------
+
+
+async def test_a_read_only_route_reads_and_mariadb_refuses_its_writes(db: Database) -> None:
+    refused: list[BaseException] = []
+    read: list[int] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        read.append(int(await db.session.scalar(text("SELECT COUNT(*) FROM items")) or 0))
+        try:
+            await add_key(db, "written")
+        except DBAPIError as exc:
+            refused.append(exc)
+        await plain_response(send, 200)
+
+    recorder = await call_http(
+        SQLAlchemyMiddleware(app, db, read_only=["/reports/*"]), "/reports/1"
+    )
+
+    assert recorder.status == 200
+    assert read == [0]
+    assert [error_code(e) for e in refused] == [READ_ONLY_TRANSACTION]
+    assert await keys(db) == set()
+    assert checked_out(db) == 0
+
+
+async def test_a_sync_read_only_route_has_its_writes_refused_by_mariadb(
+    sync_db: SyncDatabase,
+) -> None:
+    refused: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            sync_db.session.execute(items.insert().values(key="written"))
+        except DBAPIError as exc:
+            refused.append(exc)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await anyio.to_thread.run_sync(work)
+        await plain_response(send, 200)
+
+    await call_http(SQLAlchemyMiddleware(app, sync_db, read_only=["/"]))
+
+    assert [error_code(e) for e in refused] == [READ_ONLY_TRANSACTION]
+    assert sync_keys(sync_db) == set()
+    assert sync_checked_out(sync_db) == 0
+
+
+# -- two-phase commit ---------------------------------------------------------------------
+
+
+async def test_two_phase_commit_across_mariadb_databases_is_refused_with_the_reason(
+    database_url: str,
+) -> None:
+    first, second = Database(database_url), Database(database_url)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await plain_response(send, 200)
+
+    with pytest.raises(ConfigurationError) as raised:
+        SQLAlchemyMiddleware(app, first, second, two_phase=True)
+
+    message = str(raised.value)
+    assert "needs PostgreSQL" in message
+    assert "XA transactions are not supported" in message
+    assert "Leave two_phase off" in message
