@@ -116,7 +116,7 @@ async def serializable(mariadb_url: str) -> AsyncIterator[Database]:
         await database.dispose()
 
 
-def error_code(error: BaseException) -> int | None:
+def error_code(error: BaseException | None) -> int | None:
     """The MySQL error number of a driver error wrapped by SQLAlchemy."""
     orig = getattr(error, "orig", None)
     args = getattr(orig, "args", ())
