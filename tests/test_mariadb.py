@@ -17,17 +17,25 @@ namespace, and they take this module's ``database_url``, ``sync_database_url`` a
 * Read-only routes: ``SET TRANSACTION READ ONLY``, the write refused with error 1792.
 * Connections refused (error 2003): a 503; a refused password (1045): not a 503.
 * ``two_phase=True``: refused.
+
+The Python block of ``docs/guides/mysql.md`` is run here too, on MariaDB (the last test).
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import sys
+import types
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
+from asgi_lifespan import LifespanManager
 from sqlalchemy import URL, make_url, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -383,3 +391,42 @@ async def test_two_phase_commit_across_mariadb_databases_is_refused_with_the_rea
     assert "needs PostgreSQL" in message
     assert "XA transactions are not supported" in message
     assert "Leave two_phase off" in message
+
+
+# -- docs/guides/mysql.md -----------------------------------------------------------------
+
+GUIDE = Path(__file__).resolve().parent.parent / "docs" / "guides" / "mysql.md"
+
+
+def guide_blocks() -> dict[str, str]:
+    """The ``python`` blocks of the guide, by the file their first line names."""
+    blocks: dict[str, str] = {}
+    for block in re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.DOTALL):
+        first_line = block.splitlines()[0]
+        assert re.fullmatch(r"# \w+\.py", first_line), first_line
+        blocks[first_line[2:-3]] = block
+    return blocks
+
+
+async def test_the_guides_app_runs_on_mariadb_as_written(
+    database_url: str, mariadb_databases: _mariadb.DatabaseFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocks = guide_blocks()
+    assert sorted(blocks) == ["mysql_app"]
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    module = types.ModuleType("mysql_app")
+    # SQLAlchemy resolves ``Mapped[int]`` in the namespace of the class's module.
+    monkeypatch.setitem(sys.modules, "mysql_app", module)
+    exec(compile(blocks["mysql_app"], "docs/guides/mysql_app.py", "exec"), module.__dict__)
+
+    async with LifespanManager(module.app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            created = await client.post("/notes", json={"text": "hello"})
+            counted = await client.get("/reports/count")
+
+    assert (created.status_code, created.json()) == (201, {"id": 1, "text": "hello"})
+    assert (counted.status_code, counted.json()) == (200, {"count": 1})
+    assert mariadb_databases.execute(
+        f"SELECT text FROM `{make_url(database_url).database}`.notes"
+    ) == [("hello",)]
