@@ -51,10 +51,16 @@ from asgi_sqla.types import Receive, Scope, Send
 
 import _mariadb
 from _helpers import (
+    CANCEL_STYLES,
+    ASGIRecorder,
+    Cancel,
     add_key,
     call_http,
+    cancel_request,
     checked_out,
     create_tables,
+    eventually,
+    http_scope,
     items,
     keys,
     open_database,
@@ -430,3 +436,94 @@ async def test_the_guides_app_runs_on_mariadb_as_written(
     assert mariadb_databases.execute(
         f"SELECT text FROM `{make_url(database_url).database}`.notes"
     ) == [("hello",)]
+
+
+# -- cancellation -------------------------------------------------------------------------
+
+
+class SleepingConnection:
+    """A ``cancel_request`` trigger: cancels once the server runs the request's SLEEP.
+
+    Keeps the id of the server connection that ran it, to ask whether it is still there.
+    """
+
+    def __init__(self, admin: _mariadb.DatabaseFactory, database: str) -> None:
+        self.admin = admin
+        self.database = database
+        self.connection_id: int | None = None
+
+    async def __call__(self, cancel: Cancel) -> None:
+        deadline = anyio.current_time() + 5
+        while not (rows := self._sleeping()):
+            assert anyio.current_time() < deadline, "the request's SLEEP never ran"
+            await anyio.sleep(0.005)  # polling the server, bounded by the deadline
+        [(self.connection_id,)] = rows
+        cancel()
+
+    def _sleeping(self) -> list[tuple[Any, ...]]:
+        return self.admin.execute(
+            "SELECT id FROM information_schema.processlist "
+            "WHERE db = %s AND info LIKE 'SELECT SLEEP%%'",
+            (self.database,),
+        )
+
+    def gone(self) -> bool:
+        """Whether the server connection has ended (and so has its transaction, rolled back).
+
+        Asked of the process list, which is current; ``information_schema.innodb_trx``
+        is a copy refreshed at most every 0.1 s.
+        """
+        assert self.connection_id is not None
+        rows = self.admin.execute(
+            "SELECT id FROM information_schema.processlist WHERE id = %s", (self.connection_id,)
+        )
+        return rows == []
+
+
+#: Seconds the server's statement runs, and options of the Database, in each variant:
+#: the drivers close the socket of a cancelled statement without asking the server to
+#: stop it, so it runs to its end (holding its transaction's locks); MariaDB's
+#: ``max_statement_time`` (set for each connection with ``init_command``) bounds that.
+_CANCELLED_STATEMENTS = {
+    "runs-to-its-end": (2, {}),
+    "max_statement_time": (30, {"connect_args": {"init_command": "SET max_statement_time = 1"}}),
+}
+
+
+@pytest.mark.parametrize("statement", _CANCELLED_STATEMENTS)
+@pytest.mark.parametrize("style", CANCEL_STYLES)
+async def test_cancelling_a_request_mid_query_leaks_no_connection_and_no_transaction(
+    database_url: str, mariadb_databases: _mariadb.DatabaseFactory, style: str, statement: str
+) -> None:
+    database = make_url(database_url).database
+    assert database
+    seconds, options = _CANCELLED_STATEMENTS[statement]
+    db = await open_database(database_url, pool_size=1, max_overflow=0, pool_timeout=5, **options)
+    try:
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            await add_key(db, "cancelled")
+            await db.session.execute(text(f"SELECT SLEEP({seconds})"))
+            await plain_response(send, 201)
+
+        recorder = ASGIRecorder([{"type": "http.request", "body": b"", "more_body": False}])
+        wrapped = SQLAlchemyMiddleware(app, db)
+        sleeping = SleepingConnection(mariadb_databases, database)
+        await cancel_request(style, lambda: recorder(wrapped, http_scope()), sleeping)
+        cancelled = anyio.current_time()
+
+        assert recorder.sent == []
+        assert checked_out(db) == 0
+        # The pool of one connection serves the next request at once.
+        with anyio.fail_after(2):
+            recorder = await call_http(SQLAlchemyMiddleware(app_that_adds(db, "next"), db))
+        assert recorder.status == 201
+        # The server ends the cancelled request's transaction (rolled back) once its
+        # statement has ended: when it ran its course, or after max_statement_time.
+        assert not sleeping.gone()  # MariaDB is still running it
+        assert eventually(sleeping.gone, 5)
+        assert anyio.current_time() - cancelled < (3 if statement == "max_statement_time" else 5)
+        assert await keys(db) == {"next"}
+        assert checked_out(db) == 0
+    finally:
+        await db.dispose()
