@@ -414,16 +414,24 @@ def guide_blocks() -> dict[str, str]:
     return blocks
 
 
+def load_guide_block(name: str, monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    """Run the guide's block ``name`` as the module ``name`` (until the test ends)."""
+    module = types.ModuleType(name)
+    # SQLAlchemy resolves ``Mapped[int]`` in the namespace of the class's module.
+    monkeypatch.setitem(sys.modules, name, module)
+    exec(compile(guide_blocks()[name], f"docs/guides/{name}.py", "exec"), module.__dict__)
+    return module
+
+
+def test_every_python_block_of_the_guide_is_run_below() -> None:
+    assert sorted(guide_blocks()) == ["mysql_app", "statement_time"]
+
+
 async def test_the_guides_app_runs_on_mariadb_as_written(
     database_url: str, mariadb_databases: _mariadb.DatabaseFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    blocks = guide_blocks()
-    assert sorted(blocks) == ["mysql_app"]
     monkeypatch.setenv("DATABASE_URL", database_url)
-    module = types.ModuleType("mysql_app")
-    # SQLAlchemy resolves ``Mapped[int]`` in the namespace of the class's module.
-    monkeypatch.setitem(sys.modules, "mysql_app", module)
-    exec(compile(blocks["mysql_app"], "docs/guides/mysql_app.py", "exec"), module.__dict__)
+    module = load_guide_block("mysql_app", monkeypatch)
 
     async with LifespanManager(module.app) as manager:
         transport = httpx.ASGITransport(app=manager.app)
@@ -525,5 +533,17 @@ async def test_cancelling_a_request_mid_query_leaks_no_connection_and_no_transac
         assert anyio.current_time() - cancelled < (3 if statement == "max_statement_time" else 5)
         assert await keys(db) == {"next"}
         assert checked_out(db) == 0
+    finally:
+        await db.dispose()
+
+
+async def test_the_guides_statement_time_is_set_on_every_connection(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    db: Database = load_guide_block("statement_time", monkeypatch).db
+    try:
+        async with db.scope() as session:
+            assert await session.scalar(text("SELECT @@max_statement_time")) == 30
     finally:
         await db.dispose()
