@@ -65,9 +65,10 @@ class SQLAlchemyMiddleware:
         to responses of requests that used a database, so browsers' developer tools
         show it; turns statistics on for the databases (see ``Database(stats=...)``).
     :param two_phase: When a request wrote to more than one database, commit them with
-        two-phase commit (PostgreSQL ``PREPARE TRANSACTION`` / ``COMMIT PREPARED``):
-        all or none.  Every database must be PostgreSQL with ``max_prepared_transactions``
-        above 0 (checked at startup).  Without it the databases commit one after the
+        two-phase commit (PostgreSQL ``PREPARE TRANSACTION`` / ``COMMIT PREPARED``,
+        MySQL and MariaDB ``XA PREPARE`` / ``XA COMMIT``): all or none.  Every database
+        must be PostgreSQL with ``max_prepared_transactions`` above 0 (checked at
+        startup), MySQL or MariaDB.  Without it the databases commit one after the
         other, in the order the request first used them.
     :param autocommit_reads: Path patterns of routes that only read, whose sessions
         run each statement in autocommit: no ``BEGIN`` nor ``COMMIT``, one round trip
@@ -225,21 +226,15 @@ def _check_databases(databases: tuple[object, ...]) -> None:
         )
 
 
+#: The databases whose transactions can be prepared (``_multidb``).
+_TWO_PHASE_BACKENDS = frozenset({"postgresql", "mysql", "mariadb"})
+
+
 def _two_phase_refused(db: BaseDatabase, backend: str) -> str:
-    message = f"two_phase=True needs PostgreSQL (PREPARE TRANSACTION); {db!r} is {backend}."
-    if backend in ("mysql", "mariadb"):
-        # The drivers could send XA statements (SQLAlchemy's MySQL dialect has them), but
-        # the package's two-phase commit relies on PostgreSQL to tell whether a session
-        # wrote and how a prepared transaction ended (see _multidb).
-        message += (
-            " MySQL's and MariaDB's XA transactions are not supported: the package's "
-            "two-phase commit asks PostgreSQL whether a transaction wrote "
-            "(txid_current_if_assigned) and, after a lost connection, whether a prepared "
-            "one committed (txid_status). Leave two_phase off (the databases then commit "
-            "one after the other, and a failure is logged naming which committed), or "
-            "keep the writes that must commit together in one database."
-        )
-    return message
+    return (
+        "two_phase=True needs PostgreSQL (PREPARE TRANSACTION), MySQL or MariaDB (XA "
+        f"transactions); {db!r} is {backend}."
+    )
 
 
 def _check_two_phase(two_phase: bool, databases: tuple[BaseDatabase, ...]) -> bool:
@@ -251,7 +246,7 @@ def _check_two_phase(two_phase: bool, databases: tuple[BaseDatabase, ...]) -> bo
                     "use Database for the databases committed together."
                 )
             url = db._url
-            if url is not None and url.get_backend_name() != "postgresql":
+            if url is not None and url.get_backend_name() not in _TWO_PHASE_BACKENDS:
                 raise ConfigurationError(_two_phase_refused(db, url.get_backend_name()))
             db._two_phase_check = True  # startup checks max_prepared_transactions
     return two_phase

@@ -22,6 +22,17 @@ the first attempt committed after all, and a transaction still prepared is commi
 there.  Only one that cannot be committed leaves the request partly saved (500, and an
 ERROR naming the xid to finish by hand).  PostgreSQL refuses ``PREPARE TRANSACTION``
 unless the server's ``max_prepared_transactions`` is above 0 (startup checks it).
+
+On MySQL and MariaDB the same SQLAlchemy mechanism sends XA statements (``XA BEGIN``,
+``XA END`` and ``XA PREPARE``, ``XA COMMIT``; ``XA ROLLBACK``).  Two things differ.
+Whether a transaction wrote cannot be asked of the server as it is now
+(``information_schema.innodb_trx`` is a copy refreshed at most every 0.1 s), so every
+session in a transaction counts as a writer: one that only read is prepared too, which
+costs round trips, where committing a writer in one phase would break the atomicity.
+And a failed ``XA COMMIT`` is resolved with ``XA RECOVER``, which lists the
+transactions still prepared: one listed is committed there; one not listed has
+committed or been rolled back, and the server keeps no record of which, so the request
+is answered as failed and the log says the outcome is unknown.
 """
 
 from __future__ import annotations
@@ -87,7 +98,7 @@ class Written:
     """A session's transaction, as seen just before the end of the request."""
 
     xid: str  # SQLAlchemy's two-phase transaction id, for PREPARE TRANSACTION
-    txid: int  # PostgreSQL's transaction id, for txid_status()
+    txid: int | None  # PostgreSQL's transaction id, for txid_status(); None for XA
 
 
 @dataclass
@@ -178,17 +189,26 @@ async def _prepare(session: GuardedSession) -> None:
         await _unguarded(session).run_sync(_prepare_sync)
 
 
+#: The dialects whose two-phase transactions are XA transactions (see the module doc).
+_XA_DIALECTS = frozenset({"mysql", "mariadb"})
+
+
 def _probe_sync(sync_session: Any) -> Written | None:
-    """Flush, then ask PostgreSQL whether the transaction wrote (it has a txid then)."""
+    """Flush, then ask PostgreSQL whether the transaction wrote (it has a txid then).
+
+    On MySQL and MariaDB every transaction counts as written (see the module doc).
+    """
     sync_session.flush()
     connection = sync_session.connection()
-    txid = connection.exec_driver_sql("SELECT txid_current_if_assigned()").scalar()
-    if txid is None:
-        return None
+    txid: int | None = None
+    if connection.dialect.name not in _XA_DIALECTS:
+        txid = connection.exec_driver_sql("SELECT txid_current_if_assigned()").scalar()
+        if txid is None:
+            return None
     transaction = connection.get_transaction()
     if not isinstance(transaction, TwoPhaseTransaction):
         raise RuntimeError("This session's transaction was not begun as a two-phase one.")
-    return Written(xid=str(transaction.xid), txid=int(txid))
+    return Written(xid=str(transaction.xid), txid=None if txid is None else int(txid))
 
 
 def _prepare_sync(sync_session: Any) -> None:
@@ -228,13 +248,33 @@ _ROLLED_BACK_ELSEWHERE = (
 )
 
 
+_XA_UNSETTLED = (
+    "Two-phase commit: %r prepared its XA transaction %r but could not commit it, nor "
+    "find out on a new connection whether it committed. If XA RECOVER lists it, it "
+    "still holds its locks: finish it with XA COMMIT '%s'."
+)
+_XA_SETTLED = (
+    "Two-phase commit: %r's XA COMMIT %r failed on the request's connection; the "
+    "transaction is committed (XA RECOVER still listed it, and it was committed on a new "
+    "connection)."
+)
+_XA_UNKNOWN = (
+    "Two-phase commit: %r's XA COMMIT %r failed on the request's connection, and XA "
+    "RECOVER no longer lists the transaction: it was committed or rolled back, and the "
+    "server keeps no record of which. It is counted as not committed."
+)
+
+
 async def commit_prepared_again(db: Hashable, engine: AsyncEngine, written: Written) -> bool:
     """Settle a prepared transaction whose ``COMMIT PREPARED`` failed; True if committed.
 
     Asks on a new connection: ``txid_status()`` is 'committed' when the first attempt
     committed before its connection failed, 'in progress' while the transaction is
     still prepared (it is then committed here), 'aborted' when someone rolled it back.
+    An XA transaction is committed there if ``XA RECOVER`` still lists it.
     """
+    if engine.dialect.name in _XA_DIALECTS:
+        return await _xa_commit_again(db, engine, written)
     xid = written.xid.replace("'", "''")
     try:
         async with engine.connect() as connection:
@@ -252,6 +292,26 @@ async def commit_prepared_again(db: Hashable, engine: AsyncEngine, written: Writ
         logger.warning(_SETTLED, db, written.xid)
         return True
     logger.error(_ROLLED_BACK_ELSEWHERE, db, written.xid, status)
+    return False
+
+
+async def _xa_commit_again(db: Hashable, engine: AsyncEngine, written: Written) -> bool:
+    try:
+        async with engine.connect() as connection:
+            await connection.execution_options(isolation_level="AUTOCOMMIT")
+            listed = await connection.run_sync(lambda sync: sync.recover_twophase())
+            prepared = {x.decode() if isinstance(x, bytes) else str(x) for x in listed}
+            if written.xid in prepared:
+                # XA COMMIT of a transaction prepared by a connection that is gone: MariaDB
+                # 10.5 and MySQL 5.7.7 keep such a transaction (MDEV-742, WL#6860).
+                await connection.execute(text("XA COMMIT :xid"), {"xid": written.xid})
+    except Exception:
+        logger.error(_XA_UNSETTLED, db, written.xid, written.xid, exc_info=True)
+        return False
+    if written.xid in prepared:
+        logger.warning(_XA_SETTLED, db, written.xid)
+        return True
+    logger.error(_XA_UNKNOWN, db, written.xid)
     return False
 
 

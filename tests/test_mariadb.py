@@ -16,7 +16,7 @@ namespace, and they take this module's ``database_url``, ``sync_database_url`` a
 * A deadlock (error 1213) between two requests, detected by InnoDB at the INSERT.
 * Read-only routes: ``SET TRANSACTION READ ONLY``, the write refused with error 1792.
 * Connections refused (error 2003): a 503; a refused password (1045): not a 503.
-* ``two_phase=True``: refused.
+* ``two_phase=True``: XA transactions, every database the request used prepared.
 
 The Python block of ``docs/guides/mysql.md`` is run here too, on MariaDB (the last test).
 """
@@ -36,13 +36,12 @@ import anyio
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
-from sqlalchemy import URL, make_url, text
+from sqlalchemy import URL, event, make_url, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from asgi_sqla import (
     CommitFailedError,
-    ConfigurationError,
     Database,
     SQLAlchemyMiddleware,
     SyncDatabase,
@@ -78,6 +77,7 @@ from test_exceptions import (  # noqa: F401 -- collected here, on MariaDB
     test_a_starlette_endpoint_error_answered_with_500_is_rolled_back,
     test_an_exception_before_the_start_rolls_back_and_propagates_unchanged,
 )
+from test_multi_database import app_doing, record_events
 from test_routes import (  # noqa: F401 -- collected here, on MariaDB
     test_two_conflicting_requests_on_a_retry_route_both_succeed_with_both_writes,
     test_without_retry_one_of_two_conflicting_requests_gets_500,
@@ -379,24 +379,178 @@ async def test_a_sync_read_only_route_has_its_writes_refused_by_mariadb(
     assert sync_checked_out(sync_db) == 0
 
 
-# -- two-phase commit ---------------------------------------------------------------------
+# -- two-phase commit: XA -----------------------------------------------------------------
 
 
-async def test_two_phase_commit_across_mariadb_databases_is_refused_with_the_reason(
-    database_url: str,
+@pytest.fixture
+async def two_dbs(
+    database_url: str, mariadb_databases: _mariadb.DatabaseFactory
+) -> AsyncIterator[tuple[Database, Database]]:
+    """Two databases on the server (``items`` in each), for ``two_phase=True``."""
+    second_database = mariadb_databases.create()
+    second_url = make_url(database_url).set(database=second_database.database)
+    first = await open_database(database_url)
+    second = await open_database(second_url.render_as_string(hide_password=False))
+    try:
+        yield first, second
+    finally:
+        await first.dispose()
+        await second.dispose()
+        mariadb_databases.drop(second_database)
+
+
+def xa_prepared(admin: _mariadb.DatabaseFactory) -> list[tuple[Any, ...]]:
+    """The XA transactions left prepared on the server (XA is server-wide)."""
+    return admin.execute("XA RECOVER")
+
+
+async def test_two_phase_commit_prepares_both_databases_with_xa_then_commits_them(
+    two_dbs: tuple[Database, Database], mariadb_databases: _mariadb.DatabaseFactory
 ) -> None:
-    first, second = Database(database_url), Database(database_url)
+    first, second = two_dbs
+    steps: list[str] = []
+    for db, name in ((first, "first"), (second, "second")):
+        record_events(db, name, steps, "prepare_twophase", "commit_twophase")
 
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
-        await plain_response(send, 200)
+    app = app_doing(lambda: add_key(first, "one"), lambda: add_key(second, "two"))
+    recorder = await call_http(SQLAlchemyMiddleware(app, first, second, two_phase=True))
 
-    with pytest.raises(ConfigurationError) as raised:
-        SQLAlchemyMiddleware(app, first, second, two_phase=True)
+    assert recorder.status == 200
+    assert steps == [
+        "first:prepare_twophase",
+        "second:prepare_twophase",
+        "first:commit_prepared",
+        "second:commit_prepared",
+    ]
+    assert await keys(first) == {"one"}
+    assert await keys(second) == {"two"}
+    assert xa_prepared(mariadb_databases) == []
+    assert checked_out(first) == checked_out(second) == 0
 
-    message = str(raised.value)
-    assert "needs PostgreSQL" in message
-    assert "XA transactions are not supported" in message
-    assert "Leave two_phase off" in message
+
+async def test_two_phase_commit_prepares_a_database_that_only_read_on_mariadb(
+    two_dbs: tuple[Database, Database],
+) -> None:
+    """MariaDB cannot say whether a transaction wrote: both are prepared (on PostgreSQL,
+    the reader would commit in one phase)."""
+    first, second = two_dbs
+    steps: list[str] = []
+    for db, name in ((first, "first"), (second, "second")):
+        record_events(db, name, steps, "prepare_twophase", "commit_twophase")
+
+    async def read_first() -> None:
+        await first.session.execute(text("SELECT COUNT(*) FROM items"))
+
+    app = app_doing(read_first, lambda: add_key(second, "only-writer"))
+    recorder = await call_http(SQLAlchemyMiddleware(app, first, second, two_phase=True))
+
+    assert recorder.status == 200
+    assert steps == [
+        "first:prepare_twophase",
+        "second:prepare_twophase",
+        "first:commit_prepared",
+        "second:commit_prepared",
+    ]
+    assert await keys(second) == {"only-writer"}
+
+
+async def test_with_two_phase_a_request_using_one_mariadb_database_commits_in_one_phase(
+    two_dbs: tuple[Database, Database],
+) -> None:
+    first, second = two_dbs
+    steps: list[str] = []
+    record_events(first, "first", steps, "prepare_twophase", "commit_twophase")
+
+    app = app_doing(lambda: add_key(first, "alone"))
+    recorder = await call_http(SQLAlchemyMiddleware(app, first, second, two_phase=True))
+
+    assert recorder.status == 200
+    assert steps == ["first:commit_one_phase"]
+    assert await keys(first) == {"alone"}
+    assert checked_out(first) == 0
+
+
+async def test_two_phase_commit_commits_nothing_when_one_mariadb_database_fails_to_prepare(
+    two_dbs: tuple[Database, Database],
+    mariadb_databases: _mariadb.DatabaseFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    first, second = two_dbs
+
+    async def write_second() -> None:
+        await add_key(second, "two")
+        # Its connection is killed as it prepares (before_commit runs in the prepare).
+        second.before_commit(kill_own_connection(mariadb_databases))
+
+    app = app_doing(lambda: add_key(first, "would-be-partial"), write_second)
+    with caplog.at_level(logging.ERROR, logger="asgi_sqla"):
+        recorder = await call_http(SQLAlchemyMiddleware(app, first, second, two_phase=True))
+
+    assert recorder.status == 503  # the lost connection: the database was unavailable
+    # The first database had prepared: it is rolled back (XA ROLLBACK) too.
+    assert await keys(first) == set()
+    assert await keys(second) == set()
+    assert xa_prepared(mariadb_databases) == []
+    assert checked_out(first) == checked_out(second) == 0
+    messages = [r.getMessage() for r in asgi_sqla_errors(caplog)]
+    assert (
+        f"Two-phase commit: {second!r} failed to prepare, so nothing is committed: "
+        f"{first!r}, {second!r} are rolled back."
+    ) in messages
+
+
+async def test_two_phase_commit_finishes_an_xa_commit_whose_connection_dropped(
+    two_dbs: tuple[Database, Database],
+    mariadb_databases: _mariadb.DatabaseFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    first, second = two_dbs
+    connection: list[int] = []
+
+    async def write_second() -> None:
+        await add_key(second, "two")
+        connection.append(int(await second.session.scalar(text("SELECT CONNECTION_ID()")) or 0))
+
+    def kill_before_xa_commit(conn: Any, xid: Any, is_prepared: bool) -> None:
+        # The second database is prepared; its connection dies before XA COMMIT.
+        mariadb_databases.execute(f"KILL CONNECTION {connection[0]}")
+
+    event.listen(second.engine.sync_engine, "commit_twophase", kill_before_xa_commit)
+    app = app_doing(lambda: add_key(first, "one"), write_second)
+    with caplog.at_level(logging.WARNING, logger="asgi_sqla"):
+        recorder = await call_http(SQLAlchemyMiddleware(app, first, second, two_phase=True))
+
+    # Still prepared after its connection died, so XA RECOVER lists it, and it is
+    # committed on a new connection: every write is saved, and the client is told so.
+    assert recorder.status == 200
+    assert await keys(first) == {"one"}
+    assert await keys(second) == {"two"}
+    assert xa_prepared(mariadb_databases) == []
+    assert checked_out(first) == checked_out(second) == 0
+    assert any(
+        r.levelno == logging.WARNING
+        and f"{second!r}'s XA COMMIT" in r.getMessage()
+        and "the transaction is committed" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+async def test_with_two_phase_a_read_only_route_reads_both_mariadb_databases(
+    two_dbs: tuple[Database, Database],
+) -> None:
+    first, second = two_dbs
+    counts: list[int] = []
+
+    async def count(db: Database) -> None:
+        counts.append(int(await db.session.scalar(text("SELECT COUNT(*) FROM items")) or 0))
+
+    app = app_doing(lambda: count(first), lambda: count(second))
+    wrapped = SQLAlchemyMiddleware(app, first, second, two_phase=True, read_only=["/"])
+    recorder = await call_http(wrapped)
+
+    assert recorder.status == 200
+    assert counts == [0, 0]
+    assert checked_out(first) == checked_out(second) == 0
 
 
 # -- docs/guides/mysql.md -----------------------------------------------------------------
