@@ -17,8 +17,10 @@ namespace, and they take this module's ``database_url``, ``sync_database_url`` a
 * Read-only routes: ``SET TRANSACTION READ ONLY``, the write refused with error 1792.
 * Connections refused (error 2003): a 503; a refused password (1045): not a 503.
 * ``two_phase=True``: XA transactions, every database the request used prepared.
+* A request cancelled mid-statement: the drivers close the socket without stopping the
+  statement, which the server runs to its end (or to ``max_statement_time``).
 
-The Python block of ``docs/guides/mysql.md`` is run here too, on MariaDB (the last test).
+The Python blocks of ``docs/guides/mysql.md`` are run here too, on MariaDB (at the end).
 """
 
 from __future__ import annotations
