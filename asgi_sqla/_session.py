@@ -129,7 +129,7 @@ READ_ONLY = (
 #: SQLSTATEs after which re-running the whole transaction may succeed: serialization
 #: failure and deadlock.
 _CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
-#: The same on MySQL and MariaDB, whose drivers give the error number, not the SQLSTATE:
+#: The same on MySQL and MariaDB, by error number (older drivers give no SQLSTATE):
 #: ER_LOCK_DEADLOCK (SQLSTATE 40001), after which InnoDB has rolled the whole transaction
 #: back ("Deadlocks in InnoDB", MySQL Reference Manual 17.7.5; MariaDB error 1213).
 _CONFLICT_MYSQL_ERRORS = frozenset({1213})
@@ -636,10 +636,10 @@ def make_read_only(session: SessionLike, *, autocommit: bool = False) -> None:
     """Make every transaction of ``session`` read-only and never committed.
 
     On PostgreSQL, MySQL and MariaDB the transaction is declared ``READ ONLY``, so a
-    write fails at once.  On every database the session's transactions never commit: the package
-    rolls them back, and any commit raises ``RollbackOnlyError`` before anything is
-    flushed or committed, by whichever API it comes (``commit()``, the end of an
-    ``async with session.begin():`` block, which then rolls back and gives the
+    write fails at once.  On every database the session's transactions never commit:
+    the package rolls them back, and any commit raises ``RollbackOnlyError`` before
+    anything is flushed or committed, by whichever API it comes (``commit()``, the end
+    of an ``async with session.begin():`` block, which then rolls back and gives the
     connection back, ``run_sync(lambda s: s.commit())``, ``db.commit()``, or a session
     class's own methods).  Releasing a SAVEPOINT is allowed: it commits nothing.
     ``db.set_rollback_only()`` puts the same mark with its own message.

@@ -115,7 +115,7 @@ def sqlstate(error: BaseException | None) -> str | None:
 
 #: The packages whose exceptions carry a MySQL error number as ``args[0]``: PyMySQL (and
 #: aiomysql, which raises PyMySQL's), asyncmy, mysqlclient, MySQL Connector, MariaDB
-#: Connector.  They give no SQLSTATE attribute, only the number.
+#: Connector.  Older releases (PyMySQL before 1.1.1) give no SQLSTATE, only the number.
 _MYSQL_DRIVERS = frozenset({"pymysql", "asyncmy", "MySQLdb", "mysql", "mariadb"})
 
 
