@@ -537,6 +537,41 @@ async def test_two_phase_commit_finishes_an_xa_commit_whose_connection_dropped(
     )
 
 
+async def test_two_phase_commit_reports_an_xa_transaction_gone_from_xa_recover_as_unknown(
+    two_dbs: tuple[Database, Database],
+    mariadb_databases: _mariadb.DatabaseFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    first, second = two_dbs
+    connection: list[int] = []
+
+    async def write_second() -> None:
+        await add_key(second, "two")
+        connection.append(int(await second.session.scalar(text("SELECT CONNECTION_ID()")) or 0))
+
+    def roll_back_behind_its_back(conn: Any, xid: Any, is_prepared: bool) -> None:
+        mariadb_databases.execute(f"KILL CONNECTION {connection[0]}")
+        mariadb_databases.execute("XA ROLLBACK %s", (xid,))
+
+    event.listen(second.engine.sync_engine, "commit_twophase", roll_back_behind_its_back)
+    app = app_doing(lambda: add_key(first, "one"), write_second)
+    with caplog.at_level(logging.ERROR, logger="asgi_sqla"):
+        recorder = await call_http(SQLAlchemyMiddleware(app, first, second, two_phase=True))
+
+    # Unlike PostgreSQL's txid_status(), nothing tells a commit from a rollback here: the
+    # request is answered as failed, and the log says the outcome is unknown.
+    assert recorder.status == 500
+    assert await keys(first) == {"one"}
+    assert await keys(second) == set()
+    assert xa_prepared(mariadb_databases) == []
+    assert checked_out(first) == checked_out(second) == 0
+    messages = [r.getMessage() for r in asgi_sqla_errors(caplog)]
+    assert any("XA RECOVER no longer lists the transaction" in m for m in messages)
+    assert any(
+        m.startswith(f"{second!r} failed to commit after {first!r} had committed") for m in messages
+    )
+
+
 async def test_with_two_phase_a_read_only_route_reads_both_mariadb_databases(
     two_dbs: tuple[Database, Database],
 ) -> None:
