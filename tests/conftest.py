@@ -19,6 +19,7 @@ skipped without a server, and fail instead under ``CI``.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -291,6 +292,15 @@ def module_database_url(
         yield _async_url(database, driver)
     finally:
         factory.drop(database)
+
+
+@pytest.fixture
+def aiomysql_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``import aiomysql`` fail as if it were not installed, for the tests of the
+    message that names a missing driver's extra (the dev group installs aiomysql, for
+    ``tests/test_mariadb.py``): a ``None`` in ``sys.modules`` makes the import raise
+    ``ImportError``."""
+    monkeypatch.setitem(sys.modules, "aiomysql", None)
 
 
 @pytest.fixture
