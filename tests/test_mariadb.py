@@ -97,7 +97,7 @@ from test_sync import (  # noqa: F401 -- collected here, on MariaDB
     test_an_app_that_raises_rolls_back,
 )
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.mariadb]
 
 #: ER_OPTION_PREVENTS_STATEMENT: "The MariaDB server is running with the --read-only option".
 READ_ONLY_SERVER = 1290
