@@ -289,6 +289,26 @@ async def test_a_connection_killed_before_the_commit_answers_503_with_retry_afte
         await db.dispose()
 
 
+async def test_a_sync_connection_killed_before_the_commit_answers_503_with_retry_after(
+    sync_db: SyncDatabase, mariadb_databases: _mariadb.DatabaseFactory
+) -> None:
+    def work() -> None:
+        sync_db.session.execute(items.insert().values(key="lost"))
+        sync_db.before_commit(kill_own_connection(mariadb_databases))
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await anyio.to_thread.run_sync(work)
+        await plain_response(send, 201, b"saved")
+
+    recorder = await call_http(SQLAlchemyMiddleware(app, sync_db))
+
+    assert recorder.status == 503
+    [start] = [m for m in recorder.sent if m["type"] == "http.response.start"]
+    assert (b"retry-after", b"1") in start["headers"]
+    assert sync_keys(sync_db) == set()
+    assert sync_checked_out(sync_db) == 0
+
+
 def app_that_adds(db: Database, key: str) -> Any:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await add_key(db, key)
