@@ -30,9 +30,10 @@ Whether a transaction wrote cannot be asked of the server as it is now
 session in a transaction counts as a writer: one that only read is prepared too, which
 costs round trips, where committing a writer in one phase would break the atomicity.
 And a failed ``XA COMMIT`` is resolved with ``XA RECOVER``, which lists the
-transactions still prepared: one listed is committed there; one not listed has
-committed or been rolled back, and the server keeps no record of which, so the request
-is answered as failed and the log says the outcome is unknown.
+transactions still prepared: one listed is committed there (tried again for up to
+:data:`_XA_RELEASE_SECONDS` while the lost connection's server thread still holds it);
+one not listed has committed or been rolled back, and the server keeps no record of
+which, so the request is answered as failed and the log says the outcome is unknown.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import text
 from sqlalchemy.engine import TwoPhaseTransaction
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._log import logger
@@ -56,6 +58,7 @@ from ._session import (
     retire,
     run_to_completion,
 )
+from ._unavailable import mysql_error_code
 
 #: A database, as this module sees it: a key that names itself in the log.
 Database = TypeVar("Database", bound=Hashable)
@@ -295,24 +298,53 @@ async def commit_prepared_again(db: Hashable, engine: AsyncEngine, written: Writ
     return False
 
 
+#: XAER_NOTA, "Unknown XID": MariaDB's answer to an XA COMMIT from another connection
+#: while the transaction is still attached to the connection that prepared it.  A lost
+#: connection's server thread releases it as it ends, a moment later (or once the server
+#: notices that its client is gone); XA RECOVER lists it meanwhile.
+_XA_UNKNOWN_XID = 1397
+#: How long a failed XA COMMIT is tried again while its transaction is still attached,
+#: and how often.
+_XA_RELEASE_SECONDS = 2.0
+_XA_RETRY_INTERVAL = 0.05
+
+
 async def _xa_commit_again(db: Hashable, engine: AsyncEngine, written: Written) -> bool:
     try:
-        async with engine.connect() as connection:
-            await connection.execution_options(isolation_level="AUTOCOMMIT")
-            listed = await connection.run_sync(lambda sync: sync.recover_twophase())
-            prepared = {x.decode() if isinstance(x, bytes) else str(x) for x in listed}
-            if written.xid in prepared:
-                # XA COMMIT of a transaction prepared by a connection that is gone: MariaDB
-                # 10.5 and MySQL 5.7.7 keep such a transaction (MDEV-742, WL#6860).
-                await connection.execute(text("XA COMMIT :xid"), {"xid": written.xid})
+        committed = await _xa_commit_if_listed(engine, written.xid)
     except Exception:
         logger.error(_XA_UNSETTLED, db, written.xid, written.xid, exc_info=True)
         return False
-    if written.xid in prepared:
+    if committed:
         logger.warning(_XA_SETTLED, db, written.xid)
         return True
     logger.error(_XA_UNKNOWN, db, written.xid)
     return False
+
+
+async def _xa_commit_if_listed(engine: AsyncEngine, xid: str) -> bool:
+    """``XA COMMIT`` ``xid`` on a new connection while XA RECOVER lists it; False if not.
+
+    A transaction prepared by a connection that is gone is kept, and any connection may
+    commit it (MariaDB 10.5, MDEV-742; MySQL 5.7.7), once the old connection's thread
+    has released it (:data:`_XA_UNKNOWN_XID` until then).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _XA_RELEASE_SECONDS
+    async with engine.connect() as connection:
+        await connection.execution_options(isolation_level="AUTOCOMMIT")
+        while True:
+            listed = await connection.run_sync(lambda sync: sync.recover_twophase())
+            if xid not in {x.decode() if isinstance(x, bytes) else str(x) for x in listed}:
+                return False
+            try:
+                await connection.execute(text("XA COMMIT :xid"), {"xid": xid})
+            except DBAPIError as exc:
+                if mysql_error_code(exc) != _XA_UNKNOWN_XID or loop.time() > deadline:
+                    raise
+            else:
+                return True
+            await asyncio.sleep(_XA_RETRY_INTERVAL)
 
 
 def log_partial_commit(

@@ -309,6 +309,14 @@ async def test_a_sync_connection_killed_before_the_commit_answers_503_with_retry
     assert sync_checked_out(sync_db) == 0
 
 
+def connection_gone(admin: _mariadb.DatabaseFactory, connection_id: int) -> bool:
+    """Whether the server connection ``connection_id`` has ended."""
+    rows = admin.execute(
+        "SELECT id FROM information_schema.processlist WHERE id = %s", (connection_id,)
+    )
+    return rows == []
+
+
 def app_that_adds(db: Database, key: str) -> Any:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await add_key(db, key)
@@ -571,6 +579,9 @@ async def test_two_phase_commit_reports_an_xa_transaction_gone_from_xa_recover_a
 
     def roll_back_behind_its_back(conn: Any, xid: Any, is_prepared: bool) -> None:
         mariadb_databases.execute(f"KILL CONNECTION {connection[0]}")
+        # The killed connection's thread releases the transaction as it ends: until
+        # then no other connection may end it.
+        assert eventually(lambda: connection_gone(mariadb_databases, connection[0]), 5)
         mariadb_databases.execute("XA ROLLBACK %s", (xid,))
 
     event.listen(second.engine.sync_engine, "commit_twophase", roll_back_behind_its_back)
@@ -590,6 +601,36 @@ async def test_two_phase_commit_reports_an_xa_transaction_gone_from_xa_recover_a
     assert any(
         m.startswith(f"{second!r} failed to commit after {first!r} had committed") for m in messages
     )
+
+
+async def test_two_phase_commit_finishes_an_xa_commit_that_failed_before_it_was_sent(
+    two_dbs: tuple[Database, Database],
+    mariadb_databases: _mariadb.DatabaseFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The XA COMMIT fails in the client, before it is sent: the transaction is still
+    prepared, attached to the request's connection until the package has discarded it
+    (MariaDB lets no other connection commit it until then: XAER_NOTA), and then it is
+    committed on a new connection."""
+    first, second = two_dbs
+    failed: list[str] = []
+
+    def fail_before_xa_commit(conn: Any, xid: Any, is_prepared: bool) -> None:
+        failed.append(str(xid))
+        raise ConnectionResetError("the connection failed before XA COMMIT")
+
+    event.listen(second.engine.sync_engine, "commit_twophase", fail_before_xa_commit, once=True)
+    app = app_doing(lambda: add_key(first, "one"), lambda: add_key(second, "two"))
+    with caplog.at_level(logging.WARNING, logger="asgi_sqla"):
+        recorder = await call_http(SQLAlchemyMiddleware(app, first, second, two_phase=True))
+
+    assert len(failed) == 1
+    assert recorder.status == 200
+    assert await keys(first) == {"one"}
+    assert await keys(second) == {"two"}
+    assert xa_prepared(mariadb_databases) == []
+    assert checked_out(first) == checked_out(second) == 0
+    assert any(f"{second!r}'s XA COMMIT" in r.getMessage() for r in caplog.records)
 
 
 async def test_with_two_phase_a_read_only_route_reads_both_mariadb_databases(
