@@ -1021,10 +1021,12 @@ def _replica_set(
 
 async def _check_two_phase(db: BaseDatabase, engine: AsyncEngine) -> None:
     """Fail startup when the database cannot run PREPARE TRANSACTION."""
+    if engine.dialect.name in ("mysql", "mariadb"):
+        return  # InnoDB's XA transactions need no setting
     if engine.dialect.name != "postgresql":
         raise DatabaseStartupError(
-            f"two_phase=True needs PostgreSQL (PREPARE TRANSACTION); {db!r} is "
-            f"{engine.dialect.name}."
+            f"two_phase=True needs PostgreSQL (PREPARE TRANSACTION), MySQL or MariaDB (XA "
+            f"transactions); {db!r} is {engine.dialect.name}."
         )
     async with engine.connect() as connection:
         value = await connection.exec_driver_sql("SHOW max_prepared_transactions")

@@ -49,11 +49,11 @@ class SQLAlchemyMiddleware:
         so.  Each such 503 is logged at WARNING, at most once a second for each reason
         (the next line counts those left out).
     :param read_only: Path patterns (``/reports/*``) whose transactions are read-only
-        and never commit (``READ ONLY`` on PostgreSQL and MySQL).  These patterns, like
-        those of ``manual_commit`` and ``retry``, match every spelling of a path that
-        frameworks route alike: repeated slashes merged, a trailing slash ignored, with
-        and without ``root_path``.  A request without a ``path`` is read-only (and
-        manual-commit) when such patterns are given, and never retried.
+        and never commit (``READ ONLY`` on PostgreSQL, MySQL and MariaDB).  These
+        patterns, like those of ``manual_commit`` and ``retry``, match every spelling of a
+        path that frameworks route alike: repeated slashes merged, a trailing slash
+        ignored, with and without ``root_path``.  A request without a ``path`` is
+        read-only (and manual-commit) when such patterns are given, and never retried.
     :param manual_commit: Path patterns whose transactions never commit automatically:
         the handler calls ``db.commit()``; the rest is rolled back.
     :param retry: Path patterns whose requests are re-run from the start, up to
@@ -65,9 +65,10 @@ class SQLAlchemyMiddleware:
         to responses of requests that used a database, so browsers' developer tools
         show it; turns statistics on for the databases (see ``Database(stats=...)``).
     :param two_phase: When a request wrote to more than one database, commit them with
-        two-phase commit (PostgreSQL ``PREPARE TRANSACTION`` / ``COMMIT PREPARED``):
-        all or none.  Every database must be PostgreSQL with ``max_prepared_transactions``
-        above 0 (checked at startup).  Without it the databases commit one after the
+        two-phase commit (PostgreSQL ``PREPARE TRANSACTION`` / ``COMMIT PREPARED``,
+        MySQL and MariaDB ``XA PREPARE`` / ``XA COMMIT``): all or none.  Every database
+        must be PostgreSQL with ``max_prepared_transactions`` above 0 (checked at
+        startup), MySQL or MariaDB.  Without it the databases commit one after the
         other, in the order the request first used them.
     :param autocommit_reads: Path patterns of routes that only read, whose sessions
         run each statement in autocommit: no ``BEGIN`` nor ``COMMIT``, one round trip
@@ -225,6 +226,17 @@ def _check_databases(databases: tuple[object, ...]) -> None:
         )
 
 
+#: The databases whose transactions can be prepared (``_multidb``).
+_TWO_PHASE_BACKENDS = frozenset({"postgresql", "mysql", "mariadb"})
+
+
+def _two_phase_refused(db: BaseDatabase, backend: str) -> str:
+    return (
+        "two_phase=True needs PostgreSQL (PREPARE TRANSACTION), MySQL or MariaDB (XA "
+        f"transactions); {db!r} is {backend}."
+    )
+
+
 def _check_two_phase(two_phase: bool, databases: tuple[BaseDatabase, ...]) -> bool:
     if check_bool("two_phase", two_phase):
         for db in databases:
@@ -234,10 +246,7 @@ def _check_two_phase(two_phase: bool, databases: tuple[BaseDatabase, ...]) -> bo
                     "use Database for the databases committed together."
                 )
             url = db._url
-            if url is not None and url.get_backend_name() != "postgresql":
-                raise ConfigurationError(
-                    f"two_phase=True needs PostgreSQL (PREPARE TRANSACTION); {db!r} is "
-                    f"{url.get_backend_name()}."
-                )
+            if url is not None and url.get_backend_name() not in _TWO_PHASE_BACKENDS:
+                raise ConfigurationError(_two_phase_refused(db, url.get_backend_name()))
             db._two_phase_check = True  # startup checks max_prepared_transactions
     return two_phase

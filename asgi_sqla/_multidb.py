@@ -22,6 +22,18 @@ the first attempt committed after all, and a transaction still prepared is commi
 there.  Only one that cannot be committed leaves the request partly saved (500, and an
 ERROR naming the xid to finish by hand).  PostgreSQL refuses ``PREPARE TRANSACTION``
 unless the server's ``max_prepared_transactions`` is above 0 (startup checks it).
+
+On MySQL and MariaDB the same SQLAlchemy mechanism sends XA statements (``XA BEGIN``,
+``XA END`` and ``XA PREPARE``, ``XA COMMIT``; ``XA ROLLBACK``).  Two things differ.
+Whether a transaction wrote cannot be asked of the server as it is now
+(``information_schema.innodb_trx`` is a copy refreshed at most every 0.1 s), so every
+session in a transaction counts as a writer: one that only read is prepared too, which
+costs round trips, where committing a writer in one phase would break the atomicity.
+And a failed ``XA COMMIT`` is resolved with ``XA RECOVER``, which lists the
+transactions still prepared: one listed is committed there (tried again for up to
+:data:`_XA_RELEASE_SECONDS` while the lost connection's server thread still holds it);
+one not listed has committed or been rolled back, and the server keeps no record of
+which, so the request is answered as failed and the log says the outcome is unknown.
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import text
 from sqlalchemy.engine import TwoPhaseTransaction
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._log import logger
@@ -45,6 +58,7 @@ from ._session import (
     retire,
     run_to_completion,
 )
+from ._unavailable import mysql_error_code
 
 #: A database, as this module sees it: a key that names itself in the log.
 Database = TypeVar("Database", bound=Hashable)
@@ -87,7 +101,7 @@ class Written:
     """A session's transaction, as seen just before the end of the request."""
 
     xid: str  # SQLAlchemy's two-phase transaction id, for PREPARE TRANSACTION
-    txid: int  # PostgreSQL's transaction id, for txid_status()
+    txid: int | None  # PostgreSQL's transaction id, for txid_status(); None for XA
 
 
 @dataclass
@@ -178,17 +192,26 @@ async def _prepare(session: GuardedSession) -> None:
         await _unguarded(session).run_sync(_prepare_sync)
 
 
+#: The dialects whose two-phase transactions are XA transactions (see the module doc).
+_XA_DIALECTS = frozenset({"mysql", "mariadb"})
+
+
 def _probe_sync(sync_session: Any) -> Written | None:
-    """Flush, then ask PostgreSQL whether the transaction wrote (it has a txid then)."""
+    """Flush, then ask PostgreSQL whether the transaction wrote (it has a txid then).
+
+    On MySQL and MariaDB every transaction counts as written (see the module doc).
+    """
     sync_session.flush()
     connection = sync_session.connection()
-    txid = connection.exec_driver_sql("SELECT txid_current_if_assigned()").scalar()
-    if txid is None:
-        return None
+    txid: int | None = None
+    if connection.dialect.name not in _XA_DIALECTS:
+        txid = connection.exec_driver_sql("SELECT txid_current_if_assigned()").scalar()
+        if txid is None:
+            return None
     transaction = connection.get_transaction()
     if not isinstance(transaction, TwoPhaseTransaction):
         raise RuntimeError("This session's transaction was not begun as a two-phase one.")
-    return Written(xid=str(transaction.xid), txid=int(txid))
+    return Written(xid=str(transaction.xid), txid=None if txid is None else int(txid))
 
 
 def _prepare_sync(sync_session: Any) -> None:
@@ -228,13 +251,33 @@ _ROLLED_BACK_ELSEWHERE = (
 )
 
 
+_XA_UNSETTLED = (
+    "Two-phase commit: %r prepared its XA transaction %r but could not commit it, nor "
+    "find out on a new connection whether it committed. If XA RECOVER lists it, it "
+    "still holds its locks: finish it with XA COMMIT '%s'."
+)
+_XA_SETTLED = (
+    "Two-phase commit: %r's XA COMMIT %r failed on the request's connection; the "
+    "transaction is committed (XA RECOVER still listed it, and it was committed on a new "
+    "connection)."
+)
+_XA_UNKNOWN = (
+    "Two-phase commit: %r's XA COMMIT %r failed on the request's connection, and XA "
+    "RECOVER no longer lists the transaction: it was committed or rolled back, and the "
+    "server keeps no record of which. It is counted as not committed."
+)
+
+
 async def commit_prepared_again(db: Hashable, engine: AsyncEngine, written: Written) -> bool:
     """Settle a prepared transaction whose ``COMMIT PREPARED`` failed; True if committed.
 
     Asks on a new connection: ``txid_status()`` is 'committed' when the first attempt
     committed before its connection failed, 'in progress' while the transaction is
     still prepared (it is then committed here), 'aborted' when someone rolled it back.
+    An XA transaction is committed there if ``XA RECOVER`` still lists it.
     """
+    if engine.dialect.name in _XA_DIALECTS:
+        return await _xa_commit_again(db, engine, written)
     xid = written.xid.replace("'", "''")
     try:
         async with engine.connect() as connection:
@@ -253,6 +296,55 @@ async def commit_prepared_again(db: Hashable, engine: AsyncEngine, written: Writ
         return True
     logger.error(_ROLLED_BACK_ELSEWHERE, db, written.xid, status)
     return False
+
+
+#: XAER_NOTA, "Unknown XID": MariaDB's answer to an XA COMMIT from another connection
+#: while the transaction is still attached to the connection that prepared it.  A lost
+#: connection's server thread releases it as it ends, a moment later (or once the server
+#: notices that its client is gone); XA RECOVER lists it meanwhile.
+_XA_UNKNOWN_XID = 1397
+#: How long a failed XA COMMIT is tried again while its transaction is still attached,
+#: and how often.
+_XA_RELEASE_SECONDS = 2.0
+_XA_RETRY_INTERVAL = 0.05
+
+
+async def _xa_commit_again(db: Hashable, engine: AsyncEngine, written: Written) -> bool:
+    try:
+        committed = await _xa_commit_if_listed(engine, written.xid)
+    except Exception:
+        logger.error(_XA_UNSETTLED, db, written.xid, written.xid, exc_info=True)
+        return False
+    if committed:
+        logger.warning(_XA_SETTLED, db, written.xid)
+        return True
+    logger.error(_XA_UNKNOWN, db, written.xid)
+    return False
+
+
+async def _xa_commit_if_listed(engine: AsyncEngine, xid: str) -> bool:
+    """``XA COMMIT`` ``xid`` on a new connection while XA RECOVER lists it; False if not.
+
+    A transaction prepared by a connection that is gone is kept, and any connection may
+    commit it (MariaDB 10.5, MDEV-742; MySQL 5.7.7), once the old connection's thread
+    has released it (:data:`_XA_UNKNOWN_XID` until then).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _XA_RELEASE_SECONDS
+    async with engine.connect() as connection:
+        await connection.execution_options(isolation_level="AUTOCOMMIT")
+        while True:
+            listed = await connection.run_sync(lambda sync: sync.recover_twophase())
+            if xid not in {x.decode() if isinstance(x, bytes) else str(x) for x in listed}:
+                return False
+            try:
+                await connection.execute(text("XA COMMIT :xid"), {"xid": xid})
+            except DBAPIError as exc:
+                if mysql_error_code(exc) != _XA_UNKNOWN_XID or loop.time() > deadline:
+                    raise
+            else:
+                return True
+            await asyncio.sleep(_XA_RETRY_INTERVAL)
 
 
 def log_partial_commit(

@@ -77,7 +77,12 @@ from ._errors import (
 )
 from ._log import logger
 from ._reconnect import drop_dead_connection, log_reconnect, taken_for_this_call
-from ._unavailable import note_acquire_failure, note_read_only_transaction, unavailable
+from ._unavailable import (
+    mysql_error_code,
+    note_acquire_failure,
+    note_read_only_transaction,
+    unavailable,
+)
 
 _T = TypeVar("_T")
 
@@ -124,6 +129,10 @@ READ_ONLY = (
 #: SQLSTATEs after which re-running the whole transaction may succeed: serialization
 #: failure and deadlock.
 _CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
+#: The same on MySQL and MariaDB, by error number (older drivers give no SQLSTATE):
+#: ER_LOCK_DEADLOCK (SQLSTATE 40001), after which InnoDB has rolled the whole transaction
+#: back ("Deadlocks in InnoDB", MySQL Reference Manual 17.7.5; MariaDB error 1213).
+_CONFLICT_MYSQL_ERRORS = frozenset({1213})
 
 #: Seconds between two looks at a call still running on a session the package ends.
 _IDLE_CHECK_INTERVAL = 0.05
@@ -626,11 +635,11 @@ def guarded_class(cls: type[AsyncSession]) -> type[GuardedSession]:
 def make_read_only(session: SessionLike, *, autocommit: bool = False) -> None:
     """Make every transaction of ``session`` read-only and never committed.
 
-    On PostgreSQL and MySQL the transaction is declared ``READ ONLY``, so a write fails
-    at once.  On every database the session's transactions never commit: the package
-    rolls them back, and any commit raises ``RollbackOnlyError`` before anything is
-    flushed or committed, by whichever API it comes (``commit()``, the end of an
-    ``async with session.begin():`` block, which then rolls back and gives the
+    On PostgreSQL, MySQL and MariaDB the transaction is declared ``READ ONLY``, so a
+    write fails at once.  On every database the session's transactions never commit:
+    the package rolls them back, and any commit raises ``RollbackOnlyError`` before
+    anything is flushed or committed, by whichever API it comes (``commit()``, the end
+    of an ``async with session.begin():`` block, which then rolls back and gives the
     connection back, ``run_sync(lambda s: s.commit())``, ``db.commit()``, or a session
     class's own methods).  Releasing a SAVEPOINT is allowed: it commits nothing.
     ``db.set_rollback_only()`` puts the same mark with its own message.
@@ -638,8 +647,8 @@ def make_read_only(session: SessionLike, *, autocommit: bool = False) -> None:
     It does not cover what does not go through the session's transaction: a
     connection taken from the engine (``db.engine.connect()``), ``db.new_session()``, a
     ``commit()`` on the ``Connection`` that ``session.connection()`` returns, or a
-    ``COMMIT`` sent as SQL text; on databases other than PostgreSQL and MySQL, writes
-    made through those are not refused either.
+    ``COMMIT`` sent as SQL text; on databases other than PostgreSQL, MySQL and MariaDB,
+    writes made through those are not refused either.
 
     With ``autocommit``, a session bound to an engine runs its statements in
     autocommit instead (``_autocommit``): no ``BEGIN``, no ``COMMIT``, and every
@@ -656,8 +665,13 @@ def make_read_only(session: SessionLike, *, autocommit: bool = False) -> None:
     if autocommit and isinstance(bind, Engine) and type(sync_session).get_bind is Session.get_bind:
         sync_session.bind = autocommit_engine(bind)
         sync_session._asgi_sqla_autocommit = True
-    elif bind is not None and bind.dialect.name in ("postgresql", "mysql"):
+    elif bind is not None and bind.dialect.name in _READ_ONLY_DIALECTS:
         event.listen(sync_session, "after_begin", _set_transaction_read_only)
+
+
+#: Dialects that have ``SET TRANSACTION READ ONLY``.  A ``mariadb+driver://`` URL gets
+#: SQLAlchemy's MariaDB dialect, whose name is "mariadb", not "mysql".
+_READ_ONLY_DIALECTS = frozenset({"postgresql", "mysql", "mariadb"})
 
 
 def _set_transaction_read_only(session: Any, transaction: Any, connection: Any) -> None:
@@ -674,6 +688,7 @@ def is_conflict(exc: BaseException | None) -> bool:
         # asyncpg and psycopg 3 name the SQLSTATE ``sqlstate``; psycopg 2, ``pgcode``.
         getattr(candidate, "sqlstate", None) in _CONFLICT_SQLSTATES
         or getattr(candidate, "pgcode", None) in _CONFLICT_SQLSTATES
+        or mysql_error_code(candidate) in _CONFLICT_MYSQL_ERRORS
         for error in exception_chain(exc)
         for candidate in (error, getattr(error, "orig", None))
     )

@@ -19,7 +19,11 @@ succeed shortly, on the same server once it is back or on the one a failover pro
   (libpq's connection failures, "session is read-only" for
   ``target_session_attrs=read-write`` while no host is writable yet, and asyncpg's
   ``TargetServerAttributeNotMatched``, carry none).  The same types raised by the app's
-  own code (an HTTP call, a socket) do not count.
+  own code (an HTTP call, a socket) do not count.  MySQL and MariaDB say it with error
+  numbers (:data:`_MYSQL_UNREACHABLE`: refused, lost, killed, too many connections),
+  not with a SQLSTATE of class 08, and older drivers (PyMySQL before 1.1.1, asyncmy
+  0.2.9) give no SQLSTATE at all: there the number decides, at connect as elsewhere,
+  so that a refused password (1045) or a missing database (1049) is not a 503.
 * :data:`READ_ONLY`: a write met SQLSTATE 25006 on a server that has become read-only
   under a live pool (Aurora, Patroni: the old primary turned standby, connections
   kept).  :func:`watch_read_only` makes SQLAlchemy treat that as a disconnect, so the
@@ -54,6 +58,7 @@ __all__ = [
     "POOL_TIMEOUT",
     "READ_ONLY",
     "UNREACHABLE",
+    "mysql_error_code",
     "note_acquire_failure",
     "note_read_only_transaction",
     "sqlstate",
@@ -75,6 +80,21 @@ _READ_ONLY_SQLSTATE = "25006"
 #: The mark :func:`note_acquire_failure` puts on an exception raised while acquiring.
 _ACQUIRING = "_asgi_sqla_acquire_failed"
 
+#: MySQL and MariaDB error numbers that mean the server could not be reached or dropped
+#: the connection (MariaDB's "Error Codes" list; the 2000s are the client library's).
+_MYSQL_UNREACHABLE = frozenset(
+    {
+        1040,  # ER_CON_COUNT_ERROR: too many connections
+        1053,  # ER_SERVER_SHUTDOWN: server shutdown in progress
+        1927,  # ER_CONNECTION_KILLED (MariaDB)
+        2002,  # CR_CONNECTION_ERROR: cannot connect through the socket
+        2003,  # CR_CONN_HOST_ERROR: cannot connect to the host (refused, timed out)
+        2005,  # CR_UNKNOWN_HOST
+        2006,  # CR_SERVER_GONE_ERROR: server has gone away
+        2013,  # CR_SERVER_LOST: lost connection during a query
+    }
+)
+
 #: asyncio's timeout is not the builtin one before Python 3.11.
 _TIMEOUTS = (TimeoutError, asyncio.TimeoutError)
 
@@ -93,6 +113,23 @@ def sqlstate(error: BaseException | None) -> str | None:
     return None
 
 
+#: The packages whose exceptions carry a MySQL error number as ``args[0]``: PyMySQL (and
+#: aiomysql, which raises PyMySQL's), asyncmy, mysqlclient, MySQL Connector, MariaDB
+#: Connector.  Older releases (PyMySQL before 1.1.1) give no SQLSTATE, only the number.
+_MYSQL_DRIVERS = frozenset({"pymysql", "asyncmy", "MySQLdb", "mysql", "mariadb"})
+
+
+def mysql_error_code(error: BaseException | None) -> int | None:
+    """The MySQL error number of a MySQL driver's error, or of the one a SQLAlchemy error wraps."""
+    for candidate in (error, getattr(error, "orig", None)):
+        if candidate is None or type(candidate).__module__.partition(".")[0] not in _MYSQL_DRIVERS:
+            continue
+        args = getattr(candidate, "args", ())
+        if args and isinstance(args[0], int):
+            return args[0]
+    return None
+
+
 def unavailable(exc: BaseException | None) -> str | None:
     """Why ``exc`` (or an error it came from) says the database is unavailable, or None."""
     for error in exception_chain(exc):
@@ -108,6 +145,8 @@ def unavailable(exc: BaseException | None) -> str | None:
             return READ_ONLY if code == _READ_ONLY_SQLSTATE else UNREACHABLE
         if code is not None and (code.startswith("08") or code in _SHUTDOWN_SQLSTATES):
             return UNREACHABLE
+        if mysql_error_code(error) in _MYSQL_UNREACHABLE:
+            return UNREACHABLE
     return None
 
 
@@ -116,7 +155,8 @@ def note_acquire_failure(exc: BaseException) -> None:
     if unavailable(exc) is not None:
         return
     if isinstance(exc, (OSError, *_TIMEOUTS)) or (
-        isinstance(exc, DBAPIError) and sqlstate(exc) is None
+        # A MySQL error number not in _MYSQL_UNREACHABLE is the server's answer.
+        isinstance(exc, DBAPIError) and sqlstate(exc) is None and mysql_error_code(exc) is None
     ):
         # An exception class without a __dict__ cannot be marked: the session still is.
         with contextlib.suppress(AttributeError, TypeError):

@@ -417,7 +417,9 @@ class SessionContext:
         self._check_open(db)
         options = self.session_options
         # A read in autocommit prepares nothing, and psycopg refuses tpc_begin() then.
-        if self.two_phase and not self.autocommit:
+        # Nor does a read-only transaction, which never commits; and MySQL refuses its
+        # SET TRANSACTION READ ONLY once XA BEGIN has begun the transaction (error 1568).
+        if self.two_phase and not (self.autocommit or self.read_only):
             session = db._make_session(twophase=True)
         elif options is not None:
             session = db._make_session(**options)

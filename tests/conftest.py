@@ -9,11 +9,17 @@ Without PostgreSQL, its tests are skipped, with the reason shown in the summary;
 
 Every test that uses PostgreSQL gets the ``postgresql`` marker (``-m "not postgresql"``
 deselects them).
+
+MariaDB likewise: ``TEST_MARIADB_URL`` (``mysql://root:pw@host:3306``), or else a
+throwaway server (``tests/_mariadb.py``) started the first time a test asks for one, so
+a run without MariaDB tests never starts it.  Its tests get the ``mariadb`` marker, are
+skipped without a server, and fail instead under ``CI``.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -25,6 +31,7 @@ from sqlalchemy import URL
 
 from asgi_sqla import Database, SyncDatabase
 
+import _mariadb
 import _postgres
 from _helpers import open_database, open_sync_database
 
@@ -41,6 +48,15 @@ _SYNC_POSTGRES_PARAMS = [
     for driver in SYNC_DRIVERS
 ]
 
+#: The async MySQL drivers, each under one of the two spellings SQLAlchemy accepts for
+#: MariaDB: ``mariadb+`` (the MariaDB dialect) and ``mysql+`` (the MySQL dialect, which
+#: finds out at connect that the server is MariaDB).
+MARIADB_DRIVERS = {"aiomysql": "mariadb+aiomysql", "asyncmy": "mysql+asyncmy"}
+_MARIADB_PARAMS = [
+    pytest.param(driver, marks=pytest.mark.mariadb, id=f"mariadb-{driver}")
+    for driver in MARIADB_DRIVERS
+]
+
 
 def pytest_configure(config: pytest.Config) -> None:
     # Also declared in pyproject.toml; repeated so this conftest works on its own.
@@ -52,6 +68,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "frameworks(*names): run a tests/test_frameworks.py test for these example apps only",
     )
+    config.addinivalue_line(
+        "markers", "mariadb: needs a MariaDB server (started by the test run, or TEST_MARIADB_URL)"
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -59,6 +78,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         uses_server = "postgres_server" in getattr(item, "fixturenames", ())
         if uses_server and item.get_closest_marker("postgresql") is None:
             item.add_marker(pytest.mark.postgresql)
+        uses_mariadb = "mariadb_server" in getattr(item, "fixturenames", ())
+        if uses_mariadb and item.get_closest_marker("mariadb") is None:
+            item.add_marker(pytest.mark.mariadb)
 
 
 def _ci() -> bool:
@@ -69,6 +91,12 @@ def _postgres_unavailable(reason: str) -> NoReturn:
     if _ci():
         pytest.fail(f"{reason}; CI is set, so PostgreSQL tests must not be skipped", pytrace=False)
     pytest.skip(f"PostgreSQL unavailable: {reason}")
+
+
+def _mariadb_unavailable(reason: str) -> NoReturn:
+    if _ci():
+        pytest.fail(f"{reason}; CI is set, so MariaDB tests must not be skipped", pytrace=False)
+    pytest.skip(f"MariaDB unavailable: {reason}")
 
 
 def _async_url(database: URL, driver: str) -> str:
@@ -267,6 +295,15 @@ def module_database_url(
 
 
 @pytest.fixture
+def aiomysql_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``import aiomysql`` fail as if it were not installed, for the tests of the
+    message that names a missing driver's extra (the dev group installs aiomysql, for
+    ``tests/test_mariadb.py``): a ``None`` in ``sys.modules`` makes the import raise
+    ``ImportError``."""
+    monkeypatch.setitem(sys.modules, "aiomysql", None)
+
+
+@pytest.fixture
 def db_options() -> dict[str, Any]:
     """Keyword arguments for ``db``'s ``Database``: none, unless a module overrides this.
 
@@ -288,3 +325,98 @@ async def db(database_url: str, db_options: dict[str, Any]) -> AsyncIterator[Dat
         yield database
     finally:
         await database.dispose()
+
+
+# -- MariaDB ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def mariadb_server() -> Iterator[URL]:
+    """Driver-less ``sqlalchemy.URL`` of the session's MariaDB server (no database named).
+
+    ``TEST_MARIADB_URL`` if set, otherwise a throwaway server on a free 127.0.0.1 port,
+    e.g. ``mysql://root@127.0.0.1:PORT``, killed and deleted at the end of the session.
+    Skips (or fails, under ``CI``) when no MariaDB is available.
+    """
+    external = os.environ.get(_mariadb.URL_VARIABLE)
+    if external:
+        yield _mariadb.server_url_from_env(external)
+        return
+    found = _mariadb.find_server()
+    if found is None:
+        where = os.environ.get(_mariadb.BINDIR_VARIABLE) or "PATH, /usr/sbin or /usr/bin"
+        _mariadb_unavailable(
+            f"no mariadbd (or mysqld) and mariadb-install-db in {where}, no TEST_MARIADB_URL"
+        )
+    try:
+        server = _mariadb.TemporaryServer(*found)
+    except _mariadb.MariaDBUnavailable as exc:
+        _mariadb_unavailable(str(exc))
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def mariadb_databases(mariadb_server: URL) -> Iterator[_mariadb.DatabaseFactory]:
+    """Creates and drops the per-test databases over one admin connection (root).
+
+    Its ``execute()`` runs a statement as the server's administrator: ``KILL``,
+    ``SET GLOBAL``, ``CREATE USER``.
+    """
+    factory = _mariadb.DatabaseFactory(mariadb_server)
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture
+def mariadb_database(mariadb_databases: _mariadb.DatabaseFactory) -> Iterator[URL]:
+    """Driver-less ``sqlalchemy.URL`` of a new, empty MariaDB database for this test.
+
+    Created as ``t_<uuid hex>`` and dropped afterwards; ``mariadb_url``,
+    ``sync_mariadb_url`` and ``mariadb_admin`` of one test all use this same database.
+    """
+    url = mariadb_databases.create()
+    try:
+        yield url
+    finally:
+        mariadb_databases.drop(url)
+
+
+def _mariadb_url(database: URL, drivername: str) -> str:
+    url = database.set(drivername=drivername, query={"charset": "utf8mb4"})
+    return url.render_as_string(hide_password=False)
+
+
+@pytest.fixture(params=_MARIADB_PARAMS)
+def mariadb_url(request: pytest.FixtureRequest, mariadb_database: URL) -> str:
+    """Async SQLAlchemy URL string of a fresh MariaDB database, once per async driver.
+
+    ids: ``mariadb-aiomysql`` -> ``mariadb+aiomysql://...``; ``mariadb-asyncmy`` ->
+    ``mysql+asyncmy://...`` (both spellings of the dialect are run).
+    """
+    driver: str = request.param
+    return _mariadb_url(mariadb_database, MARIADB_DRIVERS[driver])
+
+
+@pytest.fixture(params=[pytest.param("pymysql", marks=pytest.mark.mariadb, id="mariadb-pymysql")])
+def sync_mariadb_url(request: pytest.FixtureRequest, mariadb_database: URL) -> str:
+    """Synchronous URL string of a fresh MariaDB database, for ``SyncDatabase`` (PyMySQL)."""
+    return _mariadb_url(mariadb_database, "mariadb+pymysql")
+
+
+@pytest.fixture
+def mariadb_admin(mariadb_database: URL) -> Iterator[Any]:
+    """Synchronous autocommit PyMySQL connection (root) to this test's MariaDB database.
+
+    For looking behind the code under test: ``information_schema.processlist``,
+    ``KILL CONNECTION``...  Closed before the database is dropped.
+    """
+    conn = _mariadb.connect(mariadb_database)
+    try:
+        yield conn
+    finally:
+        conn.close()

@@ -123,6 +123,7 @@ def test_a_malformed_database_url_names_the_variable_and_hides_the_password(
     assert PASSWORD not in str(info.value)
 
 
+@pytest.mark.usefixtures("aiomysql_not_installed")
 def test_a_driver_that_is_not_installed_names_the_pip_extra_and_hides_the_password() -> None:
     db = Database(f"mysql+aiomysql://user:{PASSWORD}@db.invalid/app")
 
@@ -134,6 +135,7 @@ def test_a_driver_that_is_not_installed_names_the_pip_extra_and_hides_the_passwo
     assert PASSWORD not in message
 
 
+@pytest.mark.usefixtures("aiomysql_not_installed")
 async def test_a_missing_driver_fails_lifespan_startup_with_the_fix() -> None:
     db = Database(f"mysql+aiomysql://user:{PASSWORD}@db.invalid/app")
     recorder = ASGIRecorder([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])

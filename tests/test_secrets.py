@@ -198,6 +198,7 @@ def test_a_synchronous_driver_is_refused_without_its_query_password() -> None:
     assert "synchronous" in str(info.value)
 
 
+@pytest.mark.usefixtures("aiomysql_not_installed")
 def test_a_driver_that_is_not_installed_is_named_without_the_query_password() -> None:
     db = Database(f"mysql+aiomysql://user@db.invalid/app?password={PASSWORD}")
 
