@@ -29,7 +29,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 # The examples serving a SyncDatabase, which needs a synchronous driver: their default
 # URL is SQLite through the standard library's sqlite3 (the others' is aiosqlite).
-SYNC_EXAMPLES := sqlmodel
+SYNC_EXAMPLES := sqlmodel django_sync
 DATABASE_URL ?= $(if $(filter $(FRAMEWORK),$(SYNC_EXAMPLES)),sqlite,sqlite+aiosqlite):///./example.db
 UVICORN_ARGS ?=
 PYTEST_ARGS ?=
