@@ -20,6 +20,7 @@ keys of its own, and the last test stops the server.
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 from collections.abc import Iterator
@@ -46,7 +47,7 @@ from _helpers import (
     server_logging_env,
     server_reported_an_app_error,
 )
-from _servers import Server, serve
+from _servers import ROOT, Server, serve
 
 
 @dataclass(frozen=True)
@@ -403,3 +404,30 @@ class NotesContract(_StopsLast, _NotesTests):
 
 class Promises(_StopsLast, _PromisesTests):
     """The promises; a subclass sets ``target`` (and ``sync``, ``cancels_on_disconnect``)."""
+
+
+# -- the pages of docs/frameworks/: their Python blocks are the example apps ---------------
+
+DOCS = ROOT / "docs"
+
+
+def page_blocks(page: str) -> dict[str, str]:
+    """The ``python`` blocks of ``docs/<page>``, by the file their first line names."""
+    blocks: dict[str, str] = {}
+    text = (DOCS / page).read_text()
+    for block in re.findall(r"```python\n(.*?)```", text, re.DOTALL):
+        first_line, _, code = block.partition("\n")
+        assert re.fullmatch(r"# \w+\.py", first_line), f"{page}: {first_line!r}"
+        blocks[first_line[2:-3]] = code
+    return blocks
+
+
+def example_code(name: str) -> str:
+    """``examples/<name>.py`` after its module docstring: what the page shows of it.
+
+    The page is run by the tests of this package through the example itself: a block
+    that differs from the file in one character fails this comparison.
+    """
+    source = (ROOT / "examples" / f"{name}.py").read_text()
+    docstring_end = source.index('"""\n', source.index('"""') + 3) + len('"""\n')
+    return source[docstring_end:].lstrip("\n")

@@ -15,7 +15,7 @@ from sqlalchemy.exc import DBAPIError
 
 from asgi_sqla import Database, SQLAlchemyMiddleware
 
-from _any_asgi import NotesContract, Promises
+from _any_asgi import NotesContract, Promises, example_code, page_blocks
 from _helpers import add_key, call_http, checked_out, keys
 
 
@@ -54,3 +54,10 @@ async def test_a_read_only_route_is_read_only_in_every_letter_case_blacksheep_ro
     assert (recorder.status, recorder.body) == (200, b"reached")  # BlackSheep routed it
     assert await keys(db) == set()
     assert checked_out(db) == 0
+
+
+def test_the_page_shows_the_example_as_it_is_tested() -> None:
+    # docs/frameworks/blacksheep.md: its Python blocks are run here, as the example files.
+    assert page_blocks("frameworks/blacksheep.md") == {
+        "blacksheep_app": example_code("blacksheep_app")
+    }

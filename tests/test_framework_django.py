@@ -9,7 +9,7 @@ scope, and the middleware answers the server's lifespan itself.
 
 from __future__ import annotations
 
-from _any_asgi import NotesContract, Promises
+from _any_asgi import NotesContract, Promises, example_code, page_blocks
 
 
 class TestDjangoExample(NotesContract):
@@ -31,3 +31,11 @@ class TestDjangoSyncPromises(Promises):
     target = "tests.apps.probe_django_sync:app"
     sync = True
     rolls_back_on_disconnect = True
+
+
+def test_the_page_shows_the_example_as_it_is_tested() -> None:
+    # docs/frameworks/django.md: its Python blocks are run here, as the example files.
+    assert page_blocks("frameworks/django.md") == {
+        "django_app": example_code("django_app"),
+        "django_sync_app": example_code("django_sync_app"),
+    }

@@ -8,7 +8,7 @@ to be the file itself.
 
 from __future__ import annotations
 
-from _any_asgi import NotesContract, Promises
+from _any_asgi import NotesContract, Promises, example_code, page_blocks
 
 
 class TestFalconExample(NotesContract):
@@ -17,3 +17,8 @@ class TestFalconExample(NotesContract):
 
 class TestFalconPromises(Promises):
     target = "tests.apps.probe_falcon:app"
+
+
+def test_the_page_shows_the_example_as_it_is_tested() -> None:
+    # docs/frameworks/falcon.md: its Python blocks are run here, as the example files.
+    assert page_blocks("frameworks/falcon.md") == {"falcon_app": example_code("falcon_app")}
