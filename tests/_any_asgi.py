@@ -370,6 +370,8 @@ class _PromisesTests(_Served):
         assert no_transaction_left_open(database_url)
         if self.rolls_back_on_disconnect:
             assert _committed(database_url, "items", "key", key) == 0
+            # A `def` view's thread wrote again after the wait: not committed either.
+            assert _committed(database_url, "items", "key", f"{key}-late") == 0
 
     def test_two_requests_at_once_use_two_sessions(
         self, client: httpx.Client, server: Server

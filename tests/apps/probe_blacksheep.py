@@ -76,7 +76,10 @@ async def stream(key: str) -> Response:
 @post("/waits/{key}")
 async def wait(key: str) -> Response:
     await write_item(db, key)
-    return text("released", status=201) if await gates.wait(key) else text("late", status=504)
+    if not await gates.wait(key):
+        return text("late", status=504)
+    await write_item(db, f"{key}-late")
+    return text("released", status=201)
 
 
 @post("/releases/{key}")

@@ -14,7 +14,8 @@ package's promises in every one of them:
 ``POST /raises/{key}``          insert ``key``, then raise: the framework answers 500
 ``POST /streams/{key}``         insert ``key``, then a body ``written``, and once
                                 released ``released``
-``POST /waits/{key}``           insert ``key``, wait to be released, answer 201
+``POST /waits/{key}``           insert ``key``, wait to be released, insert
+                                ``{key}-late``, answer 201
 ``POST /releases/{key}``        release the stream or wait of ``key``
 ``POST /meets/{pair}``          a read, then wait for the other request of ``pair``;
                                 answer the session's and the thread's identity

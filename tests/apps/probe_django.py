@@ -69,6 +69,7 @@ async def stream(request: HttpRequest, key: str) -> StreamingHttpResponse:
 async def wait(request: HttpRequest, key: str) -> HttpResponse:
     await write_item(db, key)
     if await gates.wait(key):
+        await write_item(db, f"{key}-late")
         return HttpResponse("released", status=201)
     return HttpResponse("late", status=504)
 

@@ -109,6 +109,8 @@ def stream(request: HttpRequest, key: str) -> StreamingHttpResponse:
 def wait(request: HttpRequest, key: str) -> HttpResponse:
     write_item(db.session, key)
     if gates.wait(key):
+        # After the wait, which outlives a client that left (the thread runs on).
+        write_item(db.session, f"{key}-late")
         return HttpResponse("released", status=201)
     return HttpResponse("late", status=504)
 

@@ -58,7 +58,11 @@ class Streams:
 class Waits:
     async def on_post(self, req: Request, resp: Response, key: str) -> None:
         await write_item(db, key)
-        resp.status, resp.text = (201, "released") if await gates.wait(key) else (504, "timed out")
+        if not await gates.wait(key):
+            resp.status, resp.text = 504, "timed out"
+            return
+        await write_item(db, f"{key}-late")
+        resp.status, resp.text = 201, "released"
 
 
 class Releases:
