@@ -75,7 +75,7 @@ _PARAMS = [
 ]
 
 
-class _Served:
+class Served:
     """A server process per :data:`SETUPS` entry, serving ``target`` on a new database."""
 
     #: The app, as ``module:attribute``.
@@ -144,11 +144,11 @@ class _Served:
             yield client
 
 
-class _StopsLast:
+class StopsLast:
     """The test that stops the server: a base listed before the tests' own class.
 
     pytest collects a class's tests from its bases in reverse MRO order, so the tests
-    of a class ``C(_StopsLast, Tests)`` run first and this one after them.
+    of a class ``C(StopsLast, Tests)`` run first and this one after them.
     """
 
     sync: ClassVar[bool]
@@ -160,12 +160,12 @@ class _StopsLast:
         assert_sigint_stops_the_server_cleanly(server, database_url, disposed)
 
 
-def _committed(url: str, table: str, column: str, value: str) -> int:
+def committed(url: str, table: str, column: str, value: str) -> int:
     """How many committed rows of ``table`` hold ``value`` (read on a connection of its own)."""
     return int(query(url, f"SELECT count(*) FROM {table} WHERE {column} = '{value}'")[0][0])
 
 
-class _NotesTests(_Served):
+class NotesTests(Served):
     """The common example contract, against ``examples/<name>_app.py``."""
 
     ready_path = "/notes"
@@ -180,7 +180,7 @@ class _NotesTests(_Served):
         assert response.status_code == 201, response.text
         assert response.json() == {"id": response.json()["id"], "text": text}
         assert isinstance(response.json()["id"], int)
-        assert _committed(database_url, "notes", "text", text) == 1
+        assert committed(database_url, "notes", "text", text) == 1
         assert no_transaction_left_open(database_url)
 
     @pytest.mark.parametrize("body", [{"text": ""}, {"text": "   "}, {}], ids=str)
@@ -234,7 +234,7 @@ class _NotesTests(_Served):
         assert (missing.status_code, missing.json()) == (404, {"error": "no such note"})
 
 
-class _PromisesTests(_Served):
+class PromisesTests(Served):
     """The package's promises, against ``tests/apps/probe_<name>.py``."""
 
     makes_tables = True
@@ -263,7 +263,7 @@ class _PromisesTests(_Served):
         response = client.post(f"/items/{key}/201")
 
         assert response.status_code == 201, response.text
-        assert _committed(database_url, "items", "key", key) == 1
+        assert committed(database_url, "items", "key", key) == 1
         assert self.pool(client)["checked_out"] == 0
         assert no_transaction_left_open(database_url)
 
@@ -273,7 +273,7 @@ class _PromisesTests(_Served):
         response = client.post(f"/items/{key}/409")
 
         assert response.status_code == 409
-        assert _committed(database_url, "items", "key", key) == 0
+        assert committed(database_url, "items", "key", key) == 0
         assert self.pool(client)["checked_out"] == 0
         assert no_transaction_left_open(database_url)
 
@@ -288,7 +288,7 @@ class _PromisesTests(_Served):
 
         assert response.status_code == 500
         assert response.text == "Internal Server Error"  # the middleware's, not the app's 201
-        assert _committed(database_url, "items", "key", key) == 0
+        assert committed(database_url, "items", "key", key) == 0
         log = server.log[log_start:]
         assert COMMIT_FAILED in log
         assert "instead of the app's 201 response" in log
@@ -322,7 +322,7 @@ class _PromisesTests(_Served):
             lines = response.iter_lines()
             assert next(lines) == "written"
             # The body waits for the release below: the response is still going out.
-            assert _committed(database_url, "items", "key", key) == 1
+            assert committed(database_url, "items", "key", key) == 1
             assert self.pool(client)["checked_out"] == 0
             if database_url.startswith("postgresql"):
                 assert all(state == "idle" for _, state, _ in server_backends(database_url))
@@ -338,7 +338,7 @@ class _PromisesTests(_Served):
         response = client.post(f"/raises/{key}")
 
         assert response.status_code == 500
-        assert _committed(database_url, "items", "key", key) == 0
+        assert committed(database_url, "items", "key", key) == 0
         assert self.pool(client)["checked_out"] == 0
         assert no_transaction_left_open(database_url)
         # The framework answered the 500 itself and logged the exception; the exception
@@ -364,14 +364,14 @@ class _PromisesTests(_Served):
         if self.stops_on_disconnect:
             # The framework cancelled the handler: rolled back, nothing held, no release.
             assert eventually(lambda: self.pool(client)["checked_out"] == 0)
-            assert _committed(database_url, "items", "key", key) == 0
+            assert committed(database_url, "items", "key", key) == 0
         assert client.post(f"/releases/{key}").status_code == 200
         assert eventually(lambda: self.pool(client)["checked_out"] == 0)
         assert no_transaction_left_open(database_url)
         if self.rolls_back_on_disconnect:
-            assert _committed(database_url, "items", "key", key) == 0
+            assert committed(database_url, "items", "key", key) == 0
             # A `def` view's thread wrote again after the wait: not committed either.
-            assert _committed(database_url, "items", "key", f"{key}-late") == 0
+            assert committed(database_url, "items", "key", f"{key}-late") == 0
 
     def test_two_requests_at_once_use_two_sessions(
         self, client: httpx.Client, server: Server
@@ -400,11 +400,11 @@ class _PromisesTests(_Served):
         assert self.pool(client)["checked_out"] == 0
 
 
-class NotesContract(_StopsLast, _NotesTests):
+class NotesContract(StopsLast, NotesTests):
     """The example contract; a subclass sets ``target`` (and ``sync``)."""
 
 
-class Promises(_StopsLast, _PromisesTests):
+class Promises(StopsLast, PromisesTests):
     """The promises; a subclass sets ``target`` (and ``sync``, ``cancels_on_disconnect``)."""
 
 

@@ -3,6 +3,11 @@
 Falcon refuses a synchronous responder on ``falcon.asgi.App`` (``add_route`` raises
 ``TypeError``), so every responder here is a coroutine.  A status of 400 or more is
 raised as ``falcon.HTTPError``; an unhandled exception becomes Falcon's own 500.
+
+Also ``POST /schedules/{key}?scoped=yes|no``: a write scheduled with
+``resp.schedule``, which Falcon runs as a task of its own once the response is sent
+and the request is over, in ``async with db.scope():`` or on ``db.session`` alone; and
+``GET /scheduled/{key}``, what became of it.
 """
 
 from __future__ import annotations
@@ -71,6 +76,35 @@ class Releases:
         resp.text = "released"
 
 
+#: What became of each scheduled write: "written", or the exception it raised.
+scheduled: dict[str, str] = {}
+
+
+class Schedules:
+    async def on_post(self, req: Request, resp: Response, key: str) -> None:
+        scoped = req.get_param_as_bool("scoped", required=True)
+
+        async def write_later() -> None:
+            try:
+                if scoped:
+                    async with db.scope():
+                        await write_item(db, key)
+                else:
+                    await write_item(db, key)
+            except Exception as exc:
+                scheduled[key] = f"{type(exc).__name__}: {exc}"
+                raise
+            scheduled[key] = "written"
+
+        resp.schedule(write_later)
+        resp.status, resp.text = 202, "scheduled"
+
+
+class Scheduled:
+    async def on_get(self, req: Request, resp: Response, key: str) -> None:
+        resp.media = {"outcome": scheduled.get(key)}
+
+
 class Meets:
     async def on_post(self, req: Request, resp: Response, pair: str) -> None:
         await read(db)
@@ -88,5 +122,7 @@ falcon_app.add_route("/streams/{key}", Streams())
 falcon_app.add_route("/waits/{key}", Waits())
 falcon_app.add_route("/releases/{key}", Releases())
 falcon_app.add_route("/meets/{pair}", Meets())
+falcon_app.add_route("/schedules/{key}", Schedules())
+falcon_app.add_route("/scheduled/{key}", Scheduled())
 
 app = SQLAlchemyMiddleware(falcon_app, db)
