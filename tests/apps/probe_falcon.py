@@ -12,6 +12,8 @@ and the request is over, in ``async with db.scope():`` or on ``db.session`` alon
 
 from __future__ import annotations
 
+import logging
+
 import falcon
 import falcon.asgi
 from falcon.asgi import Request, Response
@@ -21,6 +23,11 @@ from asgi_sqla import SQLAlchemyMiddleware
 from .probe_common import RaisedOnPurpose, async_probe, identity, read, write_item, write_orphan
 
 db, checkouts, gates = async_probe()
+
+# Falcon logs an unhandled exception to the "falcon" logger; Falcon 4.0 gives that
+# logger a NullHandler (4.4 no longer does), which hides the traceback unless the app
+# configures it.
+logging.getLogger("falcon").addHandler(logging.StreamHandler())
 
 
 class Health:
