@@ -52,8 +52,10 @@ class SQLAlchemyMiddleware:
         and never commit (``READ ONLY`` on PostgreSQL, MySQL and MariaDB).  These
         patterns, like those of ``manual_commit`` and ``retry``, match every spelling of a
         path that frameworks route alike: repeated slashes merged, a trailing slash
-        ignored, with and without ``root_path``.  A request without a ``path`` is
-        read-only (and manual-commit) when such patterns are given, and never retried.
+        ignored, with and without ``root_path``; ``read_only`` and ``manual_commit`` in
+        any letter case too (BlackSheep routes so), ``retry`` only as written.  A request
+        without a ``path`` is read-only (and manual-commit) when such patterns are given,
+        and never retried.
     :param manual_commit: Path patterns whose transactions never commit automatically:
         the handler calls ``db.commit()``; the rest is rolled back.
     :param retry: Path patterns whose requests are re-run from the start, up to

@@ -41,6 +41,18 @@ _MATCHES_WITHOUT_PATH = {
     "autocommit_reads": False,
 }
 
+#: Whether each option's patterns match a path in any letter case.  BlackSheep routes
+#: case-insensitively (its ``Route`` compiles its pattern with ``re.IGNORECASE``,
+#: ``blacksheep/server/routing.py``), so ``/REPORTS/1`` reaches the handler of
+#: ``/reports/{id}``: a policy that must not be escaped covers every case; retry, which
+#: must not run a route twice by mistake, matches the case as written.
+_MATCHES_ANY_CASE = {
+    "read_only": True,
+    "manual_commit": True,
+    "retry": False,
+    "autocommit_reads": False,
+}
+
 _REPEATED_SLASHES = re.compile("/{2,}")
 
 
@@ -49,7 +61,8 @@ class PathPatterns:
 
     A request matches when its path matches as frameworks route it: repeated slashes
     merged, a trailing slash ignored (patterns are normalised the same way), taken both
-    as it is and without ``root_path``.  So every spelling of a covered route is
+    as it is and without ``root_path``, and for ``read_only`` and ``manual_commit`` in
+    any letter case (``_MATCHES_ANY_CASE``).  So every spelling of a covered route is
     covered: a policy must not be escaped by writing ``//reports/1``.  A path with a
     trailing slash also matches as sent (``/reports/*`` covers ``/reports/``, not
     ``/reports``), as it did before paths were normalised: matching more is the safe
@@ -72,7 +85,8 @@ class PathPatterns:
                     f"got {pattern!r}."
                 )
         translated = "|".join(fnmatch.translate(_route_path(p)) for p in self.patterns)
-        self._regex = re.compile(translated) if self.patterns else None
+        flags = re.IGNORECASE if _MATCHES_ANY_CASE[option] else 0
+        self._regex = re.compile(translated, flags) if self.patterns else None
         self._without_path = _MATCHES_WITHOUT_PATH[option]
 
     def __bool__(self) -> bool:

@@ -2,9 +2,11 @@
 
 Litestar and Quart route ``//reports/1``, ``/reports/1/`` and ``///reports//1`` to the
 handler of ``/reports/{id}``; Starlette and Litestar route the path without the
-``root_path`` that uvicorn puts in front of it.  A ``read_only`` or ``manual_commit``
-route must not be writable through any of them.  A scope without a ``path`` is
-read-only on a middleware with ``read_only`` patterns, and never retried.
+``root_path`` that uvicorn puts in front of it; BlackSheep routes ``/REPORTS/1`` there
+too (``tests/test_framework_blacksheep.py`` shows it through BlackSheep).  A
+``read_only`` or ``manual_commit`` route must not be writable through any of them.  A
+scope without a ``path`` is read-only on a middleware with ``read_only`` patterns, and
+never retried.
 """
 
 from __future__ import annotations
@@ -70,6 +72,11 @@ REPORTS = PathPatterns("read_only", ["/reports/*", "/imports"])
         ("/reports/1", "/api"),
         # Litestar cuts the path at the first occurrence of root_path, wherever it is.
         ("/v1/api/reports/1", "/api"),
+        # BlackSheep routes in any letter case.
+        ("/REPORTS/1", ""),
+        ("/Reports//1/", ""),
+        ("/IMPORTS", ""),
+        ("/api/Imports", "/api"),
     ],
 )
 def test_a_pattern_matches_every_spelling_of_its_route(path: str, root_path: str) -> None:
@@ -93,6 +100,16 @@ def test_a_pattern_matches_every_spelling_of_its_route(path: str, root_path: str
 )
 def test_a_pattern_matches_no_other_route(path: str, root_path: str) -> None:
     assert not REPORTS.match(scope_of(path, root_path))
+
+
+@pytest.mark.parametrize(("option", "matches"), [("manual_commit", True), ("retry", False)])
+def test_a_policy_that_must_not_be_escaped_matches_any_case_and_retry_only_its_own(
+    option: str, matches: bool
+) -> None:
+    patterns = PathPatterns(option, ["/imports/*"])
+
+    assert patterns.match(scope_of("/imports/1"))
+    assert patterns.match(scope_of("/Imports/1")) is matches
 
 
 def test_patterns_are_normalised_like_paths() -> None:
