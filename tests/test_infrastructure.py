@@ -94,6 +94,7 @@ def test_missing_postgres_skips_locally_and_fails_on_ci(
     tests = Path(__file__).parent
     pytester.makeconftest((tests / "conftest.py").read_text())
     pytester.makepyfile(_postgres=(tests / "_postgres.py").read_text())
+    pytester.makepyfile(_mariadb=(tests / "_mariadb.py").read_text())
     pytester.makepyfile(_helpers=(tests / "_helpers.py").read_text())
     pytester.makepyfile(
         test_inner=textwrap.dedent(
