@@ -1018,7 +1018,7 @@ def _synchronous_driver(url: URL, shown: str, driver: str) -> str:
         return f"{shown} names a synchronous driver ({driver!r})"
     return (
         f"{shown} names no driver, and the default of SQLAlchemy {sqlalchemy_version} "
-        f"for {url.drivername}:// is a synchronous one ({driver!r})"
+        f"for {url.drivername}:// is a synchronous driver ({driver!r})"
     )
 
 
