@@ -28,7 +28,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.postgresql]
 
 #: Transactions counted per test, each on its own.
 COUNT = 3
-ASYNCPG_VERSION = tuple(int(part) for part in asyncpg.__version__.split(".")[:2])
 WAYS_BY_NAME = {way.name: way for way in WAYS}
 
 
@@ -109,9 +108,7 @@ async def test_asyncpg_refuses_a_second_operation_before_the_first_is_answered(
 @pytest.mark.parametrize(
     ("way", "expected"),
     [
-        # An unnamed statement parsed each time; asyncpg before 0.31 took one more round
-        # trip for it (measured by the version matrix's lowest corner: docs/versions.md).
-        ("package, asyncpg, PgBouncer settings", 4 if ASYNCPG_VERSION >= (0, 31) else 5),
+        ("package, asyncpg, PgBouncer settings", 4),  # an unnamed statement parsed each time
         ("package, psycopg, PgBouncer settings", 3),
         ("asyncpg, transaction()", 3),
     ],
