@@ -10,6 +10,8 @@
 #                 own: ./$(FRAMEWORK)_example.db (SQLite)
 #   UVICORN_ARGS  extra uvicorn options, e.g. --reload
 #   PYTEST_ARGS   extra pytest options, e.g. "-k websocket -x"
+#   NOX_ARGS      `make test-matrix` options, e.g. "-s tests-3.12" (`nox -l` lists the cells);
+#                 after "--", pytest options for every cell: "-- -x"
 #   Tests use TEST_DATABASE_URL (an existing PostgreSQL server) when set, and CI=true
 #   turns "PostgreSQL unavailable" skips into failures; see tests/conftest.py.
 
@@ -30,8 +32,10 @@ PORT ?= 8000
 UVICORN_ARGS ?=
 PYTEST_ARGS ?=
 
-# Checked and formatted code; directories that do not exist (yet) are left out.
-SOURCES := $(wildcard asgi_sqla tests examples)
+NOX_ARGS ?=
+
+# Checked and formatted code; directories and files that do not exist (yet) are left out.
+SOURCES := $(wildcard asgi_sqla tests examples noxfile.py)
 
 # Fallback for a pip without `--group` (older than 25.1): read the group with tomllib,
 # resolving `{include-group = "..."}` entries (PEP 735) into the included group's lines.
@@ -49,7 +53,7 @@ print("\n".join(requirements("dev")))
 endef
 export PRINT_DEV_GROUP
 
-.PHONY: help venv run test pytest check lint typecheck imports format bench-overhead bench-autocommit bench-hotpath bench bench-sync bench-shedding docs docs-serve clean distclean
+.PHONY: help venv run test pytest test-matrix test-lowest check lint typecheck imports format bench-overhead bench-autocommit bench-hotpath bench bench-sync bench-shedding docs docs-serve clean distclean
 
 help: ## list the targets
 	@echo "usage: make TARGET [VARIABLE=value ...]   (variables: see the top of the Makefile)"
@@ -97,14 +101,27 @@ docs: $(VENV_STAMP) ## build the documentation site into site/ with mkdocs build
 docs-serve: $(VENV_STAMP) ## serve the documentation site on HOST:PORT, rebuilt on every change
 	$(BIN)/mkdocs serve --strict --dev-addr $(HOST):$(PORT)
 
+# The version matrix of noxfile.py (a virtualenv per cell, made by uv under .nox/): Python
+# 3.10 to 3.13 found on PATH or under pyenv, each with every dependency at its lower bound
+# and at its newest release, and SQLAlchemy's two ends crossed with the rest's on the newest
+# Python; the whole suite on SQLite and PostgreSQL in each.  An interpreter not found is
+# reported in the summary as skipped, not failed.  About 8 minutes a cell on 2 cores.
+test-matrix: $(VENV_STAMP) ## the version matrix: each Python x lowest and newest dependencies (noxfile.py)
+	$(BIN)/nox $(NOX_ARGS)
+
+# The matrix's lowest corner on $(PYTHON) alone: what .ci/run adds to `make test`.
+test-lowest: $(VENV_STAMP) ## the suite with every dependency at its lower bound, on PYTHON
+	$(BIN)/nox --force-python "$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])')" \
+		-k 'lowest and not sqla' $(NOX_ARGS)
+
 check: lint typecheck imports ## lint, typecheck and import contracts, changing nothing
 
 lint: $(VENV_STAMP) ## ruff check and ruff format --check, changing nothing
 	$(BIN)/ruff check $(SOURCES)
 	$(BIN)/ruff format --check $(SOURCES)
 
-typecheck: $(VENV_STAMP) ## mypy --strict on the package, the examples and the tests
-	$(BIN)/mypy --strict asgi_sqla examples tests
+typecheck: $(VENV_STAMP) ## mypy --strict on the package, the examples, the tests and noxfile.py
+	$(BIN)/mypy --strict asgi_sqla examples tests noxfile.py
 
 imports: $(VENV_STAMP) ## import-linter: modules import one way, the core imports no framework
 	$(BIN)/lint-imports
@@ -173,7 +190,7 @@ bench-shedding: $(BENCH_STAMP) bench-wrk ## load shedding (admission_limit) agai
 	$(BENCH_VENV)/bin/python -m benchmarks.shedding $(BENCH_ARGS)
 
 clean: ## delete caches, coverage data, build artefacts, the site and the examples' databases (keeps the virtualenv)
-	rm -rf .pytest_cache .mypy_cache .ruff_cache htmlcov build dist site *.egg-info
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .nox htmlcov build dist site *.egg-info
 	rm -f .coverage .coverage.* coverage.xml *_example.db*
 	$(if $(SOURCES),find $(SOURCES) -type d -name __pycache__ -prune -exec rm -rf {} +)
 

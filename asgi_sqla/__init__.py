@@ -7,6 +7,8 @@ The transaction commits (or rolls back) before the status line is sent, and the
 connection goes back to the pool before the body does.
 """
 
+from importlib.metadata import version as _version
+
 from ._database import Database, commit_below_400
 from ._errors import (
     AsgiSqlaError,
@@ -58,7 +60,8 @@ __all__ = [
     "read_only",
 ]
 
-__version__ = "0.1.0"
+#: The installed distribution's version: pyproject.toml is its one source.
+__version__ = _version("asgi-sqla")
 
 # Public classes show (in tracebacks, reprs and docs) under the name users import them
 # by, asgi_sqla.CommitFailedError rather than asgi_sqla._errors.CommitFailedError; they
@@ -67,4 +70,4 @@ for _name in __all__:
     _public = globals()[_name]
     if isinstance(_public, type) and _public.__module__.startswith("asgi_sqla._"):
         _public.__module__ = __name__
-del _name, _public
+del _name, _public, _version

@@ -101,6 +101,10 @@ def refuse_write(
         # asyncpg: "cursor cannot be created outside of a transaction"; psycopg: "DECLARE
         # CURSOR can only be used in transaction blocks".  Refused on every database,
         # so that an app tried on SQLite, where it would pass, fails the same way.
+        # The server-side cursor, made but never declared, is closed here: SQLAlchemy 2.0
+        # leaves it to the garbage collector after an error of a listener (psycopg then
+        # warns that it "was deleted while still open").
+        cursor.close()
         raise ConfigurationError(_STREAMED)
 
 

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Any, Generic, NamedTuple, Protocol, cast
 
 from sqlalchemy import URL, Engine, create_engine, event, make_url
+from sqlalchemy import __version__ as sqlalchemy_version
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -998,11 +999,28 @@ def _check_driver(url: URL, *, sync: bool) -> URL:
         )
     if not sync and not dialect.get_async_dialect_cls(url).is_async:
         raise ConfigurationError(
-            f"{shown} names a synchronous driver ({driver!r}); Database needs an async "
-            "one (postgresql+asyncpg://, postgresql+psycopg://, sqlite+aiosqlite://). "
-            "For synchronous sessions in `def` endpoints, use SyncDatabase."
+            f"{_synchronous_driver(url, shown, driver)}; Database needs an async one, "
+            "named in the URL (postgresql+asyncpg://, postgresql+psycopg://, "
+            "sqlite+aiosqlite://). For synchronous sessions in `def` endpoints, use "
+            "SyncDatabase."
         )
     return url
+
+
+def _synchronous_driver(url: URL, shown: str, driver: str) -> str:
+    """What is synchronous about ``url``: its driver, or the default one it got.
+
+    A URL without ``+driver`` gets the dialect's default, which depends on the SQLAlchemy
+    release: ``postgresql://`` is psycopg2 on 2.0 and psycopg (async too) on 2.1
+    ("Default PostgreSQL driver changed to psycopg", What's New in SQLAlchemy 2.1), so
+    the same URL is refused by one and accepted by the other.
+    """
+    if "+" in url.drivername:
+        return f"{shown} names a synchronous driver ({driver!r})"
+    return (
+        f"{shown} names no driver, and the default of SQLAlchemy {sqlalchemy_version} "
+        f"for {url.drivername}:// is a synchronous driver ({driver!r})"
+    )
 
 
 def _replica_set(

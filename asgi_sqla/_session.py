@@ -190,6 +190,12 @@ class _GuardedSyncSession(Session):
 
     def _execute_internal(self, *args: Any, **kwargs: Any) -> Any:
         # Every statement: execute(), scalar(s)(), get(), refresh(), lazy loads, exec().
+        if self._asgi_sqla_autocommit:
+            # SQLAlchemy 2.0 autoflushes only before a statement of ORM entities, 2.1 before
+            # every one ("Session autoflush behavior simplified to be unconditional", What's
+            # New in 2.1): pending changes meet the refusal before a Core read on 2.0 too,
+            # instead of being dropped at the end of a request answered 200.
+            self._autoflush()
         first = taken_for_this_call(self._transaction)
         unavailable_before = self._asgi_sqla_unavailable
         try:

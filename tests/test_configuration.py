@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy
 from sqlalchemy import create_engine, inspect, make_url, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import registry
@@ -37,6 +38,8 @@ from _helpers import (
 pytestmark = pytest.mark.anyio
 
 PASSWORD = "hunter2-secret"
+#: The installed SQLAlchemy, as (major, minor): 2.0 and 2.1 differ in a URL's default driver.
+SQLALCHEMY_VERSION = tuple(int(part) for part in sqlalchemy.__version__.split(".")[:2])
 
 LIFESPAN_SCOPE: Scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}}
 
@@ -168,6 +171,30 @@ def test_a_synchronous_driver_is_a_configuration_error_suggesting_an_async_one(
     assert "synchronous" in message
     assert driver in message
     assert PASSWORD not in message
+
+
+async def test_postgresql_without_a_driver_follows_sqlalchemys_default_and_says_so() -> None:
+    # SQLAlchemy 2.0's default for postgresql:// is psycopg2 (synchronous), 2.1's psycopg,
+    # async as well: the lowest corner of the version matrix (noxfile.py) runs the first
+    # branch, the newest corner the second.
+    url = f"postgresql://user:{PASSWORD}@db.invalid/app"
+    if SQLALCHEMY_VERSION < (2, 1):
+        with pytest.raises(ConfigurationError) as info:
+            Database(url)
+        message = str(info.value)
+        assert "names no driver" in message
+        assert f"SQLAlchemy {sqlalchemy.__version__}" in message
+        assert "'psycopg2'" in message
+        assert "postgresql+asyncpg://" in message
+        assert "postgresql+psycopg://" in message
+        assert PASSWORD not in message
+    else:
+        db = Database(url)  # no connection is made
+        try:
+            assert db.engine.dialect.driver == "psycopg"
+            assert db.engine.dialect.is_async
+        finally:
+            await db.dispose()
 
 
 # --- engines ----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ what ending a one-query request cost.  The cancellation tests
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,11 @@ from asgi_sqla.types import Receive, Scope, Send
 from _helpers import add_key, call_http, checked_out, keys, open_database, plain_response
 
 pytestmark = pytest.mark.anyio
+
+#: The tasks ending a request creates: none, but on Python 3.10, which has no
+#: ``Task.cancelling()`` to shield the ending in the request's own task, the one that
+#: ``run_to_completion`` runs it in (``asgi_sqla._session.run_driver_to_completion``).
+ENDING_TASKS = [] if sys.version_info >= (3, 11) else ["_end"]
 
 
 @pytest.fixture
@@ -70,7 +76,7 @@ async def test_ending_a_request_that_wrote_creates_no_task(db: Database, status:
         recorder = await call_http(SQLAlchemyMiddleware(app, db))
 
     assert recorder.status == status
-    assert created == []
+    assert created == ENDING_TASKS
     assert await keys(db) == ({"written"} if status == 201 else set())
     assert checked_out(db) == 0
 
@@ -84,7 +90,7 @@ async def test_a_session_that_never_took_a_connection_ends_without_a_task(db: Da
         recorder = await call_http(SQLAlchemyMiddleware(app, db))
 
     assert recorder.status == 200
-    assert created == []
+    assert created == ENDING_TASKS
 
 
 async def test_a_session_ended_at_response_start_is_refused_to_the_same_task(
