@@ -82,8 +82,9 @@ def _count(context: DefaultExecutionContext | None) -> None:
     # lives as long as the checkout.
     if context is not None:
         connection = context.root_connection
-        if getattr(connection, _SENT, 0) < 2:
-            setattr(connection, _SENT, getattr(connection, _SENT, 0) + 1)
+        sent = getattr(connection, _SENT, 0)
+        if sent < 2:
+            setattr(connection, _SENT, sent + 1)
 
 
 def taken_for_this_call(transaction: SessionTransaction | None) -> bool:
