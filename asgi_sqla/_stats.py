@@ -390,7 +390,7 @@ def _report_one(method: str, route: str, db: Any, limits: Limits, stats: Request
 
 
 def _route(scope: Scope) -> str:
-    # Starlette and FastAPI put the matched route in the scope; its path template
+    # FastAPI and Starlette 1.7+ put the matched route in the scope; its path template
     # ("/users/{id}") groups requests better than the concrete path.
     route = scope.get("route")
     template = getattr(route, "path", None)

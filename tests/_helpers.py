@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, cast
@@ -54,6 +55,13 @@ async def keys(db: Database) -> set[str]:
 async def count_items(db: Database) -> int:
     async with db.engine.connect() as connection:
         return int((await connection.scalar(select(func.count()).select_from(items))) or 0)
+
+
+def release(distribution: str) -> tuple[int, int]:
+    """The installed (major, minor) of a distribution: for tests whose expectation moved
+    with a dependency's release."""
+    major, minor = importlib.metadata.version(distribution).split(".")[:2]
+    return int(major), int(minor)
 
 
 def started_engine(db: Database | SyncDatabase) -> AsyncEngine | Engine | None:

@@ -33,13 +33,14 @@ from _helpers import (
     items,
     keys,
     plain_response,
+    release,
 )
 
 pytestmark = pytest.mark.anyio
 
 PASSWORD = "hunter2-secret"
 #: The installed SQLAlchemy, as (major, minor): 2.0 and 2.1 differ in a URL's default driver.
-SQLALCHEMY_VERSION = tuple(int(part) for part in sqlalchemy.__version__.split(".")[:2])
+SQLALCHEMY_VERSION = release("sqlalchemy")
 
 LIFESPAN_SCOPE: Scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}}
 

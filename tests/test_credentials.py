@@ -26,7 +26,6 @@ import anyio
 import anyio.lowlevel
 import psycopg
 import pytest
-import sqlalchemy
 from asyncpg import InvalidPasswordError  # type: ignore[import-untyped]  # no type information
 from psycopg import sql
 from sqlalchemy import URL, Engine, create_engine, event, text
@@ -55,12 +54,13 @@ from _helpers import (
     keys,
     plain_response,
     postgres_unavailable,
+    release,
 )
 
 pytestmark = pytest.mark.anyio
 
 #: The installed SQLAlchemy, as (major, minor): 2.0 and 2.1 report a failed login apart.
-SQLALCHEMY_VERSION = tuple(int(part) for part in sqlalchemy.__version__.split(".")[:2])
+SQLALCHEMY_VERSION = release("sqlalchemy")
 DOCS = Path(__file__).resolve().parent.parent / "docs/guides/credentials.md"
 LIFESPAN_SCOPE: Scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}}
 

@@ -17,7 +17,6 @@ from typing import Annotated, Any
 
 import anyio
 import anyio.from_thread
-import fastapi
 import pytest
 from fastapi import Depends, FastAPI, WebSocket
 from fastapi.responses import Response
@@ -35,6 +34,7 @@ from _helpers import (
     checked_out,
     items,
     keys,
+    release,
     websocket_scope,
 )
 from _servers import ROOT
@@ -289,7 +289,7 @@ async def test_a_sync_endpoint_can_use_the_session_on_the_event_loop_through_fro
 #: FastAPI 0.106 to 0.117 ran the code after ``yield`` before sending the response;
 #: 0.118 moved it back to after the response; 0.121 added ``Depends(scope=...)``,
 #: where ``scope="function"`` exits before the response.
-FASTAPI_VERSION = tuple(int(part) for part in fastapi.__version__.split(".")[:2])
+FASTAPI_VERSION = release("fastapi")
 EXITS_AFTER_THE_RESPONSE = FASTAPI_VERSION >= (0, 118)
 needs_dependency_scope = pytest.mark.skipif(
     FASTAPI_VERSION < (0, 121), reason="Depends(scope=...) is new in FastAPI 0.121"

@@ -30,6 +30,7 @@ from _helpers import (
     http_scope,
     keys,
     plain_response,
+    release,
 )
 
 pytestmark = pytest.mark.anyio
@@ -191,7 +192,7 @@ async def test_file_messages_after_the_start_pass_through(
     assert await keys(db) == {kind}
 
 
-async def test_a_starlette_file_response_uses_pathsend_after_the_commit(
+async def test_a_starlette_file_response_is_sent_after_the_commit(
     db: Database, tmp_path: Path
 ) -> None:
     path = tmp_path / "report.csv"
@@ -216,9 +217,15 @@ async def test_a_starlette_file_response_uses_pathsend_after_the_commit(
     )
     await recorder(app, scope)
 
-    assert recorder.types() == [START, "http.response.pathsend"]
     assert recorder.status == 200
-    assert recorder.sent[1]["path"] == str(path)
+    # Starlette's FileResponse sends the path when the server offers the extension since
+    # 0.47, and reads the file into body messages before.
+    if release("starlette") >= (0, 47):
+        assert recorder.types() == [START, "http.response.pathsend"]
+        assert recorder.sent[1]["path"] == str(path)
+    else:
+        assert recorder.types()[0] == START
+        assert recorder.body == b"a,b\n1,2\n"
     assert committed_at_start == [(0, {"report generated"})]
     assert checked_out(db) == 0
 
