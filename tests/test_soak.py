@@ -57,7 +57,7 @@ from anyio.abc import SocketAttribute, SocketStream
 from sqlalchemy import URL
 
 import _postgres
-from _helpers import DedicatedPostgres, eventually, postgres_unavailable
+from _helpers import DedicatedPostgres, eventually, postgres_unavailable, release
 from _servers import Server, serve
 
 SEED = int(os.environ.get("SOAK_SEED") or secrets.randbelow(1_000_000))
@@ -151,10 +151,16 @@ EXPECTED_EXCEPTIONS = re.compile(
       | asyncpg\.exceptions\.[\w.]+: .*
       | psycopg2?\.[\w.]+: .*
       | (ConnectionError|ConnectionRefusedError|ConnectionResetError|OSError|TimeoutError)\b.*
-      | asyncio\.exceptions\.CancelledError: \s Cancelled \s via \s cancel \s scope \s \w+;
-            \s reason: \s deadline \s exceeded   # anyio.fail_after, in the Deadline middleware
+      | asyncio\.exceptions\.CancelledError: \s {deadline}   # the Deadline middleware's fail_after
       | asgi_sqla\.\w+Error: .*   # the package's own, e.g. asgi_sqla.CommitFailedError
-    )$""",
+    )$""".replace(
+        "{deadline}",
+        # anyio 4.11 names the reason of a cancellation; before, every cancel scope's
+        # message is the same, the deadline's included.
+        r"Cancelled \s via \s cancel \s scope \s \w+; \s reason: \s deadline \s exceeded"
+        if release("anyio") >= (4, 11)
+        else r"Cancelled \s by \s cancel \s scope \s \w+",
+    ),
     re.VERBOSE,
 )
 
