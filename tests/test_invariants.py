@@ -29,7 +29,8 @@ nothing can be said (the app caught a failure of its own write).  After every st
 1. **A 2xx status line is true.**  When the server receives a 2xx, every write its
    transaction owes is already committed (read on another connection at that moment),
    and its ``on_commit`` callbacks have run; a transaction whose COMMIT must fail is never
-   answered 2xx; when ``send()`` of a 2xx raised ``CommitFailedError`` the server got 500.
+   answered 2xx; when ``send()`` of a 2xx raised ``CommitFailedError`` the server got 500,
+   or 503 with ``Retry-After`` if the COMMIT's connection was lost (a killed backend).
 2. **Nothing committed is reported as failed.**  No write whose fate is "never" is ever
    committed, and no ``on_commit`` callback of such a transaction ever runs.
 3. **Nothing leaks.**  Checked-out connections never exceed those the live requests may
@@ -186,6 +187,22 @@ KILL_POLL_INTERVAL = 0.002
 #: Seconds one step may take before the machine calls it a hang.
 STEP_LIMIT = 20.0
 STATUSES = (200, 201, 204, 400, 404, 422, 500, 503)
+
+
+def answers_a_failed_commit(
+    start: Message, error: CommitFailedError, *, retry_is_safe: bool
+) -> bool:
+    """Whether ``start`` tells the truth of a commit that failed: a 500, or a 503 with
+    ``Retry-After`` when the COMMIT's connection was lost (the database unavailable) and
+    no earlier commit of the request wrote anything (so that a retry writes nothing twice)."""
+    if start["status"] == 500:
+        return True
+    cause = error.__cause__
+    lost = isinstance(cause, DBAPIError) and cause.connection_invalidated
+    retry_after = any(name.lower() == b"retry-after" for name, _ in start["headers"])
+    return start["status"] == 503 and lost and retry_after and retry_is_safe
+
+
 #: What ``app_does`` may do, by the name of the ``Connection.do_*`` method and its argument.
 APP_ACTIONS = (
     "read",
@@ -297,6 +314,7 @@ class Connection:
         self.child_result: list[asyncio.Future[str]] = []
         self.last_error: BaseException | None = None
         self.app_returned = False  # the app itself returned (not raised, not cancelled)
+        self.committed_writes = False  # db.commit() or db.release() committed writes
         #: SyncDatabase: the app's thread the machine has paused, if any (it may outlive
         #: the request: a cancellation does not stop a thread).
         self.paused: Pause | None = None
@@ -513,6 +531,7 @@ class Connection:
             self.machine.violation(2, f"{self}: db.commit() of a rollback-only session")
         if model.tx.poisoned:
             self.machine.violation(1, f"{self}: db.commit() of a doomed transaction returned")
+        self.committed_writes = self.committed_writes or bool(pending)
         for key in pending:  # what the app was told, even if an ending decided otherwise
             self.machine.fates[key] = MUST_COMMIT
         self.machine.decide(model.tx, MUST_COMMIT)
@@ -544,6 +563,7 @@ class Connection:
             commits = commit and not model.rollback_only
             if commits and tx.poisoned:
                 self.machine.violation(2, f"{self}: release() of a poisoned transaction returned")
+            self.committed_writes = self.committed_writes or (commits and bool(tx.writes))
             self.machine.decide(tx, MUST_COMMIT if commits else NEVER)
         return "released"
 
@@ -616,9 +636,11 @@ class Connection:
         self.app_sent_start = True
         try:
             await self.asgi_send({"type": "http.response.start", "status": status, "headers": []})
-        except CommitFailedError:
+        except CommitFailedError as exc:
             starts = [m for m in self.forwarded if m["type"] == "http.response.start"]
-            if not starts or starts[0]["status"] != 500:
+            if len(starts) != 1 or not answers_a_failed_commit(
+                starts[0], exc, retry_is_safe=not self.committed_writes
+            ):
                 self.machine.violation(1, f"{self}: the commit failed; the server got {starts}")
             raise
         return f"sent {status}"

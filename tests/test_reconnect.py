@@ -209,8 +209,9 @@ def serve(flavour: tuple[str, str], url: URL, **options: Any) -> Served:
         async def autoflush(request: Request) -> Response:
             key = request.query_params["key"]
             adb.session.add(Item(key=key))
-            # One call, two statements: the autoflush's INSERT, then the SELECT.
-            (await adb.session.execute(select(items.c.key).where(items.c.key == key))).all()
+            # One call, two statements: the autoflush's INSERT, then the SELECT.  An ORM
+            # select: SQLAlchemy 2.0 autoflushes before those only, 2.1 before any.
+            (await adb.session.execute(select(Item).where(items.c.key == key))).all()
             return answer(key)
 
         endpoints: list[Any] = [write, two, add, read, autoflush]
@@ -243,7 +244,7 @@ def serve(flavour: tuple[str, str], url: URL, **options: Any) -> Served:
         def sautoflush(request: Request) -> Response:
             key = request.query_params["key"]
             sdb.session.add(Item(key=key))
-            sdb.session.execute(select(items.c.key).where(items.c.key == key)).all()
+            sdb.session.execute(select(Item).where(items.c.key == key)).all()
             return answer(key)
 
         endpoints = [swrite, stwo, sadd, sread, sautoflush]
