@@ -46,7 +46,7 @@ from typing import Any, TypeVar
 from sqlalchemy import text
 from sqlalchemy.engine import TwoPhaseTransaction
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ._log import logger
 from ._replicas import ReplicaSlot, end_read_session
@@ -322,6 +322,21 @@ async def _xa_commit_again(db: Hashable, engine: AsyncEngine, written: Written) 
     return False
 
 
+async def _xa_recover(connection: AsyncConnection) -> set[str]:
+    """The global transaction ids XA RECOVER lists: prepared, neither committed nor rolled back.
+
+    ``Connection.recover_twophase()`` runs the same statement, but SQLAlchemy 2.0's MySQL
+    dialect reads its rows by column name (``row["data"]``), which 2.0's rows refuse with a
+    TypeError; 2.1 reads them through ``.mappings()``, as here.
+    """
+    result = await connection.exec_driver_sql("XA RECOVER")
+    listed = set()
+    for row in result.mappings():
+        gtrid = row["data"][: row["gtrid_length"]]
+        listed.add(gtrid.decode() if isinstance(gtrid, bytes) else str(gtrid))
+    return listed
+
+
 async def _xa_commit_if_listed(engine: AsyncEngine, xid: str) -> bool:
     """``XA COMMIT`` ``xid`` on a new connection while XA RECOVER lists it; False if not.
 
@@ -334,8 +349,7 @@ async def _xa_commit_if_listed(engine: AsyncEngine, xid: str) -> bool:
     async with engine.connect() as connection:
         await connection.execution_options(isolation_level="AUTOCOMMIT")
         while True:
-            listed = await connection.run_sync(lambda sync: sync.recover_twophase())
-            if xid not in {x.decode() if isinstance(x, bytes) else str(x) for x in listed}:
+            if xid not in await _xa_recover(connection):
                 return False
             try:
                 await connection.execute(text("XA COMMIT :xid"), {"xid": xid})
