@@ -50,7 +50,7 @@ from ._session import (
 )
 from ._stats import Limits, PoolStatus, RequestStats, instrument, pool_status
 from ._threaded import AnySession
-from ._unavailable import watch_read_only
+from ._unavailable import watch_disconnects
 from ._unit import SCOPE_EXITED, SessionContext, current_context
 
 __all__ = [
@@ -106,8 +106,8 @@ class BaseDatabase(ABC):
     _replicas: ReplicaSet | None = None
     #: Each task other than the first gets a session of its own (``Database`` only).
     _session_per_task = False
-    #: The engine whose 25006 errors are disconnects (``_unavailable.watch_read_only``).
-    _read_only_watched: Engine | None = None
+    #: The engine whose missed disconnects are seen (``_unavailable.watch_disconnects``).
+    _disconnects_watched: Engine | None = None
 
     def __init__(
         self,
@@ -208,12 +208,13 @@ class BaseDatabase(ABC):
         if engine is None:
             engine = self._engine = self._create_engine()
         sync_engine = _sync_engine(engine)
-        if self._read_only_watched is not sync_engine:
-            # A pooled connection to a server turned read-only (a failover) is discarded.
-            watch_read_only(sync_engine)
+        if self._disconnects_watched is not sync_engine:
+            # A pooled connection to a server turned read-only (a failover) is discarded,
+            # and so is one a driver's untranslated error found closed.
+            watch_disconnects(sync_engine)
             # A dead pooled connection met by a transaction's first statement is replaced.
             watch_sends(sync_engine)
-            self._read_only_watched = sync_engine
+            self._disconnects_watched = sync_engine
         if self._stats and self._instrumented is not sync_engine:
             instrument(sync_engine, self._current_stats)
             self._instrumented = sync_engine
@@ -262,7 +263,7 @@ class BaseDatabase(ABC):
                 cast(AsyncEngine, self._engine_for(url)) for url in replicas.urls
             )
             for replica in engines:
-                watch_read_only(replica.sync_engine)
+                watch_disconnects(replica.sync_engine)
                 watch_sends(replica.sync_engine)
         if self._stats and self._instrumented_replicas is not engines:
             # Here rather than where they are made: every read session's engine is

@@ -24,9 +24,13 @@ succeed shortly, on the same server once it is back or on the one a failover pro
   not with a SQLSTATE of class 08, and older drivers (PyMySQL before 1.1.1, asyncmy
   0.2.9) give no SQLSTATE at all: there the number decides, at connect as elsewhere,
   so that a refused password (1045) or a missing database (1049) is not a 503.
+  A driver's own error that SQLAlchemy let through untranslated counts when the
+  dialect finds its connection closed (:func:`watch_disconnects`): asyncpg's
+  ``InternalClientError`` "cannot switch to state N; another operation (2) is in
+  progress", on SQLAlchemy before 2.0.50.
 * :data:`READ_ONLY`: a write met SQLSTATE 25006 on a server that has become read-only
   under a live pool (Aurora, Patroni: the old primary turned standby, connections
-  kept).  :func:`watch_read_only` makes SQLAlchemy treat that as a disconnect, so the
+  kept).  :func:`watch_disconnects` makes SQLAlchemy treat that as a disconnect, so the
   connection is invalidated, not pooled to fail again, and the pool's older
   connections are replaced at their next checkout.  Not when the package itself made
   the transaction ``READ ONLY`` (a ``read_only`` route): there 25006 is the app's
@@ -37,6 +41,19 @@ psycopg2 (tests/test_failover.py).  One difference between drivers remains: libp
 reports a refused password or a missing database at connect without a SQLSTATE, so on
 psycopg and psycopg2 those are answered 503 as well, where asyncpg's 28P01 and 3D000
 are answered 500.
+
+asyncpg's "cannot switch to state": a terminated backend (a failover's shutdown, an
+idle timeout) sends a FATAL ErrorResponse, then closes its socket.  An ErrorResponse
+that arrives while asyncpg waits for no answer leaves its protocol waiting for a sync
+message (``PROTOCOL_ERROR_CONSUME``, in ``CoreProtocol._read_server_messages``).  When
+the connection's next statement, ``BEGIN`` (a pre-ping's) or ``COMMIT`` comes before
+asyncpg has read the end of the connection, it fails with that ``InternalClientError``
+before anything is sent (so such a COMMIT surely did not commit), and asyncpg aborts
+the connection (``BaseProtocol._coreproto_error``).  SQLAlchemy 2.0.50 and 2.1 translate
+the error to a DBAPI error, then find the connection closed: a disconnect, as above.
+Before 2.0.50 it reached the caller as asyncpg raised it, past the disconnect check
+(sqlalchemy#13241): the connection was not invalidated, and the request was answered
+500; :func:`watch_disconnects` asks the dialect about it as SQLAlchemy would have.
 """
 
 from __future__ import annotations
@@ -47,7 +64,7 @@ import weakref
 from typing import Any
 
 from sqlalchemy import Engine, event
-from sqlalchemy.engine import Connection, ExceptionContext
+from sqlalchemy.engine import Connection, Dialect, ExceptionContext
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -63,7 +80,7 @@ __all__ = [
     "note_read_only_transaction",
     "sqlstate",
     "unavailable",
-    "watch_read_only",
+    "watch_disconnects",
 ]
 
 #: Why the database was unavailable: said in the log line and the 503's body.
@@ -77,8 +94,9 @@ _SHUTDOWN_SQLSTATES = frozenset({"57P01", "57P02", "57P03"})
 #: read_only_sql_transaction: "cannot execute ... in a read-only transaction".
 _READ_ONLY_SQLSTATE = "25006"
 
-#: The mark :func:`note_acquire_failure` puts on an exception raised while acquiring.
-_ACQUIRING = "_asgi_sqla_acquire_failed"
+#: Why an exception says the database is unavailable when nothing else on it does: put
+#: by :func:`note_acquire_failure` and by :class:`_LostConnections`.
+_MARK = "_asgi_sqla_unavailable"
 
 #: MySQL and MariaDB error numbers that mean the server could not be reached or dropped
 #: the connection (MariaDB's "Error Codes" list; the 2000s are the client library's).
@@ -137,7 +155,7 @@ def unavailable(exc: BaseException | None) -> str | None:
             return POOL_TIMEOUT
         if isinstance(error, DatabaseBusyError):
             return BUSY
-        noted = getattr(error, _ACQUIRING, None)
+        noted = getattr(error, _MARK, None)
         if isinstance(noted, str):
             return noted
         code = sqlstate(error)
@@ -158,9 +176,13 @@ def note_acquire_failure(exc: BaseException) -> None:
         # A MySQL error number not in _MYSQL_UNREACHABLE is the server's answer.
         isinstance(exc, DBAPIError) and sqlstate(exc) is None and mysql_error_code(exc) is None
     ):
-        # An exception class without a __dict__ cannot be marked: the session still is.
-        with contextlib.suppress(AttributeError, TypeError):
-            setattr(exc, _ACQUIRING, UNREACHABLE)
+        _mark(exc, UNREACHABLE)
+
+
+def _mark(exc: BaseException, reason: str) -> None:
+    # An exception class without a __dict__ cannot be marked: the session still is.
+    with contextlib.suppress(AttributeError, TypeError):
+        setattr(exc, _MARK, reason)
 
 
 def note_read_only_transaction(connection: Connection) -> None:
@@ -168,10 +190,17 @@ def note_read_only_transaction(connection: Connection) -> None:
     _made_read_only.add(connection)
 
 
-def watch_read_only(sync_engine: Engine) -> None:
-    """Make SQLSTATE 25006 a disconnect on ``sync_engine`` (see the module doc); once."""
-    if not event.contains(sync_engine, "handle_error", _read_only_is_disconnect):
-        event.listen(sync_engine, "handle_error", _read_only_is_disconnect)
+def watch_disconnects(sync_engine: Engine) -> None:
+    """Make SQLAlchemy see the disconnects it misses on ``sync_engine``; once.
+
+    SQLSTATE 25006 on a server turned read-only, and a driver's error SQLAlchemy did not
+    translate on a connection that is closed (see the module doc).
+    """
+    if event.contains(sync_engine, "handle_error", _read_only_is_disconnect):
+        return
+    event.listen(sync_engine, "handle_error", _read_only_is_disconnect)
+    event.listen(sync_engine, "handle_error", _untranslated_is_disconnect)
+    event.listen(sync_engine, "invalidate", _LostConnections(sync_engine.dialect))
 
 
 def _read_only_is_disconnect(context: ExceptionContext) -> None:
@@ -189,3 +218,66 @@ def _read_only_is_disconnect(context: ExceptionContext) -> None:
     ):
         return  # a write in a transaction made read-only on purpose: the app's error
     context.is_disconnect = True
+
+
+def _untranslated_is_disconnect(context: ExceptionContext) -> None:
+    # SQLAlchemy asks the dialect whether the connection is gone only for the DBAPI's
+    # errors (``Connection._handle_dbapi_exception``); a driver's error it let through
+    # untranslated (asyncpg's InternalClientError before SQLAlchemy 2.0.50) is asked
+    # here, the same way, and made a disconnect like 25006 above: the connection and
+    # the pool's older ones are invalidated, and ``_LostConnections`` marks the error.
+    connection = context.connection
+    if context.is_disconnect or connection is None or connection.closed or connection.invalidated:
+        return
+    dbapi_connection = connection.connection.dbapi_connection
+    if _lost(context.dialect, context.original_exception, dbapi_connection):
+        context.is_disconnect = True
+
+
+class _LostConnections:
+    """A pool ``invalidate`` listener: marks the driver's untranslated error that lost a connection.
+
+    It sees both ways such an error invalidates a connection: a statement's or a
+    COMMIT's, made a disconnect by :func:`_untranslated_is_disconnect`, and a pre-ping's,
+    which the pool invalidates itself (``_ConnectionRecord._checkin_failed``) before the
+    error leaves the checkout.  The event comes before the connection is closed
+    (``PoolEvents.invalidate``), so the dialect still tells whether the error closed it.
+    """
+
+    # ``__weakref__``: SQLAlchemy's event registry refers to its listeners weakly.
+    __slots__ = ("__weakref__", "_dialect")
+
+    def __init__(self, dialect: Dialect) -> None:
+        self._dialect = dialect
+
+    def __call__(
+        self, dbapi_connection: Any, connection_record: Any, exception: BaseException | None
+    ) -> None:
+        if exception is not None and _lost(self._dialect, exception, dbapi_connection):
+            _mark(exception, UNREACHABLE)
+
+
+def _lost(dialect: Dialect, error: BaseException, dbapi_connection: Any) -> bool:
+    """Whether ``error`` is the driver's own, untranslated, and its connection is closed.
+
+    The dialect says whether the connection is closed.  A DBAPI error is left to
+    SQLAlchemy, which asked already (``DBAPIError.connection_invalidated``).
+    """
+    if isinstance(error, dialect.loaded_dbapi.Error):
+        return False
+    # An async driver's connection is adapted: the driver's own is ``driver_connection``.
+    driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    if _package(type(error)) != _package(type(driver)):
+        return False
+    try:
+        # Without a cursor, as SQLAlchemy's pre-ping asks (``_do_ping_w_event``):
+        # ``ExceptionContext.cursor`` is never set (``ExceptionContextImpl.__init__``).
+        return bool(dialect.is_disconnect(error, dbapi_connection, None))  # type: ignore[arg-type]
+    except Exception:
+        # A dialect that cannot judge this error: not a disconnect.  Raising here would
+        # replace the error being handled (``handle_error``) or break the checkout.
+        return False
+
+
+def _package(cls: type) -> str:
+    return cls.__module__.partition(".")[0]

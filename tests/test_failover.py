@@ -16,13 +16,19 @@
   is invalidated rather than pooled, and requests succeed once the server is writable.
   A write in a ``read_only`` route keeps its 500, and its connection.
 * Which errors count: a refused connection is a 503; the same exception raised by the
-  app's own code is not.
+  app's own code is not.  A connection that asyncpg finds ended between two round trips
+  (the backend's FATAL read before its end, the failover's "cannot switch to state"
+  error, which SQLAlchemy before 2.0.50 does not translate) is a 503 whether the
+  statement, the COMMIT or the next pre-ping meets it; the same error class on a live
+  connection is the app's 500.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,8 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 import pytest
 from sqlalchemy import URL, text
+from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_dbapi
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -41,7 +49,14 @@ from asgi_sqla import Database, SQLAlchemyMiddleware, SyncDatabase
 from asgi_sqla.types import ASGIApp, Receive, Scope, Send
 
 import _postgres
-from _helpers import ASGIRecorder, DedicatedPostgres, eventually, http_scope, postgres_unavailable
+from _helpers import (
+    ASGIRecorder,
+    DedicatedPostgres,
+    eventually,
+    http_scope,
+    plain_response,
+    postgres_unavailable,
+)
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgresql]
 
@@ -117,23 +132,25 @@ class Answer:
     body: bytes
     began: float
     error: str = ""  # the exception that reached the server, if one did
+    raised: Exception | None = None  # the same exception
 
 
 async def call(app: ASGIApp, path: str, key: str = "", method: str = "POST") -> Answer:
     recorder = ASGIRecorder([{"type": "http.request", "body": b"", "more_body": False}])
     scope = http_scope(path, method=method, query_string=f"key={key}".encode())
     began = time.monotonic()
-    error = ""
+    raised = None
     try:
         await recorder(app, scope)
     except Exception as exc:  # reaching the server: it answers 500 if nothing started
-        error = repr(exc)
+        raised = exc
+    error = "" if raised is None else repr(raised)
     starts = [m for m in recorder.sent if m["type"] == "http.response.start"]
     if not starts:
-        return Answer(key, None, None, b"", began, error)
+        return Answer(key, None, None, b"", began, error, raised)
     headers = dict(starts[0]["headers"])
     status = starts[0]["status"]
-    return Answer(key, status, headers.get(b"retry-after"), recorder.body, began, error)
+    return Answer(key, status, headers.get(b"retry-after"), recorder.body, began, error, raised)
 
 
 def checked_out(db: AnyDatabase) -> int:
@@ -473,6 +490,215 @@ async def test_a_read_that_failed_over_from_a_dead_replica_does_not_make_a_500_a
     finally:
         await db.dispose()
     assert (answer.status, answer.retry_after) == (500, None)
+
+
+# -- a connection ended between two round trips: asyncpg's "cannot switch to state" --------
+
+
+class GoodbyeRelay:
+    """A TCP relay to a server that can hold the server's answers until it hangs up.
+
+    After :meth:`hold`, what the server sends is kept until it closes the connection;
+    then the answer the client waits for and the server's farewell (the FATAL
+    ErrorResponse of a terminated backend) reach the client in one write, and the
+    client's side stays open until the client writes or closes.  The client thus reads
+    the farewell in the same read as its answer, before its next statement, and sees no
+    end of the connection yet.  :attr:`reply` is what the client sent once it had the
+    farewell (``b""``: it closed without a word).
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._holding = False
+        self.held = threading.Event()  # the server's answers are being held
+        self.replied = threading.Event()  # the client acted on the farewell
+        self.reply: bytes | None = None
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def hold(self) -> None:
+        """Hold the server's next answers until the server hangs up (see the class doc)."""
+        self._holding = True
+
+    def close(self) -> None:
+        for sock in (self._listener, *self._sockets):
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            server = socket.create_connection(self._target)
+            self._sockets += [client, server]
+            farewell = threading.Event()  # passed on to the client
+            for target in (self._up, self._down):
+                threading.Thread(
+                    target=target, args=(client, server, farewell), daemon=True
+                ).start()
+
+    def _up(self, client: socket.socket, server: socket.socket, farewell: threading.Event) -> None:
+        data = b""
+        with contextlib.suppress(OSError):
+            while (data := client.recv(65536)) and not farewell.is_set():
+                server.sendall(data)
+        if farewell.is_set():
+            self.reply = data
+            self.replied.set()
+        for sock in (client, server):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def _down(
+        self, client: socket.socket, server: socket.socket, farewell: threading.Event
+    ) -> None:
+        kept: list[bytes] = []
+        with contextlib.suppress(OSError):
+            while data := server.recv(65536):
+                if self._holding:
+                    kept.append(data)
+                    self.held.set()
+                else:
+                    client.sendall(data)
+        with contextlib.suppress(OSError):
+            if not kept:
+                client.shutdown(socket.SHUT_WR)  # the server's end, passed on
+                return
+            self._holding = False
+            farewell.set()  # first: what the client sends from now on answers it
+            client.sendall(b"".join(kept))  # one write; the client's side stays open
+
+
+@pytest.fixture
+def relay(own_pg: DedicatedPostgres) -> Iterator[GoodbyeRelay]:
+    admin = own_pg.admin
+    assert admin.host is not None
+    assert admin.port is not None
+    relay = GoodbyeRelay(admin.host, admin.port)
+    try:
+        yield relay
+    finally:
+        relay.close()
+
+
+#: SQLAlchemy translates asyncpg's InternalClientError into a DBAPI error from 2.0.50
+#: (sqlalchemy#13241); before, it reaches the caller as asyncpg raised it.
+TRANSLATES_INTERNAL_CLIENT_ERROR = hasattr(AsyncAdapt_asyncpg_dbapi, "InternalClientError")
+
+
+@pytest.mark.parametrize("before", ["a statement", "the COMMIT", "the next checkout"])
+async def test_a_connection_asyncpg_finds_ended_between_two_round_trips_is_answered_503(
+    own_pg: DedicatedPostgres, relay: GoodbyeRelay, before: str
+) -> None:
+    """The backend is terminated, and the client reads its farewell with an answer, just
+    before a statement, the COMMIT, or the next request's pre-ping: the request that meets
+    the connection's end is answered 503 with Retry-After (never 500), nothing of it is
+    committed, and the connection is replaced."""
+    db = Database(
+        own_pg.admin.set(drivername="postgresql+asyncpg", port=relay.port),
+        pool_size=1,
+        max_overflow=0,
+        pool_pre_ping=True,
+    )
+    pid = text("SELECT pg_backend_pid()")
+    pids: list[int] = []
+
+    async def write(request: Request) -> Response:
+        session = db.session
+        pids.append((await session.execute(pid)).scalar_one())
+        doomed = len(pids) == 1  # the request whose connection the server ends
+        if doomed and before == "a statement":
+            relay.hold()
+            await session.execute(pid)  # answered together with the farewell
+        await session.execute(
+            text("INSERT INTO items (key) VALUES (:key)"), dict(request.query_params)
+        )
+        if doomed and before == "the COMMIT":
+            relay.hold()
+            await session.execute(pid)  # the same, then the COMMIT
+        elif doomed and before == "the next checkout":
+            relay.hold()  # the COMMIT's answer comes with the farewell: this request commits
+        return PlainTextResponse("created", status_code=201)
+
+    async def terminate_once_held() -> None:
+        assert await anyio.to_thread.run_sync(relay.held.wait, 10)
+        with _postgres.connect(own_pg.admin) as conn:
+            conn.execute("SELECT pg_terminate_backend(%s)", (pids[-1],))
+
+    app = SQLAlchemyMiddleware(
+        Starlette(routes=[Route("/write", write, methods=["POST"])]), db, retry_after=2
+    )
+    key = f"goodbye-{before}"
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(terminate_once_held)
+            first = await call(app, "/write", key)
+        then = await call(app, "/write", f"{key}-then")
+        after = await call(app, "/write", f"{key}-after")
+        assert checked_out(db) == 0
+    finally:
+        await db.dispose()
+
+    if before == "the next checkout":
+        assert first.status == 201
+        # From 2.0.50 the pre-ping replaces the connection, as for any dead one.
+        met, expected = then, (201, None) if TRANSLATES_INTERNAL_CLIENT_ERROR else (503, b"2")
+    else:
+        met, expected = first, (503, b"2")
+    # asyncpg read the farewell before its next statement, did not send that statement
+    # ("cannot switch to state N; another operation (2) is in progress") and ended the
+    # connection itself: its Terminate message.
+    assert relay.replied.wait(10)
+    assert relay.reply == b"X\x00\x00\x00\x04"
+    assert (met.status, met.retry_after) == expected, met
+    assert after.status == 201
+    assert pids[-1] != pids[0]  # a new connection
+    committed = rows(own_pg.admin)
+    assert (key in committed) is (before == "the next checkout")
+    assert f"{key}-after" in committed
+
+
+async def test_an_asyncpg_internal_client_error_on_a_live_connection_stays_a_500(
+    own_pg: DedicatedPostgres,
+) -> None:
+    """The same error class on a connection that is fine is the app's: a 500, and the
+    connection is kept.  asyncpg raises its ``OutdatedSchemaCacheError`` (an
+    ``InternalClientError``) when a composite type changed under its cached codec."""
+    with _postgres.connect(own_pg.admin) as conn:
+        conn.execute("DROP TYPE IF EXISTS pair; CREATE TYPE pair AS (a int, b int)")
+    db = Database(single_url(own_pg.admin, "asyncpg"), pool_size=1, max_overflow=0)
+    pids: list[int] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        pids.append((await db.session.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+        if scope["path"] == "/pair":
+            await db.session.execute(text("SELECT ROW(1, 2)::pair"))
+        await plain_response(send, 200)
+
+    middleware = SQLAlchemyMiddleware(app, db, retry_after=2)
+    try:
+        assert (await call(middleware, "/pair")).status == 200
+        with _postgres.connect(own_pg.admin) as conn:
+            conn.execute("ALTER TYPE pair ADD ATTRIBUTE c int")
+        outdated = await call(middleware, "/pair")
+        after = await call(middleware, "/")
+        assert checked_out(db) == 0
+    finally:
+        await db.dispose()
+
+    assert (outdated.status, outdated.retry_after) == (None, None)  # reached the server: a 500
+    raised = []
+    cause: BaseException | None = outdated.raised
+    while cause is not None:
+        raised.append(cause)
+        cause = cause.__cause__
+    assert any(isinstance(e, asyncpg.exceptions.OutdatedSchemaCacheError) for e in raised), raised
+    assert after.status == 200
+    assert len(set(pids)) == 1, pids  # one connection all along
 
 
 # -- the guide -------------------------------------------------------------------------------
