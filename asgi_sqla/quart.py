@@ -64,6 +64,7 @@ from quart.wrappers import Request, Websocket
 
 from ._database import BaseDatabase
 from ._errors import CommitFailedError, ConfigurationError
+from ._http import unwinds_failure
 from ._log import logger
 from ._middleware import SQLAlchemyMiddleware
 from ._unit import RECEIVE_WAITED, REQUEST_FINISHED, SCOPE_KEY, SessionContext
@@ -271,11 +272,14 @@ class _WebsocketConnection(ASGIWebsocketConnection):
 
         try:
             await super().__call__(receive, send_and_watch)
-        except CommitFailedError:
-            if not tasks.failed:
+        except Exception as exc:
+            # The CommitFailedError our own receive() raised after a failed commit, which
+            # Quart re-raises when PROPAGATE_EXCEPTIONS is True outside debug and testing
+            # (those answer with a traceback page); since 0.23 inside an ExceptionGroup,
+            # from the asyncio.TaskGroup that runs the handler.  It is logged and the
+            # client has its 1011 close: the server is told nothing.
+            if not (tasks.failed and unwinds_failure(exc)):
                 raise
-            # Raised by our own receive() after a failed commit (Quart in debug mode
-            # lets it through): logged, and the client has its 1011 close.
         finally:
             tasks.finish(committed=False)
 

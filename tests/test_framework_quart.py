@@ -11,6 +11,7 @@ promises there.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -356,6 +357,51 @@ async def test_with_init_app_an_idle_quart_websocket_holds_no_connection(db: Dat
 
     assert idle_checked_out == 0
     assert committed_while_idle == {"first"}
+    assert checked_out(db) == 0
+
+
+async def test_a_failed_websocket_commit_that_quart_propagates_is_answered_and_goes_no_further(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    # With PROPAGATE_EXCEPTIONS (outside debug and testing) Quart re-raises the
+    # handler's CommitFailedError out of its ASGI call, since 0.23 inside an
+    # ExceptionGroup (from its TaskGroup): the client already has its 1011 and the
+    # failure is logged, so the server must not get it as an error of the app's.
+    caplog.set_level(logging.ERROR, logger="asgi_sqla")
+    app = Quart(__name__)
+    app.config["PROPAGATE_EXCEPTIONS"] = True
+
+    @app.websocket("/ws")
+    async def handler() -> None:
+        while True:
+            await websocket.receive()
+            await orphan_child(db)  # passes now, fails at COMMIT
+            await websocket.send("written")
+
+    app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, db)  # type: ignore[method-assign]
+    init_app(app)
+    client = WebsocketClient(app, websocket_scope(scheme="ws"))
+    raised: list[BaseException] = []
+
+    async def run() -> None:
+        try:
+            await client.run()
+        except BaseException as exc:  # what the server would get
+            raised.append(exc)
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(run)
+        assert (await client.next_sent())["type"] == "websocket.accept"
+        client.send_text("orphan")
+        assert (await client.next_sent())["text"] == "written"
+        client.send_text("next")  # the handler's receive() commits, and fails
+        closed = await client.next_sent()
+        assert (closed["type"], closed["code"]) == ("websocket.close", 1011)
+        client.disconnect()
+
+    assert raised == []
+    failures = [r for r in caplog.records if "failed to commit" in r.getMessage()]
+    assert len(failures) == 1, caplog.text
     assert checked_out(db) == 0
 
 
