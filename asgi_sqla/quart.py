@@ -20,7 +20,7 @@ and the test client), then let :func:`init_app` adjust what Quart does different
         add_background_task(send_welcome_mail, user.id)   # after the commit, if any
         return {"id": user.id}, 201
 
-Three things Quart does on its own would otherwise break the package's promises, and
+Four things Quart does on its own would otherwise break the package's promises, and
 ``init_app`` puts them right.  Without it the rest works unchanged (``db.session``,
 commit before the status line, streaming bodies, lifespan).
 
@@ -43,6 +43,11 @@ commit before the status line, streaming bodies, lifespan).
   normally (1000), and when the client disconnects it cancels the handler and returns
   normally: either way the middleware would commit the half-done message.
   ``init_app`` rolls it back first.
+* Since Quart 0.23 its ASGI call returns only once the server sends ``http.disconnect``
+  (at once after a whole response; uvicorn, hypercorn and granian do).  When Quart's
+  ``RESPONSE_TIMEOUT`` cuts a streamed body short, that is when the client gives up,
+  and the body's session would stay open, idle in transaction, until then.
+  ``init_app`` rolls it back as soon as Quart stops sending.
 
 This module imports Quart; it is imported only by apps that use it, never by the rest
 of the package.
@@ -248,6 +253,12 @@ class _HTTPConnection(ASGIHTTPConnection):
             await super().handle_request(request, send_and_watch)
         finally:
             unit.after_close(decide)
+        if not complete and unit.has_sessions:
+            # Quart gave up on the response (its RESPONSE_TIMEOUT cut the body short)
+            # and sends nothing more.  Since 0.23 Quart returns from its ASGI call only
+            # once the client disconnects (its asyncio.TaskGroup waits for the reader of
+            # http.disconnect too): the body's sessions are rolled back now, not then.
+            await unit.close(reason=REQUEST_FINISHED, failed=True)
 
 
 class _WebsocketConnection(ASGIWebsocketConnection):

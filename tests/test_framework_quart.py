@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from quart import Quart, websocket
+from quart import Quart, Response, websocket
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -31,10 +32,12 @@ from _framework import (
     STARTUP_FAILURE_EXIT_CODES,
 )
 from _helpers import (
+    ASGIRecorder,
     add_key,
     as_asgi_app,
     call_http,
     checked_out,
+    http_scope,
     keys,
     orphan_child,
     server_logging_env,
@@ -209,6 +212,48 @@ async def test_add_background_task_without_init_app_says_to_call_it() -> None:
 
     assert (await call_http(as_asgi_app(app), "/")).status == 200
     assert "asgi_sqla.quart.init_app(app)" in str(errors[0])
+
+
+async def test_a_body_that_quart_cuts_short_at_its_timeout_rolls_back_before_the_client_leaves(
+    db: Database,
+) -> None:
+    # Quart stops sending a response at its RESPONSE_TIMEOUT and its handler returns,
+    # the response unfinished.  Quart 0.23 then waits for the client's disconnect
+    # before its ASGI call returns: the middleware alone would hold the body's
+    # session, idle in transaction, until the client gives up.
+    app = Quart(__name__)
+    body_wrote, checked_in = anyio.Event(), anyio.Event()
+
+    @app.get("/")
+    async def handler() -> Response:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"first;"
+            await add_key(db, "streamed")
+            body_wrote.set()
+            await anyio.sleep_forever()  # until Quart's timeout cancels it
+            yield b"never sent"
+
+        response = Response(body())
+        response.timeout = 1  # from the start of the response: ample for one INSERT
+        return response
+
+    app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, db)  # type: ignore[method-assign]
+    init_app(app)
+    recorder = ASGIRecorder([{"type": "http.request", "body": b"", "more_body": False}])
+    event.listen(db.engine.sync_engine, "checkin", lambda *args: checked_in.set())
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(recorder, as_asgi_app(app), http_scope())
+        with anyio.fail_after(10):
+            await checked_in.wait()  # the client is still connected
+        held_while_connected = checked_out(db)
+        recorder.disconnect()
+
+    assert body_wrote.is_set()
+    assert held_while_connected == 0
+    assert recorder.body == b"first;"
+    assert await keys(db) == set()
+    assert checked_out(db) == 0
 
 
 def test_init_app_without_the_middleware_asks_for_the_databases() -> None:
