@@ -20,6 +20,7 @@ from typing import Any
 import anyio
 import pytest
 from quart import Quart, Response, websocket
+from quart import request as quart_request
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -212,6 +213,47 @@ async def test_add_background_task_without_init_app_says_to_call_it() -> None:
 
     assert (await call_http(as_asgi_app(app), "/")).status == 200
     assert "asgi_sqla.quart.init_app(app)" in str(errors[0])
+
+
+@pytest.mark.parametrize("waiting_in", ["the handler", "the request body"])
+async def test_a_client_that_leaves_mid_request_leaves_nothing_committed_and_no_task_run(
+    db: Database, waiting_in: str
+) -> None:
+    # Quart cancels the handler when http.disconnect comes (0.23: the reader task cancels
+    # it, and a body still awaited raises ClientDisconnectedError) and returns normally,
+    # without a response: the write must roll back, and its background task never run.
+    app = Quart(__name__)
+    wrote, started = anyio.Event(), []
+
+    async def task() -> None:
+        started.append("task")
+
+    @app.post("/")
+    async def handler() -> tuple[str, int]:
+        await add_key(db, "request")
+        add_background_task(task)
+        wrote.set()
+        if waiting_in == "the request body":
+            await quart_request.get_data()  # the rest of the body never comes
+        else:
+            await anyio.sleep_forever()
+        return "created", 201
+
+    app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, db)  # type: ignore[method-assign]
+    init_app(app)
+    recorder = ASGIRecorder([{"type": "http.request", "body": b"part", "more_body": True}])
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(recorder, as_asgi_app(app), http_scope(method="POST"))
+        with anyio.fail_after(10):
+            await wrote.wait()
+        recorder.disconnect()
+    await wait_for_background_tasks(app)
+
+    assert recorder.sent == []
+    assert started == []
+    assert await keys(db) == set()
+    assert checked_out(db) == 0
 
 
 async def test_a_body_that_quart_cuts_short_at_its_timeout_rolls_back_before_the_client_leaves(
