@@ -28,7 +28,13 @@ from ._unavailable import BUSY, POOL_TIMEOUT, READ_ONLY, UNREACHABLE, unavailabl
 from ._unit import REQUEST_FINISHED, RESPONSE_STARTED, SessionContext
 from .types import Message, Receive, Send
 
-__all__ = ["HTTPOptions", "HTTPResponder", "RetryRequest", "send_error_response"]
+__all__ = [
+    "HTTPOptions",
+    "HTTPResponder",
+    "RetryRequest",
+    "send_error_response",
+    "unwinds_failure",
+]
 
 
 _ERROR_BODY = b"Internal Server Error"
@@ -224,7 +230,7 @@ class HTTPResponder:
             # answer and the cause is logged.  Anything else is another error: log it.
             if self.retrying:
                 raise RetryRequest from exc
-            if not _unwinds_failure(exc):
+            if not unwinds_failure(exc):
                 logger.error(_UNRELATED_AFTER_FAILURE, exc_info=exc)
             return True
         if self.may_retry(exc):
@@ -281,7 +287,7 @@ def _log_unavailable(
     logger.warning(_UNAVAILABLE, said, replaced, _ADVICE.get(reason, ""), more, exc_info=shown)
 
 
-def _unwinds_failure(exc: BaseException | None, depth: int = 0) -> bool:
+def unwinds_failure(exc: BaseException | None, depth: int = 0) -> bool:
     """Whether ``exc`` is the error raised into the app to stop it, or a wrapping of it.
 
     A wrapping is an exception raised *from* it (``raise ... from``, as frameworks
@@ -293,7 +299,7 @@ def _unwinds_failure(exc: BaseException | None, depth: int = 0) -> bool:
             return True
         grouped = getattr(exc, "exceptions", None)  # BaseExceptionGroup, 3.11+ or backport
         if isinstance(grouped, tuple) and grouped:
-            return all(_unwinds_failure(e, depth + 1) for e in grouped)
+            return all(unwinds_failure(e, depth + 1) for e in grouped)
         exc = exc.__cause__
         depth += 1
     return False

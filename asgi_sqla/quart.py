@@ -20,7 +20,7 @@ and the test client), then let :func:`init_app` adjust what Quart does different
         add_background_task(send_welcome_mail, user.id)   # after the commit, if any
         return {"id": user.id}, 201
 
-Three things Quart does on its own would otherwise break the package's promises, and
+Four things Quart does on its own would otherwise break the package's promises, and
 ``init_app`` puts them right.  Without it the rest works unchanged (``db.session``,
 commit before the status line, streaming bodies, lifespan).
 
@@ -43,6 +43,11 @@ commit before the status line, streaming bodies, lifespan).
   normally (1000), and when the client disconnects it cancels the handler and returns
   normally: either way the middleware would commit the half-done message.
   ``init_app`` rolls it back first.
+* Since Quart 0.23 its ASGI call returns only once the server sends ``http.disconnect``
+  (at once after a whole response; uvicorn, hypercorn and granian do).  When Quart's
+  ``RESPONSE_TIMEOUT`` cuts a streamed body short, that is when the client gives up,
+  and the body's session would stay open, idle in transaction, until then.
+  ``init_app`` rolls it back as soon as Quart stops sending.
 
 This module imports Quart; it is imported only by apps that use it, never by the rest
 of the package.
@@ -64,6 +69,7 @@ from quart.wrappers import Request, Websocket
 
 from ._database import BaseDatabase
 from ._errors import CommitFailedError, ConfigurationError
+from ._http import unwinds_failure
 from ._log import logger
 from ._middleware import SQLAlchemyMiddleware
 from ._unit import RECEIVE_WAITED, REQUEST_FINISHED, SCOPE_KEY, SessionContext
@@ -247,6 +253,12 @@ class _HTTPConnection(ASGIHTTPConnection):
             await super().handle_request(request, send_and_watch)
         finally:
             unit.after_close(decide)
+        if not complete and unit.has_sessions:
+            # Quart gave up on the response (its RESPONSE_TIMEOUT cut the body short)
+            # and sends nothing more.  Since 0.23 Quart returns from its ASGI call only
+            # once the client disconnects (its asyncio.TaskGroup waits for the reader of
+            # http.disconnect too): the body's sessions are rolled back now, not then.
+            await unit.close(reason=REQUEST_FINISHED, failed=True)
 
 
 class _WebsocketConnection(ASGIWebsocketConnection):
@@ -271,11 +283,14 @@ class _WebsocketConnection(ASGIWebsocketConnection):
 
         try:
             await super().__call__(receive, send_and_watch)
-        except CommitFailedError:
-            if not tasks.failed:
+        except Exception as exc:
+            # The CommitFailedError our own receive() raised after a failed commit, which
+            # Quart re-raises when PROPAGATE_EXCEPTIONS is True outside debug and testing
+            # (those answer with a traceback page); since 0.23 inside an ExceptionGroup,
+            # from the asyncio.TaskGroup that runs the handler.  It is logged and the
+            # client has its 1011 close: the server is told nothing.
+            if not (tasks.failed and unwinds_failure(exc)):
                 raise
-            # Raised by our own receive() after a failed commit (Quart in debug mode
-            # lets it through): logged, and the client has its 1011 close.
         finally:
             tasks.finish(committed=False)
 

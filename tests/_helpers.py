@@ -112,13 +112,24 @@ def websocket_scope(path: str = "/ws", **extra: Any) -> Scope:
     return scope
 
 
+#: Longest one ``ASGIRecorder`` call may take: a stuck app fails its own test, with a
+#: traceback, before pytest-timeout's 60 s.  That timeout's signal only interrupts the
+#: event loop: the test's coroutine stays in the one task where anyio's pytest plugin
+#: runs every async test and fixture in turn (``TestRunner._run_tests_and_fixtures``),
+#: so each later one would wait behind it, and the session would hang.
+CALL_DEADLINE = 30
+
+
 class ASGIRecorder:
     """Drives one ASGI call: feeds ``incoming`` to ``receive`` and records ``send``.
 
-    After ``incoming`` is exhausted ``receive()`` waits until ``disconnect()`` is
-    called (or forever), like a server whose client is still connected.
-    ``on_send`` runs before each message is recorded, e.g. to inspect the pool at
-    the moment the server receives ``http.response.start``.
+    After ``incoming`` is exhausted ``receive()`` waits, like a server whose client is
+    still connected, until ``disconnect()`` is called or the app has sent its whole
+    HTTP response; then it returns ``http.disconnect``, as the ASGI spec says a server
+    does "if receive is called after a response has been sent" (HTTP, "Disconnect -
+    receive event"; uvicorn and hypercorn do so).  Quart 0.23 waits for that message
+    before its ASGI call returns.  ``on_send`` runs before each message is recorded,
+    e.g. to inspect the pool at the moment the server receives ``http.response.start``.
     """
 
     def __init__(
@@ -128,7 +139,7 @@ class ASGIRecorder:
     ) -> None:
         self.sent: list[Message] = []
         self._incoming = list(incoming)
-        self._disconnected = anyio.Event()
+        self._disconnect_due = anyio.Event()
         self._on_send = on_send
         self.receive_calls = 0
 
@@ -136,7 +147,7 @@ class ASGIRecorder:
         self.receive_calls += 1
         if self._incoming:
             return self._incoming.pop(0)
-        await self._disconnected.wait()
+        await self._disconnect_due.wait()
         return {"type": "http.disconnect"}
 
     async def send(self, message: Message) -> None:
@@ -145,9 +156,11 @@ class ASGIRecorder:
             if result is not None:
                 await result
         self.sent.append(message)
+        if _ends_http_response(message):
+            self._disconnect_due.set()
 
     def disconnect(self) -> None:
-        self._disconnected.set()
+        self._disconnect_due.set()
 
     def types(self) -> list[str]:
         return [m["type"] for m in self.sent]
@@ -163,7 +176,15 @@ class ASGIRecorder:
         return b"".join(m.get("body", b"") for m in self.sent if m["type"].endswith(".body"))
 
     async def __call__(self, app: ASGIApp, scope: Scope) -> None:
-        await app(scope, self.receive, self.send)
+        with anyio.fail_after(CALL_DEADLINE):
+            await app(scope, self.receive, self.send)
+
+
+def _ends_http_response(message: Message) -> bool:
+    """Whether ``message`` is the last one of an HTTP response (the spec's and extensions')."""
+    if message["type"] == "http.response.body":
+        return not message.get("more_body", False)
+    return bool(message["type"] == "http.response.pathsend")
 
 
 async def call_http(

@@ -11,13 +11,16 @@ promises there.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from quart import Quart, websocket
+from quart import Quart, Response, websocket
+from quart import request as quart_request
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -30,10 +33,12 @@ from _framework import (
     STARTUP_FAILURE_EXIT_CODES,
 )
 from _helpers import (
+    ASGIRecorder,
     add_key,
     as_asgi_app,
     call_http,
     checked_out,
+    http_scope,
     keys,
     orphan_child,
     server_logging_env,
@@ -210,6 +215,89 @@ async def test_add_background_task_without_init_app_says_to_call_it() -> None:
     assert "asgi_sqla.quart.init_app(app)" in str(errors[0])
 
 
+@pytest.mark.parametrize("waiting_in", ["the handler", "the request body"])
+async def test_a_client_that_leaves_mid_request_leaves_nothing_committed_and_no_task_run(
+    db: Database, waiting_in: str
+) -> None:
+    # Quart cancels the handler when http.disconnect comes (0.23: the reader task cancels
+    # it, and a body still awaited raises ClientDisconnectedError) and returns normally,
+    # without a response: the write must roll back, and its background task never run.
+    app = Quart(__name__)
+    wrote, started = anyio.Event(), []
+
+    async def task() -> None:
+        started.append("task")
+
+    @app.post("/")
+    async def handler() -> tuple[str, int]:
+        await add_key(db, "request")
+        add_background_task(task)
+        wrote.set()
+        if waiting_in == "the request body":
+            await quart_request.get_data()  # the rest of the body never comes
+        else:
+            await anyio.sleep_forever()
+        return "created", 201
+
+    app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, db)  # type: ignore[method-assign]
+    init_app(app)
+    recorder = ASGIRecorder([{"type": "http.request", "body": b"part", "more_body": True}])
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(recorder, as_asgi_app(app), http_scope(method="POST"))
+        with anyio.fail_after(10):
+            await wrote.wait()
+        recorder.disconnect()
+    await wait_for_background_tasks(app)
+
+    assert recorder.sent == []
+    assert started == []
+    assert await keys(db) == set()
+    assert checked_out(db) == 0
+
+
+async def test_a_body_that_quart_cuts_short_at_its_timeout_rolls_back_before_the_client_leaves(
+    db: Database,
+) -> None:
+    # Quart stops sending a response at its RESPONSE_TIMEOUT and its handler returns,
+    # the response unfinished.  Quart 0.23 then waits for the client's disconnect
+    # before its ASGI call returns: the middleware alone would hold the body's
+    # session, idle in transaction, until the client gives up.
+    app = Quart(__name__)
+    body_wrote, checked_in = anyio.Event(), anyio.Event()
+
+    @app.get("/")
+    async def handler() -> Response:
+        async def body() -> AsyncIterator[bytes]:
+            yield b"first;"
+            await add_key(db, "streamed")
+            body_wrote.set()
+            await anyio.sleep_forever()  # until Quart's timeout cancels it
+            yield b"never sent"
+
+        response = Response(body())
+        response.timeout = 1  # from the start of the response: ample for one INSERT
+        return response
+
+    app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, db)  # type: ignore[method-assign]
+    init_app(app)
+    recorder = ASGIRecorder([{"type": "http.request", "body": b"", "more_body": False}])
+    event.listen(db.engine.sync_engine, "checkin", lambda *args: checked_in.set())
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(recorder, as_asgi_app(app), http_scope())
+        with anyio.fail_after(10):
+            await checked_in.wait()  # the client is still connected
+        held_while_connected = checked_out(db)
+        recorder.disconnect()
+
+    assert body_wrote.is_set()
+    assert held_while_connected == 0
+    assert recorder.body == b"first;"
+    assert await keys(db) == set()
+    assert checked_out(db) == 0
+
+
 def test_init_app_without_the_middleware_asks_for_the_databases() -> None:
     with pytest.raises(ConfigurationError, match=r"init_app\(app, db\)"):
         init_app(Quart(__name__))
@@ -356,6 +444,51 @@ async def test_with_init_app_an_idle_quart_websocket_holds_no_connection(db: Dat
 
     assert idle_checked_out == 0
     assert committed_while_idle == {"first"}
+    assert checked_out(db) == 0
+
+
+async def test_a_failed_websocket_commit_that_quart_propagates_is_answered_and_goes_no_further(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    # With PROPAGATE_EXCEPTIONS (outside debug and testing) Quart re-raises the
+    # handler's CommitFailedError out of its ASGI call, since 0.23 inside an
+    # ExceptionGroup (from its TaskGroup): the client already has its 1011 and the
+    # failure is logged, so the server must not get it as an error of the app's.
+    caplog.set_level(logging.ERROR, logger="asgi_sqla")
+    app = Quart(__name__)
+    app.config["PROPAGATE_EXCEPTIONS"] = True
+
+    @app.websocket("/ws")
+    async def handler() -> None:
+        while True:
+            await websocket.receive()
+            await orphan_child(db)  # passes now, fails at COMMIT
+            await websocket.send("written")
+
+    app.asgi_app = SQLAlchemyMiddleware(app.asgi_app, db)  # type: ignore[method-assign]
+    init_app(app)
+    client = WebsocketClient(app, websocket_scope(scheme="ws"))
+    raised: list[BaseException] = []
+
+    async def run() -> None:
+        try:
+            await client.run()
+        except BaseException as exc:  # what the server would get
+            raised.append(exc)
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(run)
+        assert (await client.next_sent())["type"] == "websocket.accept"
+        client.send_text("orphan")
+        assert (await client.next_sent())["text"] == "written"
+        client.send_text("next")  # the handler's receive() commits, and fails
+        closed = await client.next_sent()
+        assert (closed["type"], closed["code"]) == ("websocket.close", 1011)
+        client.disconnect()
+
+    assert raised == []
+    failures = [r for r in caplog.records if "failed to commit" in r.getMessage()]
+    assert len(failures) == 1, caplog.text
     assert checked_out(db) == 0
 
 
