@@ -3,7 +3,8 @@
 ``make test-matrix`` runs every session; ``nox -l`` lists them; ``nox -s "tests-3.11(lowest)"``
 runs one.  Each session is a cell: a Python version and a *corner* of the dependency ranges
 declared in pyproject.toml (the package's ``dependencies`` and the test part of the ``dev``
-group; the tools, ruff, mypy, import-linter, coverage, nox and uv, are left out):
+group; the tools, ruff, mypy and its type stubs, import-linter, coverage, nox and uv, are
+left out):
 
 - ``lowest``: every lower bound at once (``name>=X`` installed as ``name==X``), the oldest
   set a user may have; only the packages those pins pull in are resolved to their newest.
@@ -31,8 +32,9 @@ from packaging.requirements import Requirement
 ROOT = Path(__file__).parent
 PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 NEWEST_PYTHON = PYTHONS[-1]
-#: Tools of the dev group that the test run does not import.
-TOOLS = {"coverage", "ruff", "mypy", "import-linter", "nox", "uv"}
+#: Tools of the dev group that the test run does not import: the checkers, the type stubs
+#: mypy reads (django-stubs 6.1 needs Python 3.11), and the matrix's own tools.
+TOOLS = {"coverage", "ruff", "mypy", "import-linter", "django-stubs", "types-PyMySQL", "nox", "uv"}
 
 nox.options.default_venv_backend = "uv"
 # The interpreters are the machine's: uv must not download one of its own.
