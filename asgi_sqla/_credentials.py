@@ -18,6 +18,7 @@ database, shown in its ``repr``, logged, or put in a message of the package.
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -73,18 +74,23 @@ def check_provider(
 def install_provider(engine: Engine, listener: PasswordListener) -> None:
     """Make ``engine`` (a sync engine, an ``AsyncEngine``'s included) ask ``listener``'s
     provider for the password of each new connection; once per engine."""
-    if not event.contains(engine, "do_connect", listener):
-        event.listen(engine, "do_connect", listener)
+    if engine in listener.engines:
+        return
+    listener.engines.add(engine)
+    event.listen(engine, "do_connect", listener)
 
 
 class PasswordListener:
     """The ``do_connect`` listener: the provider's password in the connection arguments."""
 
-    __slots__ = ("__weakref__", "_can_await", "_provider")  # SQLAlchemy keeps weak refs
+    __slots__ = ("__weakref__", "_can_await", "_provider", "engines")  # SQLAlchemy: weak refs
 
     def __init__(self, provider: PasswordProvider, *, can_await: bool) -> None:
         self._provider = provider
         self._can_await = can_await
+        # The engines it listens on.  Not ``event.contains()``, keyed by ``id(engine)``:
+        # a new engine at a dead one's address could look registered while it is not.
+        self.engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
     def __call__(self, dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
         # SQLAlchemy 2.1 passes each attempt a copy of the engine's arguments

@@ -32,6 +32,7 @@ before (503 with Retry-After, nothing committed).
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from sqlalchemy import Engine, event
@@ -49,6 +50,12 @@ _SENT = "_asgi_sqla_sent"
 _LOGGED = "_asgi_sqla_reconnect_logged"
 
 
+# Not ``event.contains()``: SQLAlchemy keys a registration by ``id(engine)`` and forgets it
+# only when the dialect's listeners are collected (``event/registry.py``), so a new engine
+# at the address of a dead one whose dialect lives on looks registered while it is not.
+_counting: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
 def watch_sends(sync_engine: Engine) -> None:
     """Count the statements each ``Connection`` of ``sync_engine`` sends; once per dialect.
 
@@ -59,10 +66,12 @@ def watch_sends(sync_engine: Engine) -> None:
     half of the middleware's cost.  A dialect listener is one call per statement, and the
     dialect's dispatch is on already for ``_unavailable``'s ``handle_error``.
     """
-    if not event.contains(sync_engine, "do_execute", _sent):
-        event.listen(sync_engine, "do_execute", _sent)
-        event.listen(sync_engine, "do_executemany", _sent)
-        event.listen(sync_engine, "do_execute_no_params", _sent_no_params)
+    if sync_engine in _counting:
+        return
+    _counting.add(sync_engine)
+    event.listen(sync_engine, "do_execute", _sent)
+    event.listen(sync_engine, "do_executemany", _sent)
+    event.listen(sync_engine, "do_execute_no_params", _sent_no_params)
 
 
 def _sent(
@@ -119,7 +128,7 @@ def drop_dead_connection(transaction: SessionTransaction | None, exc: DBAPIError
         or not connection.invalidated
         # The failed statement was counted (if it got as far): two means one was answered.
         or getattr(connection, _SENT, 0) > 1
-        or not event.contains(connection.engine, "do_execute", _sent)
+        or connection.engine not in _counting
         or connection._is_autocommit_isolation()
     ):
         return None

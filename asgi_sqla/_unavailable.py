@@ -190,14 +190,21 @@ def note_read_only_transaction(connection: Connection) -> None:
     _made_read_only.add(connection)
 
 
+# Not ``event.contains()``: SQLAlchemy keys a registration by ``id(engine)`` and forgets it
+# only when the dialect's listeners are collected (``event/registry.py``), so a new engine
+# at the address of a dead one whose dialect lives on looks registered while it is not.
+_watched: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
 def watch_disconnects(sync_engine: Engine) -> None:
     """Make SQLAlchemy see the disconnects it misses on ``sync_engine``; once.
 
     SQLSTATE 25006 on a server turned read-only, and a driver's error SQLAlchemy did not
     translate on a connection that is closed (see the module doc).
     """
-    if event.contains(sync_engine, "handle_error", _read_only_is_disconnect):
+    if sync_engine in _watched:
         return
+    _watched.add(sync_engine)
     event.listen(sync_engine, "handle_error", _read_only_is_disconnect)
     event.listen(sync_engine, "handle_error", _untranslated_is_disconnect)
     event.listen(sync_engine, "invalidate", _LostConnections(sync_engine.dialect))
