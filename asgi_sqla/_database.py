@@ -26,6 +26,7 @@ from ._admission import Admission
 from ._credentials import PasswordListener, PasswordProvider, check_provider, install_provider
 from ._environ import read_environment
 from ._errors import ConfigurationError, DatabaseStartupError
+from ._lost_commits import check_confirmable, watch_commits
 from ._multidb import commit_one_phase
 from ._options import (
     check_block_options,
@@ -123,6 +124,7 @@ class BaseDatabase(ABC):
         admission_timeout: float = 0.0,
         warn_pool_saturated_for: float | None = None,
         pool_saturated_share: float = 0.9,
+        confirm_lost_commits: float | None = None,
     ) -> None:
         self._warn_held, self._warn_statements = _limits(warn_held_over, warn_statements_over)
         check_bool("stats", stats)
@@ -165,6 +167,8 @@ class BaseDatabase(ABC):
         self._saturation_watched: Engine | None = None
         if self._saturation is not None:
             self._check_pool_bounded()
+        self._confirm_lost_commits = _confirming(self, confirm_lost_commits)
+        self._commits_watched: Engine | None = None
 
     @classmethod
     def from_env(cls, prefix: str | None = None, /, **options: Any) -> Self:
@@ -221,6 +225,10 @@ class BaseDatabase(ABC):
         if self._replicas is not None and self._writes_tracked is not sync_engine:
             track_writes(sync_engine, self._note_write)  # read-your-writes
             self._writes_tracked = sync_engine
+        confirming = self._confirm_lost_commits
+        if confirming is not None and self._commits_watched is not sync_engine:
+            watch_commits(sync_engine, confirming)  # refuses a database other than PostgreSQL
+            self._commits_watched = sync_engine
         saturation = self._saturation
         if saturation is not None and self._saturation_watched is not sync_engine:
             watch_saturation(self, sync_engine, *saturation)
@@ -541,6 +549,14 @@ class Database(BaseDatabase, Generic[_A]):
         last: one may commit while another fails (see ``docs/guides/concurrency.md``).  Off
         by default: two tasks using one session at once get
         ``ConcurrentSessionUseError``.
+    :param confirm_lost_commits: PostgreSQL only: when the package's COMMIT (at
+        response start, ``db.release()``, the end of ``db.scope()``) loses its
+        connection, ask the database for up to this many seconds whether it committed
+        (``pg_xact_status``), instead of answering 503 in doubt.  Committed: the app's
+        response is sent and its on_commit callbacks run; aborted or no answer: 503
+        with ``Retry-After``, as without it.  Costs one round trip before each such
+        COMMIT, to learn the transaction's id.  A database other than PostgreSQL is
+        refused with ``ConfigurationError``.  See docs/guides/failover.md.
     :param engine_options: Passed to ``create_async_engine`` for the engines the
         ``Database`` creates (the URL's and the replicas'), with ``hide_parameters=True``
         unless given: a failed statement's exception (logged when a commit fails)
@@ -576,6 +592,7 @@ class Database(BaseDatabase, Generic[_A]):
         warn_pool_saturated_for: float | None = None,
         pool_saturated_share: float = 0.9,
         session_per_task: bool = False,
+        confirm_lost_commits: float | None = None,
         **engine_options: Any,
     ) -> None:
         check_bool("session_per_task", session_per_task)
@@ -596,6 +613,7 @@ class Database(BaseDatabase, Generic[_A]):
             admission_timeout=admission_timeout,
             warn_pool_saturated_for=warn_pool_saturated_for,
             pool_saturated_share=pool_saturated_share,
+            confirm_lost_commits=confirm_lost_commits,
         )
         self._replicas = _replica_set(self, replicas, replica_cooldown)
         self._session_per_task = session_per_task
@@ -837,6 +855,18 @@ def _admission(db: BaseDatabase, limit: int | None, timeout: float) -> Admission
             )
         return None
     return Admission(db, int(limit), float(timeout))
+
+
+def _confirming(db: BaseDatabase, seconds: float | None) -> float | None:
+    """Check ``confirm_lost_commits``, and the database, when its URL or engine says it."""
+    check_number("confirm_lost_commits", seconds, "seconds", example=5.0, optional=True)
+    if seconds is None:
+        return None
+    if db._url is not None:
+        check_confirmable(db._url.get_backend_name())
+    elif db._engine is not None:
+        check_confirmable(_sync_engine(db._engine).dialect.name)
+    return float(seconds)
 
 
 def _saturation(after: float | None, share: float) -> tuple[float, float] | None:

@@ -76,6 +76,7 @@ from ._errors import (
     exception_chain,
 )
 from ._log import logger
+from ._lost_commits import confirm, probing
 from ._reconnect import drop_dead_connection, log_reconnect, taken_for_this_call
 from ._unavailable import (
     mysql_error_code,
@@ -596,6 +597,17 @@ def _run_before_commit(
         raise
 
 
+def count_as_committed(session: SessionLike, due: list[Callable[[], object]]) -> None:
+    """Make ``due`` run as a commit's callbacks: the transaction committed, though its
+    COMMIT raised (the database confirmed it: ``_lost_commits``)."""
+    sync_session = sync_of(session)
+    sync_session._asgi_sqla_unavailable = None  # its COMMIT's failure is undone
+    committed = sync_session._asgi_sqla_committed
+    if committed is None:
+        committed = sync_session._asgi_sqla_committed = []
+    committed.extend(due)
+
+
 async def run_committed_callbacks(session: SessionLike) -> None:
     """Run the on_commit callbacks whose transaction has committed; log their errors."""
     committed = sync_of(session)._asgi_sqla_committed
@@ -918,14 +930,18 @@ async def _end(session: GuardedSession, commit: bool) -> None:
         unguarded = _unguarded(session)
         if commit and session._asgi_sqla_rollback_only is None:
             try:
-                await unguarded.commit()
-            except BaseException:
+                with probing(sync_of(session)._asgi_sqla_on_commit) as probe:
+                    await unguarded.commit()
+            except BaseException as exc:
                 # After a failed COMMIT the connection's state is not known: SQLite keeps
                 # the transaction open after a deferred constraint fails, yet SQLAlchemy
                 # marks it inactive, so close() would pool it without a ROLLBACK and the
-                # next request would inherit the failed writes.  Discard the connection.
+                # next request would inherit the failed writes.  Discard the connection
+                # (before asking about a lost COMMIT: that takes a connection of the pool).
                 await _invalidate(unguarded)
-                raise
+                if not await confirm(probe, exc):
+                    raise
+                count_as_committed(session, probe.due)
         await _close(session)
 
 

@@ -73,12 +73,13 @@ class SyncDatabase(BaseDatabase, Generic[_S]):
 
     ``commit_on``, ``session_options`` (keywords of ``sessionmaker``), ``stats``,
     ``warn_held_over``, ``warn_statements_over``, ``admission_limit``,
-    ``admission_timeout``, ``warn_pool_saturated_for``, ``pool_saturated_share`` and
-    ``engine_options`` (passed to ``create_engine``) are as for :class:`Database`, and
-    checked here the same way.  A request past ``admission_limit`` waits for its place
-    in its worker thread (in the event loop's thread, with ``block_event_loop``, it is
-    refused at once: nothing could free a place while it blocked the loop).  Read
-    replicas, two-phase commit and ``session_per_task`` are for async databases only.
+    ``admission_timeout``, ``warn_pool_saturated_for``, ``pool_saturated_share``,
+    ``confirm_lost_commits`` and ``engine_options`` (passed to ``create_engine``) are
+    as for :class:`Database`, and checked here the same way.  A request past
+    ``admission_limit`` waits for its place in its worker thread (in the event loop's
+    thread, with ``block_event_loop``, it is refused at once: nothing could free a
+    place while it blocked the loop).  Read replicas, two-phase commit and
+    ``session_per_task`` are for async databases only.
     """
 
     _engine_type = Engine
@@ -101,6 +102,7 @@ class SyncDatabase(BaseDatabase, Generic[_S]):
         admission_timeout: float = 0.0,
         warn_pool_saturated_for: float | None = None,
         pool_saturated_share: float = 0.9,
+        confirm_lost_commits: float | None = None,
         **engine_options: Any,
     ) -> None:
         check_bool("block_event_loop", block_event_loop)
@@ -133,6 +135,7 @@ class SyncDatabase(BaseDatabase, Generic[_S]):
             admission_timeout=admission_timeout,
             warn_pool_saturated_for=warn_pool_saturated_for,
             pool_saturated_share=pool_saturated_share,
+            confirm_lost_commits=confirm_lost_commits,
         )
         self._block_event_loop = block_event_loop
 

@@ -41,10 +41,12 @@ from sqlalchemy.orm import Session
 
 from ._errors import BlockingCallError, ConcurrentSessionUseError, SessionEndedError
 from ._log import logger
+from ._lost_commits import confirm_here, probing
 from ._session import (
     GuardedSession,
     _ending,
     _GuardedSyncSession,
+    count_as_committed,
     retire,
     run_committed_callbacks_here,
     run_to_completion,
@@ -247,12 +249,15 @@ def _end_here(session: ThreadSession, commit: bool) -> None:
         try:
             if commit and session._asgi_sqla_rollback_only is None:
                 try:
-                    session.commit()
-                except BaseException:
+                    with probing(session._asgi_sqla_on_commit) as probe:
+                        session.commit()
+                except BaseException as exc:
                     # The connection's state is not known after a failed COMMIT (see
-                    # ``_session._end``): discard it.
+                    # ``_session._end``): discard it, then ask about a lost COMMIT.
                     _invalidate(session)
-                    raise
+                    if not confirm_here(probe, exc):
+                        raise
+                    count_as_committed(session, probe.due)
             try:
                 session.close()  # rolls back whatever is still open
             except Exception:

@@ -6,7 +6,9 @@
   stopped (``pg_ctl stop -m fast``) and the standby promoted.  Every answer is a 201 or a
   503 with Retry-After, every 201's row is on the new primary and no other row is,
   nothing stays checked out, and requests succeed after the promotion without a
-  restart of the app.  A fast shutdown loses no acknowledged commit to the standby: the
+  restart of the app.  A COMMIT the shutdown cut after the server committed would be
+  such another row; the app asks the new primary about it (``confirm_lost_commits``).
+  A fast shutdown loses no acknowledged commit to the standby: the
   walsenders send all WAL up to the shutdown checkpoint, and wait for the standby to
   flush it, before the server exits (``WalSndDone`` in PostgreSQL's walsender.c); the
   clusters' ``synchronous_commit = off`` only delays the local WAL flush, which the
@@ -258,7 +260,14 @@ async def fail_over_under_load(
 async def test_a_failover_answers_201_or_503_with_retry_after_and_loses_no_commit(
     pair: Pair, flavour: str
 ) -> None:
-    writer = writer_app(flavour, pair.url(flavour), pool_size=4, max_overflow=0, pool_pre_ping=True)
+    writer = writer_app(
+        flavour,
+        pair.url(flavour),
+        pool_size=4,
+        max_overflow=0,
+        pool_pre_ping=True,
+        confirm_lost_commits=10,  # a COMMIT cut by the shutdown is asked about
+    )
     try:
         drill = await fail_over_under_load(pair, writer.app)
         eventually(lambda: checked_out(writer.db) == 0)

@@ -89,11 +89,13 @@ KILL_COMMIT_TAG = "kill-commit:"
 
 
 def engine_options(url: str) -> dict[str, Any]:
-    """The soak's engine options for ``url``: a small pool that runs dry, and more.
+    """The soak's database options for ``url``: a small pool that runs dry, and more.
 
     ``SOAK_POOL_SIZE`` connections (default 5), no overflow, a ``SOAK_POOL_TIMEOUT`` of
-    0.5 s; ``pool_pre_ping`` unless ``SOAK_PRE_PING=0``; and the README's advice: the
-    server notices a vanished client within 0.5 s (``client_connection_check_interval``).
+    0.5 s; ``pool_pre_ping`` unless ``SOAK_PRE_PING=0``; the README's advice: the
+    server notices a vanished client within 0.5 s (``client_connection_check_interval``);
+    and the failover guide's: a COMMIT whose connection was lost is checked
+    (``confirm_lost_commits``), so that no answer claims what did not happen.
     """
     check = "500"
     if url.startswith("postgresql+asyncpg"):
@@ -110,6 +112,7 @@ def engine_options(url: str) -> dict[str, Any]:
         "pool_timeout": float(os.environ.get("SOAK_POOL_TIMEOUT", "0.5")),
         "pool_pre_ping": os.environ.get("SOAK_PRE_PING", "1") == "1",
         "connect_args": connect_args,
+        "confirm_lost_commits": 10.0,
     }
 
 
