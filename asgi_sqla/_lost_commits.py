@@ -178,10 +178,16 @@ def _sql(connection: Connection) -> tuple[str, str]:
     return _XID_13 if version >= (13,) else _XID_10
 
 
-def _askable(probe: Probe, error: BaseException) -> bool:
-    """Whether ``error`` lost a COMMIT whose transaction's id ``probe`` knows (or knows
-    there was none)."""
-    return probe.asked == 1 and probe.engine is not None and unavailable(error) == UNREACHABLE
+def _without_asking(probe: Probe, error: BaseException) -> bool | None:
+    """The answer when there is nothing to ask: False when ``error`` did not lose a COMMIT
+    whose transaction ``probe`` knows, True when that transaction wrote nothing (no id);
+    None: ask."""
+    if probe.asked != 1 or probe.engine is None or unavailable(error) != UNREACHABLE:
+        return False
+    if probe.xid is None:
+        logger.warning(_NOTHING_WRITTEN)
+        return True
+    return None
 
 
 def _status(connection: Connection, xid: int) -> str | None:
@@ -213,12 +219,11 @@ def _verdict(probe: Probe, status: str | None, error: BaseException | None, bega
 async def confirm(probe: Probe, error: BaseException) -> bool:
     """Whether the transaction whose COMMIT raised ``error`` is known to have committed
     (or to have written nothing); asks with the engine's async driver."""
-    if not _askable(probe, error):
-        return False
-    if probe.xid is None:
-        logger.warning(_NOTHING_WRITTEN)
-        return True
+    known = _without_asking(probe, error)
+    if known is not None:
+        return known
     assert probe.engine is not None
+    assert probe.xid is not None
     engine, xid = AsyncEngine(probe.engine), probe.xid
     began = time.monotonic()
     deadline = began + probe.seconds
@@ -260,12 +265,11 @@ async def _ask(
 
 def confirm_here(probe: Probe, error: BaseException) -> bool:
     """:func:`confirm` for a synchronous engine, in this (worker) thread."""
-    if not _askable(probe, error):
-        return False
-    if probe.xid is None:
-        logger.warning(_NOTHING_WRITTEN)
-        return True
+    known = _without_asking(probe, error)
+    if known is not None:
+        return known
     assert probe.engine is not None
+    assert probe.xid is not None
     engine, xid = probe.engine, probe.xid
     began = time.monotonic()
     deadline = began + probe.seconds

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
+import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, cast
@@ -733,3 +736,47 @@ def postgres_unavailable(reason: str) -> Any:
     if os.environ.get("CI", "").strip().lower() in {"true", "1"}:
         pytest.fail(f"{reason}; CI is set, so PostgreSQL tests must not be skipped", pytrace=False)
     pytest.skip(f"PostgreSQL unavailable: {reason}")
+
+
+#: An app's flavour -> the SQLAlchemy driver of its PostgreSQL URL.  "sync-" ones serve
+#: a SyncDatabase.
+PG_DRIVERS = {
+    "asyncpg": "postgresql+asyncpg",
+    "psycopg": "postgresql+psycopg",
+    "sync-psycopg": "postgresql+psycopg",
+    "sync-psycopg2": "postgresql+psycopg2",
+}
+
+
+class TcpRelay:
+    """A TCP relay on a free 127.0.0.1 port to ``host:port``, for faults on the wire.
+
+    Each connection a client opens gets one to the target, and the pair is handed to
+    :meth:`serve`, which a subclass writes (two threads, one per direction, usually).
+    :meth:`close` closes the listener and every socket.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def serve(self, client: socket.socket, server: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        for sock in (self._listener, *self._sockets):
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            server = socket.create_connection(self._target)
+            self._sockets += [client, server]
+            self.serve(client, server)

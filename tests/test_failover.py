@@ -52,8 +52,10 @@ from asgi_sqla.types import ASGIApp, Receive, Scope, Send
 
 import _postgres
 from _helpers import (
+    PG_DRIVERS,
     ASGIRecorder,
     DedicatedPostgres,
+    TcpRelay,
     eventually,
     http_scope,
     plain_response,
@@ -62,13 +64,6 @@ from _helpers import (
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgresql]
 
-#: The app's flavour -> the SQLAlchemy driver.  "sync-" ones serve a SyncDatabase.
-DRIVERS = {
-    "asyncpg": "postgresql+asyncpg",
-    "psycopg": "postgresql+psycopg",
-    "sync-psycopg": "postgresql+psycopg",
-    "sync-psycopg2": "postgresql+psycopg2",
-}
 
 AnyDatabase = Database | SyncDatabase
 
@@ -184,7 +179,7 @@ class Pair:
     def url(self, flavour: str) -> str:
         hosts = (f"127.0.0.1:{self.primary.admin.port}", f"127.0.0.1:{self.standby.port}")
         return URL.create(
-            DRIVERS[flavour],
+            PG_DRIVERS[flavour],
             username="postgres",
             database="postgres",
             query={"host": hosts, "target_session_attrs": "read-write"},
@@ -306,7 +301,7 @@ def own_pg() -> Iterator[DedicatedPostgres]:
 
 
 def single_url(admin: URL, flavour: str) -> str:
-    return admin.set(drivername=DRIVERS[flavour]).render_as_string(hide_password=False)
+    return admin.set(drivername=PG_DRIVERS[flavour]).render_as_string(hide_password=False)
 
 
 def set_read_only(admin: URL, on: bool) -> None:
@@ -337,7 +332,7 @@ def backend_alive(admin: URL, pid: int) -> bool:
     return found is not None and found[0] == 1
 
 
-READ_ONLY_FLAVOURS = pytest.mark.parametrize("flavour", list(DRIVERS))
+READ_ONLY_FLAVOURS = pytest.mark.parametrize("flavour", list(PG_DRIVERS))
 
 
 @READ_ONLY_FLAVOURS
@@ -435,11 +430,11 @@ def free_port() -> int:
         return port
 
 
-@pytest.mark.parametrize("flavour", list(DRIVERS))
+@pytest.mark.parametrize("flavour", list(PG_DRIVERS))
 async def test_a_database_that_refuses_connections_answers_503_with_retry_after(
     flavour: str,
 ) -> None:
-    url = f"{DRIVERS[flavour]}://postgres@127.0.0.1:{free_port()}/postgres"
+    url = f"{PG_DRIVERS[flavour]}://postgres@127.0.0.1:{free_port()}/postgres"
     writer = writer_app(flavour, url)
     try:
         # Starlette answers 500 and re-raises; the middleware makes the 500 a 503.
@@ -504,7 +499,7 @@ async def test_a_read_that_failed_over_from_a_dead_replica_does_not_make_a_500_a
 # -- a connection ended between two round trips: asyncpg's "cannot switch to state" --------
 
 
-class GoodbyeRelay:
+class GoodbyeRelay(TcpRelay):
     """A TCP relay to a server that can hold the server's answers until it hangs up.
 
     After :meth:`hold`, what the server sends is kept until it closes the connection;
@@ -517,38 +512,20 @@ class GoodbyeRelay:
     """
 
     def __init__(self, host: str, port: int) -> None:
-        self._target = (host, port)
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
+        super().__init__(host, port)
         self._holding = False
         self.held = threading.Event()  # the server's answers are being held
         self.replied = threading.Event()  # the client acted on the farewell
         self.reply: bytes | None = None
-        self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
 
     def hold(self) -> None:
         """Hold the server's next answers until the server hangs up (see the class doc)."""
         self._holding = True
 
-    def close(self) -> None:
-        for sock in (self._listener, *self._sockets):
-            with contextlib.suppress(OSError):
-                sock.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return  # closed
-            server = socket.create_connection(self._target)
-            self._sockets += [client, server]
-            farewell = threading.Event()  # passed on to the client
-            for target in (self._up, self._down):
-                threading.Thread(
-                    target=target, args=(client, server, farewell), daemon=True
-                ).start()
+    def serve(self, client: socket.socket, server: socket.socket) -> None:
+        farewell = threading.Event()  # passed on to the client
+        for target in (self._up, self._down):
+            threading.Thread(target=target, args=(client, server, farewell), daemon=True).start()
 
     def _up(self, client: socket.socket, server: socket.socket, farewell: threading.Event) -> None:
         data = b""

@@ -34,42 +34,34 @@ from asgi_sqla import ConfigurationError, Database, SQLAlchemyMiddleware, SyncDa
 from asgi_sqla.types import ASGIApp
 
 import _postgres
-from _helpers import ASGIRecorder, http_scope
+from _helpers import PG_DRIVERS, ASGIRecorder, TcpRelay, http_scope
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgresql]
 
-DRIVERS = {
-    "asyncpg": "postgresql+asyncpg",
-    "psycopg": "postgresql+psycopg",
-    "sync-psycopg": "postgresql+psycopg",
-    "sync-psycopg2": "postgresql+psycopg2",
-}
-FLAVOURS = list(DRIVERS)
+FLAVOURS = list(PG_DRIVERS)
 
 #: What the package sends to learn the transaction's id (PostgreSQL 13 and later).
 XID_SQL = "SELECT pg_current_xact_id_if_assigned()::text"
 PROBE = XID_SQL.encode()
 
 
-class CommitCutter:
+class CommitCutter(TcpRelay):
     """A TCP relay that cuts the connection at the next COMMIT after :meth:`cut`.
 
     ``"after"``: the COMMIT is passed on, then the client's side is closed, so the
     server commits and its reply is dropped.  ``"before"``: both sides are closed and
-    the COMMIT is dropped.  :meth:`refuse` closes every new connection at once.
-    :attr:`sent` is everything the clients sent.
+    the COMMIT is dropped.  With ``then_refuse``, every later connection is closed at
+    once.  :attr:`sent` is everything the clients sent.
     """
 
     def __init__(self, host: str, port: int) -> None:
-        self._target = (host, port)
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
+        super().__init__(host, port)
         self._mode: str | None = None
+        self._following = b""
+        self._refuse_after_cut = False
         self._refusing = False
         self.cut_done = threading.Event()
         self.sent = bytearray()
-        self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
 
     def cut(self, mode: str, *, then_refuse: bool = False, following: bytes = b"INSERT") -> None:
         """Cut at the next COMMIT sent on a connection after it sent ``following``:
@@ -78,24 +70,12 @@ class CommitCutter:
         self._refuse_after_cut = then_refuse
         self._following = following
 
-    def close(self) -> None:
-        for sock in (self._listener, *self._sockets):
-            with contextlib.suppress(OSError):
-                sock.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return  # closed
-            if self._refusing:
-                client.close()
-                continue
-            server = socket.create_connection(self._target)
-            self._sockets += [client, server]
-            threading.Thread(target=self._up, args=(client, server), daemon=True).start()
-            threading.Thread(target=self._down, args=(client, server), daemon=True).start()
+    def serve(self, client: socket.socket, server: socket.socket) -> None:
+        if self._refusing:
+            _close(client, server)
+            return
+        threading.Thread(target=self._up, args=(client, server), daemon=True).start()
+        threading.Thread(target=self._down, args=(client, server), daemon=True).start()
 
     def _up(self, client: socket.socket, server: socket.socket) -> None:
         armed = False
@@ -155,8 +135,8 @@ class App:
 
 def make_app(flavour: str, url: str, **options: Any) -> App:
     """``POST /write?key=K`` inserts K (201) with an on_commit callback; ``GET /read``
-    reads, and so does ``GET /auto``, in autocommit; ``POST /own`` inserts and commits by
-    itself; ``GET /`` uses no database."""
+    reads, and so do ``GET /auto``, in autocommit, and ``GET /ro``, read-only; ``POST
+    /own`` inserts and commits by itself; ``GET /`` uses no database."""
     insert = text("INSERT INTO items (key) VALUES (:key)")
     called_back: list[str] = []
     db: Database | SyncDatabase
@@ -182,6 +162,7 @@ def make_app(flavour: str, url: str, **options: Any) -> App:
             Route("/write", write, methods=["POST"]),
             Route("/read", read),
             Route("/auto", read),
+            Route("/ro", read),
             Route("/own", own, methods=["POST"]),
         ]
     else:
@@ -206,17 +187,18 @@ def make_app(flavour: str, url: str, **options: Any) -> App:
             Route("/write", write_async, methods=["POST"]),
             Route("/read", read_async),
             Route("/auto", read_async),
+            Route("/ro", read_async),
             Route("/own", own_async, methods=["POST"]),
         ]
     routes.append(Route("/", lambda request: PlainTextResponse("no database")))
     app = SQLAlchemyMiddleware(
-        Starlette(routes=routes), db, retry_after=2, autocommit_reads=["/auto"]
+        Starlette(routes=routes), db, retry_after=2, autocommit_reads=["/auto"], read_only=["/ro"]
     )
     return App(db, app, called_back)
 
 
 def relayed(postgres_database: URL, cutter: CommitCutter, flavour: str) -> str:
-    url = postgres_database.set(drivername=DRIVERS[flavour], host="127.0.0.1", port=cutter.port)
+    url = postgres_database.set(drivername=PG_DRIVERS[flavour], host="127.0.0.1", port=cutter.port)
     return url.render_as_string(hide_password=False)
 
 
@@ -355,14 +337,16 @@ async def test_the_id_is_asked_once_per_package_commit_and_never_for_the_apps_ow
         ("POST", "/write?key=a"),
         ("GET", "/read"),
         ("GET", "/auto"),
+        ("GET", "/ro"),
         ("POST", "/own"),
         ("GET", "/"),
     )
-    assert [status for status, _ in answers] == [201, 200, 200, 201, 200]
-    # /write and /read end with the package's COMMIT; /auto read in autocommit, /own
-    # committed itself and left nothing to commit, / used no database.
+    assert [status for status, _ in answers] == [201, 200, 200, 200, 201, 200]
+    # /write and /read end with the package's COMMIT; /auto read in autocommit, /ro
+    # rolled back, /own committed itself and left nothing to commit, / used no database.
     assert [s for s in sent if "xact_id" in s] == [XID_SQL, XID_SQL]
-    assert len(sent) == 6  # INSERT, probe, SELECT, probe, SELECT, INSERT
+    # INSERT, probe; SELECT, probe; SELECT; SET TRANSACTION READ ONLY, SELECT; INSERT
+    assert len(sent) == 8, sent
     assert rows(postgres_database) == {"a", "own"}
 
 
