@@ -30,11 +30,17 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from asgi_sqla import ConfigurationError, Database, SQLAlchemyMiddleware, SyncDatabase
+from asgi_sqla import (
+    CommitFailedError,
+    ConfigurationError,
+    Database,
+    SQLAlchemyMiddleware,
+    SyncDatabase,
+)
 from asgi_sqla.types import ASGIApp
 
 import _postgres
-from _helpers import PG_DRIVERS, ASGIRecorder, TcpRelay, http_scope
+from _helpers import PG_DRIVERS, ASGIRecorder, TcpRelay, http_scope, websocket_scope
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgresql]
 
@@ -348,6 +354,53 @@ async def test_the_id_is_asked_once_per_package_commit_and_never_for_the_apps_ow
     # INSERT, probe; SELECT, probe; SELECT; SET TRANSACTION READ ONLY, SELECT; INSERT
     assert len(sent) == 8, sent
     assert rows(postgres_database) == {"a", "own"}
+
+
+@pytest.mark.parametrize("confirm", [5, None], ids=["confirmed", "without"])
+@pytest.mark.parametrize("flavour", ["asyncpg", "psycopg"])
+async def test_a_websocket_round_whose_commit_was_cut_after_the_server_committed_goes_on(
+    postgres_database: URL, cutter: CommitCutter, flavour: str, confirm: float | None
+) -> None:
+    """The round's COMMIT, when the app waits for the next message, loses its reply:
+    confirmed, the socket goes on; without the option it is closed with 1011."""
+    db = Database(relayed(postgres_database, cutter, flavour), confirm_lost_commits=confirm)
+    raised: list[BaseException] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        await receive()
+        await db.session.execute(text("INSERT INTO items VALUES ('ws')"))
+        try:
+            await receive()  # the round ends: its COMMIT is cut
+        except CommitFailedError as exc:
+            raised.append(exc)
+            raise
+        await send({"type": "websocket.send", "text": "next round"})
+        await receive()  # websocket.disconnect
+
+    incoming = [
+        {"type": "websocket.connect"},
+        {"type": "websocket.receive", "text": "write"},
+        {"type": "websocket.receive", "text": "next"},
+        {"type": "websocket.disconnect", "code": 1000},
+    ]
+    recorder = ASGIRecorder(incoming)
+    cutter.cut("after")
+    try:
+        with contextlib.suppress(CommitFailedError):
+            await recorder(SQLAlchemyMiddleware(app, db), websocket_scope())
+        assert db.pool_status().checked_out == 0
+    finally:
+        await db.dispose()
+    assert cutter.cut_done.is_set()
+    assert rows(postgres_database) == {"ws"}
+    if confirm is not None:
+        assert recorder.types() == ["websocket.accept", "websocket.send"]
+        assert raised == []
+    else:
+        assert recorder.sent[-1] == {"type": "websocket.close", "code": 1011, "reason": ""}
+        assert [type(e) for e in raised] == [CommitFailedError]
 
 
 # -- configuration ---------------------------------------------------------------------------
