@@ -37,7 +37,7 @@ from asgi_sqla import (
     SQLAlchemyMiddleware,
     SyncDatabase,
 )
-from asgi_sqla.types import ASGIApp
+from asgi_sqla.types import ASGIApp, Message
 
 import _postgres
 from _helpers import PG_DRIVERS, ASGIRecorder, TcpRelay, http_scope, websocket_scope
@@ -379,7 +379,7 @@ async def test_a_websocket_round_whose_commit_was_cut_after_the_server_committed
         await send({"type": "websocket.send", "text": "next round"})
         await receive()  # websocket.disconnect
 
-    incoming = [
+    incoming: list[Message] = [
         {"type": "websocket.connect"},
         {"type": "websocket.receive", "text": "write"},
         {"type": "websocket.receive", "text": "next"},
