@@ -69,11 +69,11 @@ def _count(line: str, label: str) -> str:
 
 
 def _soak() -> str:
-    lines = SOAK.read_text().splitlines()
+    lines = SOAK.read_text().strip().splitlines()
     by_start = {line.strip().split(" (")[0].split(":")[0]: line.strip() for line in lines[1:]}
     told = by_start["told"].split(":", 1)[1].strip()
     rows = [
-        ("the run", lines[0].removeprefix("Soak: ")),
+        ("the run", lines[0].split(": ", 1)[1]),  # "Soak (async): 10000 requests, ..."
         ("what clients were told", told),
         ("**lies** (non-2xx, row committed)", f"**{_count(by_start['lies'], 'row):')}**"),
         ("**lost commits** (2xx, no row)", f"**{_count(by_start['lost commits'], 'row):')}**"),

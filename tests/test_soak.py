@@ -801,9 +801,19 @@ UNAVAILABLE_LINES = {
 }
 
 
+#: The log lines of ``confirm_lost_commits``, by what the new primary said.
+CONFIRMATION_LINES = {
+    "committed (201)": "committed (asked a new connection",
+    "did not commit (503)": "did not commit (asked a new connection",
+    "wrote nothing": "the transaction had written nothing",
+    "unknown (503)": "could not be learnt within",
+}
+
+
 def failover_table(run: Run, failover: Failover, reconciled: Reconciled, log: str) -> str:
     told = collections.Counter(_told(o) for o in run.outcomes)
     why = ", ".join(f"{name} x{log.count(line)}" for name, line in UNAVAILABLE_LINES.items())
+    asked = ", ".join(f"{name} x{log.count(line)}" for name, line in CONFIRMATION_LINES.items())
     refused = [failover.answered[o.request.key] for o in run.outcomes if o.status != 201]
     window = max(refused) - min(refused) if refused else 0.0
     met = [o for o in run.outcomes if failover.met(o.request.key)]
@@ -817,6 +827,7 @@ def failover_table(run: Run, failover: Failover, reconciled: Reconciled, log: st
             f"driver {variant.driver}, {run.seconds:.1f} s",
             f"  told: {', '.join(f'{k} x{v}' for k, v in sorted(told.items()))}",
             f"  503s logged: {why}",
+            f"  COMMITs cut off, asked about: {asked}",
             f"  primary stopped and standby promoted in "
             f"{failover.promoted - failover.stopped:.2f} s; answers other than 201 "
             f"over {window:.2f} s; {len(met)} requests under way meanwhile "
