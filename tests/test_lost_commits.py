@@ -80,10 +80,20 @@ class CommitCutter(TcpRelay):
         if self._refusing:
             _close(client, server)
             return
-        threading.Thread(target=self._up, args=(client, server), daemon=True).start()
-        threading.Thread(target=self._down, args=(client, server), daemon=True).start()
+        dropping = threading.Event()  # the server's answers no longer reach the client
+        answered = threading.Event()  # the server answered since (the COMMIT is done)
+        for target in (self._up, self._down):
+            threading.Thread(
+                target=target, args=(client, server, dropping, answered), daemon=True
+            ).start()
 
-    def _up(self, client: socket.socket, server: socket.socket) -> None:
+    def _up(
+        self,
+        client: socket.socket,
+        server: socket.socket,
+        dropping: threading.Event,
+        answered: threading.Event,
+    ) -> None:
         armed = False
         with contextlib.suppress(OSError):
             while data := client.recv(65536):
@@ -93,21 +103,35 @@ class CommitCutter(TcpRelay):
                 if mode is not None and armed and b"COMMIT" in data:
                     self._mode = None
                     self._refusing = self._refuse_after_cut
+                    # Set before the client can see the end of its connection.
                     if mode == "after":
-                        # The client's side first: the server's reply must find no one.
-                        _close(client)
+                        # The server commits and answers; the client sees only the
+                        # connection's end, once the COMMIT is done.
+                        dropping.set()
                         server.sendall(data)
+                        answered.wait(10)
+                        self.cut_done.set()
+                        _close(client)
                     else:
+                        self.cut_done.set()
                         _close(client, server)
-                    self.cut_done.set()
                     return
                 server.sendall(data)
         _close(client, server)
 
-    def _down(self, client: socket.socket, server: socket.socket) -> None:
+    def _down(
+        self,
+        client: socket.socket,
+        server: socket.socket,
+        dropping: threading.Event,
+        answered: threading.Event,
+    ) -> None:
         with contextlib.suppress(OSError):
             while data := server.recv(65536):
-                client.sendall(data)
+                if dropping.is_set():
+                    answered.set()
+                else:
+                    client.sendall(data)
         _close(client, server)
 
 
