@@ -5,10 +5,10 @@ killed backend, a network fault), the client cannot tell whether the server
 committed: the server may have written the commit record and lost the connection
 before its reply arrived.  Answering 503 then claims that nothing was written when the
 row may be there.  PostgreSQL keeps the answer: a recent transaction's status by its id,
-``pg_xact_status`` ("Applications may use this function ... to determine whether their
-transaction committed or aborted after the application and database server become
-disconnected while a COMMIT is in progress", PostgreSQL's documentation, Transaction ID
-and Snapshot Information Functions).
+``pg_xact_status`` (``txid_status`` before 13), which PostgreSQL 10 added for this very
+case, a connection lost while a COMMIT was in progress (its documentation, Transaction
+ID and Snapshot Information Functions); the client must learn the id itself, since the
+server does not report it.
 
 With ``confirm_lost_commits=seconds``, :func:`watch_commits` makes the engine learn the
 transaction's id just before the package's COMMIT (one round trip,
